@@ -1,0 +1,46 @@
+"""Settings, read from the environment (``DF_*``) so compose.yaml, the embedded launcher and a
+shell all configure a service the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DF_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    models_dir: Path = Path.home() / ".cache" / "disagfusion" / "models"
+    """Model directories live here, one per model name. The presets (tiny, small) are written
+    on first use; a real checkpoint is any diffusers directory placed (or linked) here."""
+    models: str = "tiny"
+    """Comma-separated model names this worker serves (one durable consumer each)."""
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    transport: Literal["shm", "redis"] = "shm"
+    """How stage outputs reach the next stage: shm on one host, redis across hosts."""
+    inline_max_bytes: int = Field(default=64 * 1024, ge=0)
+    """Tensors up to this size travel inside the message itself."""
+    shm_dir: Path = Path("/dev/shm/disagfusion")
+    blob_ttl_s: int = Field(default=3600, ge=1)
+    """Orphaned tensor blobs (from crashed or abandoned jobs) are removed after this long."""
+
+    result_inline_max_bytes: int = Field(default=512 * 1024, ge=0)
+    """Outputs larger than this go to the DF_OUTPUTS object store instead of the result message."""
+    results_max_age_s: int = Field(default=24 * 3600, ge=1)
+
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    """JetStream redelivers a task not acked within this; long stages send in-progress heartbeats."""
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    max_deliver: int = Field(default=5, ge=1)
+    """After this many deliveries a task gets an error result instead of another try."""
+
+    worker_name: str = ""
+    """Shown in metrics and logs; defaults to host:pid."""

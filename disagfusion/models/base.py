@@ -1,0 +1,41 @@
+"""What a stage service needs from a model family: check a spec, run a batch of jobs.
+
+A model family splits a pipeline into three ``StageModel`` objects, one per stage, each
+loading only its own components. Tensors in and out are plain ``dict[str, torch.Tensor]``
+per job, so the worker can ship them through any transport without knowing what they mean.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from disagfusion.protocol import JobSpec
+
+Tensors = dict[str, torch.Tensor]
+StepCallback = Callable[[int, int], None]
+"""Called as ``on_step(step, total)`` after each denoising step, from the compute thread."""
+
+
+class SpecError(ValueError):
+    """A job this model cannot run as asked; ``field`` names the JobSpec field to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StageModel(ABC):
+    stage: str
+
+    @abstractmethod
+    def check(self, spec: JobSpec) -> None:
+        """Raise SpecError if this model cannot run ``spec``. Cheap: called before any work."""
+
+    @abstractmethod
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        """Run a batch of jobs. ``inputs[i]`` is job i's output of the previous stage (empty for
+        the encoder); the result's element i is job i's output. Batches given to denoise and
+        decode hold jobs with the same ``JobSpec.shape_key``."""
