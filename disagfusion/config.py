@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     transport: Literal["shm", "redis"] = "shm"
     """How stage outputs reach the next stage: shm on one host, redis across hosts."""
     inline_max_bytes: int = Field(default=64 * 1024, ge=0)
-    """Tensors up to this size travel inside the message itself."""
+    """Tensors smaller than this travel inside the message itself (0: never)."""
     shm_dir: Path = Path("/dev/shm/disagfusion")
     blob_ttl_s: int = Field(default=3600, ge=1)
     """Orphaned tensor blobs (from crashed or abandoned jobs) are removed after this long."""
@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_deliver: int = Field(default=5, ge=1)
     """After this many deliveries a task gets an error result instead of another try."""
+
+    pipeline: Literal["async", "sync"] = "async"
+    """async overlaps fetch, compute and send across jobs; sync runs one job at a time."""
+    prefetch: int = Field(default=2, ge=1)
+    """Jobs fetched ahead of the one computing (and outputs queued for sending)."""
+    max_in_flight: int = Field(default=4, ge=1)
+    """Jobs a worker holds at once, from fetch to ack."""
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
 
     worker_name: str = ""
     """Shown in metrics and logs; defaults to host:pid."""

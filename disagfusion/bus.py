@@ -1,0 +1,119 @@
+"""NATS JetStream plumbing shared by every service and client.
+
+Streams, consumers and the outputs bucket are declared here once; ``ensure_*`` calls are
+idempotent, so any process that starts first creates them and the rest find them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+from disagfusion.config import Settings
+from disagfusion.protocol import OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, work_subject
+
+DUPLICATE_WINDOW_S = 300.0
+"""Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
+replayed after a crash does not create a second task or a second result."""
+
+
+@dataclass
+class Bus:
+    nc: NATS
+    js: JetStreamContext
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+
+async def connect(settings: Settings, name: str) -> Bus:
+    """Connect and make sure the streams exist. Reconnects forever: a NATS restart must not
+    take the services down with it."""
+    nc = await nats.connect(
+        settings.nats_url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=5,
+    )
+    js = nc.jetstream()
+    await ensure_streams(js, settings)
+    return Bus(nc, js)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.stream_info(config.name)  # created by a racing process in between
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=WORK_STREAM,
+            subjects=["df.work.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=RESULTS_STREAM,
+            subjects=["df.results.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=float(settings.results_max_age_s),
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+    )
+
+
+async def outputs_bucket(js: JetStreamContext) -> ObjectStore:
+    try:
+        return await js.object_store(OUTPUTS_BUCKET)
+    except NotFoundError:
+        try:
+            return await js.create_object_store(OUTPUTS_BUCKET)
+        except BadRequestError:
+            return await js.object_store(OUTPUTS_BUCKET)
+
+
+def consumer_name(stage: str, model: str) -> str:
+    """One durable pull consumer per (stage, model), shared by every instance of the stage."""
+    return f"{stage}-{model}"
+
+
+async def ensure_consumer(js: JetStreamContext, stage: str, model: str, settings: Settings) -> str:
+    durable = consumer_name(stage, model)
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=work_subject(stage, model),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        # Redelivery is bounded by the worker itself (settings.max_deliver), which answers the
+        # job with an error result; a server-side limit would drop the message silently.
+        max_deliver=-1,
+    )
+    try:
+        await js.add_consumer(WORK_STREAM, config)
+    except BadRequestError:
+        await js.consumer_info(WORK_STREAM, durable)  # exists with another config: use it as is
+    return durable
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
+    """Publish and wait for the stream's ack; ``msg_id`` deduplicates retries."""
+    await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})

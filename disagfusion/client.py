@@ -1,0 +1,120 @@
+"""Submit jobs and collect their results: what the CLI, the gateway and batch pipelines use.
+
+    async with Client(settings) as client:
+        result = await client.generate(JobSpec(prompt="a red fox"))
+        png = await client.output(result)
+
+``run_many`` streams results of a whole batch as they finish, through one consumer on
+``df.results.>`` created before the first job is published, so no result can be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from nats.js.api import DeliverPolicy
+
+from disagfusion import bus
+from disagfusion.config import Settings
+from disagfusion.protocol import (
+    JobSpec,
+    ProgressEvent,
+    Result,
+    StageTask,
+    events_subject,
+    pack,
+    results_subject,
+    unpack,
+    work_subject,
+)
+
+
+class JobTimeout(TimeoutError):
+    pass
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self._bus: bus.Bus | None = None
+
+    async def __aenter__(self) -> Client:
+        self._bus = await bus.connect(self.settings, "disagfusion-client")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._bus is not None
+        await self._bus.close()
+
+    @property
+    def _js(self):
+        assert self._bus is not None, "use Client as an async context manager"
+        return self._bus.js
+
+    async def submit(self, spec: JobSpec) -> str:
+        """Queue a job; returns its id. Submitting the same job id twice queues it once."""
+        task = StageTask(job=spec, stage="encode")
+        await bus.publish(self._js, work_subject("encode", spec.model), pack(task), f"{spec.job_id}:encode")
+        return spec.job_id
+
+    async def result(self, job_id: str, timeout: float = 600.0) -> Result:
+        """Wait for a job's result (also one that was published before this call)."""
+        sub = await self._js.subscribe(results_subject(job_id), ordered_consumer=True)
+        try:
+            msg = await sub.next_msg(timeout=timeout)
+        except TimeoutError:
+            raise JobTimeout(f"no result for job {job_id} within {timeout:.0f} s") from None
+        finally:
+            await sub.unsubscribe()
+        return unpack(Result, msg.data)
+
+    async def generate(
+        self, spec: JobSpec, on_event: Callable[[ProgressEvent], None] | None = None, timeout: float = 600.0
+    ) -> Result:
+        """Submit one job and wait for its result, reporting progress events as they come."""
+        events = None
+        if on_event is not None:
+
+            async def deliver(msg) -> None:
+                on_event(unpack(ProgressEvent, msg.data))
+
+            events = await self._bus.nc.subscribe(events_subject(spec.job_id), cb=deliver)
+        try:
+            await self.submit(spec)
+            return await self.result(spec.job_id, timeout)
+        finally:
+            if events is not None:
+                await events.unsubscribe()
+
+    async def run_many(self, specs: Iterable[JobSpec], timeout: float = 600.0) -> AsyncIterator[Result]:
+        """Submit every job, then yield results in completion order until each job has one.
+
+        Raises JobTimeout if ``timeout`` seconds pass without any new result."""
+        specs = list(specs)
+        pending = {spec.job_id for spec in specs}
+        sub = await self._js.subscribe(
+            "df.results.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+        )
+        try:
+            await asyncio.gather(*(self.submit(spec) for spec in specs))
+            while pending:
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except TimeoutError:
+                    raise JobTimeout(f"{len(pending)} jobs got no result within {timeout:.0f} s") from None
+                result = unpack(Result, msg.data)
+                if result.job_id in pending:
+                    pending.discard(result.job_id)
+                    yield result
+        finally:
+            await sub.unsubscribe()
+
+    async def output(self, result: Result) -> bytes:
+        """The output bytes of a successful result, wherever they were put."""
+        if result.status != "ok":
+            raise ValueError(f"job {result.job_id} failed: {result.error}")
+        if result.data is not None:
+            return result.data
+        bucket = await bus.outputs_bucket(self._js)
+        return (await bucket.get(result.object_name)).data

@@ -1,0 +1,296 @@
+"""The embedded stack: nats-server, redis-server and the services of compose.yaml as local processes.
+
+compose.yaml is the one description of a deployment. The launcher reads each service's
+``command`` and ``environment`` from it and runs them here, changing only what differs
+between a container and this host: the interpreter, the NATS/Redis addresses, and the paths
+of the model cache, shared memory and health files. So every test run exercises the same
+file that ``docker compose up`` uses.
+
+The processes outlive the command that started them (``disagfusion up`` returns at once);
+their ids, ports and logs are kept in the data directory, which ``down`` and ``scale`` read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from disagfusion.health import health_age
+
+COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
+INFRASTRUCTURE = ("nats", "redis")
+"""Compose services the launcher runs itself, from the binaries of the pip packages."""
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+class ServiceSpec(BaseModel):
+    name: str
+    command: list[str]
+    environment: dict[str, str]
+    replicas: int = 1
+
+
+class Proc(BaseModel):
+    pid: int
+    log: Path
+    health_file: Path | None = None
+
+
+class StackState(BaseModel):
+    data_dir: Path
+    nats_url: str
+    redis_url: str
+    nats: Proc
+    redis: Proc
+    services: dict[str, list[Proc]] = {}
+
+
+class LauncherError(RuntimeError):
+    pass
+
+
+def interpolate(value: str, environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """Resolve compose's ``${VAR}`` and ``${VAR:-default}`` the way docker compose does."""
+    return _VARIABLE.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def load_services(compose_file: Path = COMPOSE_FILE) -> dict[str, ServiceSpec]:
+    """The application services of a compose file (everything but nats and redis)."""
+    doc = yaml.safe_load(compose_file.read_text())
+    services = {}
+    for name, svc in doc["services"].items():
+        if name in INFRASTRUCTURE:
+            continue
+        env = svc.get("environment") or {}
+        if isinstance(env, list):  # compose also allows ["KEY=value", ...]
+            env = dict(item.split("=", 1) for item in env)
+        services[name] = ServiceSpec(
+            name=name,
+            command=[interpolate(str(part)) for part in svc["command"]],
+            environment={k: interpolate(str(v)) for k, v in env.items() if v is not None},
+            replicas=(svc.get("deploy") or {}).get("replicas", 1),
+        )
+    return services
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+    """Binaries shipped by pip packages live next to this interpreter."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise LauncherError(f"{name} not found: install the project (pip install -e .) to get it")
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LauncherError(f"{what} exited at start (code {proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise LauncherError(f"{what} did not open port {port} within {timeout:.0f} s")
+
+
+class Launcher:
+    def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None):
+        self.data_dir = data_dir.resolve()
+        self.compose_file = compose_file
+        self.models_dir = models_dir
+        self.state_file = self.data_dir / "stack.json"
+        self.logs = self.data_dir / "logs"
+        self.services = load_services(compose_file)
+
+    # ----------------------------------------------------------------- state
+
+    def state(self) -> StackState | None:
+        if not self.state_file.exists():
+            return None
+        return StackState.model_validate_json(self.state_file.read_text())
+
+    def _save(self, state: StackState) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=2))
+        tmp.replace(self.state_file)
+
+    def running(self) -> dict[str, int]:
+        state = self.state()
+        if state is None:
+            return {}
+        return {name: sum(_alive(p.pid) for p in procs) for name, procs in state.services.items()}
+
+    # ----------------------------------------------------------------- up / down
+
+    def up(self, scales: dict[str, int] | None = None, wait: bool = True, timeout: float = 120.0) -> StackState:
+        state = self.state()
+        if state is not None and _alive(state.nats.pid):
+            raise LauncherError(f"a stack is already running from {self.data_dir} (disagfusion down stops it)")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        nats_port, redis_port = free_port(), free_port()
+        nats = self._spawn(
+            "nats",
+            [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(self.data_dir / "nats")],
+        )
+        redis = self._spawn(
+            "redis",
+            [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+             "--dir", str(self.data_dir)],
+        )
+        _wait_port(nats_port, nats[1], "nats-server")
+        _wait_port(redis_port, redis[1], "redis-server")
+        state = StackState(
+            data_dir=self.data_dir,
+            nats_url=f"nats://127.0.0.1:{nats_port}",
+            redis_url=f"redis://127.0.0.1:{redis_port}/0",
+            nats=nats[0],
+            redis=redis[0],
+        )
+        self._save(state)
+        scales = scales or {}
+        for name, spec in self.services.items():
+            self.scale(name, scales.get(name, spec.replicas), wait=False)
+        if wait:
+            self.wait_healthy(timeout)
+        return self.state()
+
+    def down(self, timeout: float = 60.0) -> None:
+        """Drain and stop the services, then stop NATS and Redis."""
+        state = self.state()
+        if state is None:
+            return
+        procs = [p for ps in state.services.values() for p in ps]
+        _terminate([p.pid for p in procs], timeout)
+        _terminate([state.redis.pid, state.nats.pid], 10.0)
+        self.state_file.unlink()
+
+    # ----------------------------------------------------------------- scaling
+
+    def scale(self, service: str, replicas: int, wait: bool = True, timeout: float = 120.0) -> None:
+        """Start or drain processes until ``service`` has ``replicas`` of them.
+
+        Scaling down sends SIGTERM to the newest processes and waits for them to drain."""
+        if service not in self.services:
+            raise LauncherError(f"unknown service {service!r}; compose.yaml has {sorted(self.services)}")
+        state = self.state()
+        if state is None:
+            raise LauncherError("no stack is running (disagfusion up starts one)")
+        procs = [p for p in state.services.get(service, []) if _alive(p.pid)]
+        while len(procs) < replicas:
+            procs.append(self._spawn_service(state, service, len(procs)))
+        extra, procs = procs[replicas:], procs[:replicas]
+        state.services[service] = procs
+        self._save(state)
+        _terminate([p.pid for p in extra], timeout=self._drain_timeout(service) + 10.0)
+        if wait:
+            self.wait_healthy(timeout)
+
+    def _drain_timeout(self, service: str) -> float:
+        return float(self.services[service].environment.get("DF_DRAIN_TIMEOUT_S", 60.0))
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        """Wait until every service process reports itself connected and consuming."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            pending = []
+            for name, procs in state.services.items():
+                for proc in procs:
+                    if not _alive(proc.pid):
+                        raise LauncherError(f"{name} (pid {proc.pid}) exited; see {proc.log}")
+                    if health_age(proc.health_file) is None:
+                        pending.append(f"{name} (pid {proc.pid})")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise LauncherError(f"not healthy after {timeout:.0f} s: {', '.join(pending)}")
+            time.sleep(0.1)
+
+    # ----------------------------------------------------------------- processes
+
+    def environment(self, state: StackState, service: str) -> dict[str, str]:
+        """The service's compose environment, with container addresses and paths made local."""
+        env = {**os.environ, **self.services[service].environment}
+        env["DF_NATS_URL"] = state.nats_url
+        env["DF_REDIS_URL"] = state.redis_url
+        stack_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
+        env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", f"/dev/shm/disagfusion-{stack_id}")
+        if self.models_dir is not None:
+            env["DF_MODELS_DIR"] = str(self.models_dir)
+        elif "DF_MODELS_DIR" in os.environ:
+            env["DF_MODELS_DIR"] = os.environ["DF_MODELS_DIR"]
+        else:
+            env.pop("DF_MODELS_DIR", None)  # the container path means nothing here: use the default
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn_service(self, state: StackState, service: str, index: int) -> Proc:
+        command = list(self.services[service].command)
+        if command[0] in ("python", "python3"):
+            command[0] = sys.executable
+        env = self.environment(state, service)
+        health = self.data_dir / "health" / f"{service}-{time.time_ns()}"
+        health.parent.mkdir(parents=True, exist_ok=True)
+        env["DF_HEALTH_FILE"] = str(health)
+        proc, _ = self._spawn(f"{service}-{index}", command, env)
+        return proc.model_copy(update={"health_file": health})
+
+    def _spawn(self, label: str, command: list[str], env: dict[str, str] | None = None) -> tuple[Proc, subprocess.Popen]:
+        log = self.logs / f"{label}.log"
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.compose_file.parent,
+                start_new_session=True,  # outlives `disagfusion up`, and Ctrl-C in its terminal
+            )
+        return Proc(pid=popen.pid, log=log), popen
+
+
+def _terminate(pids: list[int], timeout: float) -> None:
+    """SIGTERM, wait for a clean exit (services drain), SIGKILL what is left."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,324 @@
+"""The worker every stage service runs.
+
+A ``StageWorker`` serves one stage (encode, denoise or decode) for the models in
+``DF_MODELS``. Each job goes through three parts joined by bounded queues:
+
+    fetcher  ──▶  compute  ──▶  sender
+    pull the task and      run the model in a     store outputs, publish
+    load its input         thread, so the loop    downstream, ack the input,
+    tensors                keeps fetching/sending  then delete the input tensors
+
+In ``async`` mode (the default) the three overlap: while job k computes, job k+1's tensors
+are being fetched and job k-1's outputs shipped. ``DF_PIPELINE=sync`` allows one job in
+flight, which runs the same parts one after another, for comparison.
+
+Delivery: the input is acked only after the output's publish is acknowledged by JetStream,
+and input tensors are deleted only after that, so a crash at any point leaves the task to be
+redelivered and replayed. Publishes carry ``Nats-Msg-Id = <job_id>:<stage>`` so replays are
+harmless. Bad input (undecodable message, invalid spec, missing blob, too many deliveries)
+ends in an error result and a terminated message, never a redelivery loop.
+
+SIGTERM/SIGINT drain the worker: it stops pulling, finishes what it holds, acks, exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from disagfusion import bus
+from disagfusion.config import Settings
+from disagfusion.health import health_path, write_health
+from disagfusion.models import load_stage_model
+from disagfusion.models.base import SpecError, StageModel, Tensors
+from disagfusion.protocol import (
+    SERVICE_OF_STAGE,
+    DecodeError,
+    JobSpec,
+    ProgressEvent,
+    Result,
+    StageTask,
+    TimingSample,
+    events_subject,
+    metrics_subject,
+    next_stage,
+    pack,
+    results_subject,
+    unpack,
+    work_subject,
+)
+from disagfusion.transport import ChecksumError, MissingBlobError, Transports
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[str, str, Settings], StageModel]
+
+
+@dataclass
+class Job:
+    """A task while this worker holds it."""
+
+    msg: Msg
+    task: StageTask
+    inputs: Tensors = field(default_factory=dict)
+    outputs: Tensors = field(default_factory=dict)
+    compute_s: float = 0.0
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.task.job
+
+
+class StageWorker:
+    def __init__(self, stage: str, settings: Settings, load_model: ModelLoader = load_stage_model):
+        self.stage = stage
+        self.settings = settings
+        self.name = settings.worker_name or f"{SERVICE_OF_STAGE[stage]}@{socket.gethostname()}:{os.getpid()}"
+        self.model_names = [m.strip() for m in settings.models.split(",") if m.strip()]
+        self._load_model = load_model
+        self.models: dict[str, StageModel] = {}
+        self.transports = Transports(settings)
+        self._stopping = asyncio.Event()
+        self._held: set[Msg] = set()
+        in_flight = 1 if settings.pipeline == "sync" else settings.max_in_flight
+        self._slots = asyncio.Semaphore(in_flight)
+        self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
+        self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
+        self._bus: bus.Bus | None = None
+
+    @property
+    def js(self):
+        assert self._bus is not None, "worker is not connected"
+        return self._bus.js
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or ``stop()``), then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        for name in self.model_names:
+            self.models[name] = await asyncio.to_thread(self._load_model, name, self.stage, self.settings)
+        self._bus = await bus.connect(self.settings, self.name)
+        await self.setup()
+        fetchers = []
+        for name in self.model_names:
+            durable = await bus.ensure_consumer(self.js, self.stage, name, self.settings)
+            sub = await self.js.pull_subscribe_bind(durable, bus.WORK_STREAM)
+            fetchers.append(asyncio.create_task(self._fetch_loop(sub)))
+        helpers = [
+            asyncio.create_task(self._compute_loop()),
+            asyncio.create_task(self._send_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._janitor_loop()),
+        ]
+        log.info("%s serving %s for models %s (%s pipeline)", self.name, self.stage, self.model_names, self.settings.pipeline)
+        await self._stopping.wait()
+        log.info("%s draining", self.name)
+        await asyncio.gather(*fetchers)
+        await self._drain()
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await self._bus.close()
+        self.transports.close()
+        log.info("%s stopped", self.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def setup(self) -> None:
+        """Hook for services that need more than the stage consumers (called once connected)."""
+
+    async def _drain(self) -> None:
+        """Wait for held jobs to finish; hand back whatever outlasts the drain timeout."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self._held and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for msg in list(self._held):
+            await msg.nak()  # redelivered at once to another instance
+        self._held.clear()
+
+    # ----------------------------------------------------------------- the three parts
+
+    async def _fetch_loop(self, sub) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except TimeoutError:
+                self._slots.release()
+                continue
+            except Exception as exc:  # connection trouble: nats-py reconnects on its own
+                self._slots.release()
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            job = await self._admit(msgs[0])
+            if job is None:
+                self._slots.release()
+            else:
+                await self._to_compute.put(job)
+
+    async def _admit(self, msg: Msg) -> Job | None:
+        """Decode and check a task and load its inputs; answer bad input with an error result."""
+        self._held.add(msg)
+        try:
+            task = unpack(StageTask, msg.data)
+        except DecodeError as exc:
+            await self._fail(msg, exc.job_id, str(exc), exc.field)
+            return None
+        spec = task.job
+        if msg.metadata.num_delivered > self.settings.max_deliver:
+            await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
+            return None
+        try:
+            model = self.models.get(spec.model)
+            if model is None:
+                raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
+            model.check(spec)
+            inputs = await asyncio.to_thread(self._load_inputs, task)
+        except SpecError as exc:
+            await self._fail(msg, spec.job_id, str(exc), exc.field)
+            return None
+        except (MissingBlobError, ChecksumError) as exc:
+            await self._fail(msg, spec.job_id, f"input of stage {self.stage} unusable: {exc}")
+            return None
+        await self._event(spec.job_id, "stage_started")
+        return Job(msg=msg, task=task, inputs=inputs)
+
+    def _load_inputs(self, task: StageTask) -> Tensors:
+        return {name: self.transports.get(ref) for name, ref in task.tensors.items()}
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._to_compute.get()
+            spec = job.spec
+
+            def on_step(step: int, total: int, job_id: str = spec.job_id) -> None:
+                loop.call_soon_threadsafe(
+                    lambda: asyncio.ensure_future(self._event(job_id, "step", step=step, total=total))
+                )
+
+            started = time.perf_counter()
+            try:
+                [job.outputs] = await asyncio.to_thread(self.models[spec.model].run, [spec], [job.inputs], on_step)
+            except SpecError as exc:
+                await self._fail(job.msg, spec.job_id, str(exc), exc.field)
+                self._slots.release()
+                continue
+            except Exception as exc:
+                log.exception("stage %s failed on job %s", self.stage, spec.job_id)
+                await self._fail(job.msg, spec.job_id, f"stage {self.stage} failed: {type(exc).__name__}: {exc}")
+                self._slots.release()
+                continue
+            job.compute_s = time.perf_counter() - started
+            await self._publish_timing(job)
+            await self._to_send.put(job)
+
+    async def _send_loop(self) -> None:
+        while True:
+            job = await self._to_send.get()
+            try:
+                await self.emit(job)
+                await job.msg.ack_sync()
+                await asyncio.to_thread(self._delete_inputs, job.task)
+                await self._event(job.spec.job_id, "stage_done")
+            except Exception:
+                # Not acked: JetStream redelivers after AckWait and the stage is replayed.
+                log.exception("could not hand off job %s; it will be redelivered", job.spec.job_id)
+            finally:
+                self._held.discard(job.msg)
+                self._slots.release()
+
+    def _delete_inputs(self, task: StageTask) -> None:
+        for ref in task.tensors.values():
+            self.transports.delete(ref)
+
+    # ----------------------------------------------------------------- outputs
+
+    async def emit(self, job: Job) -> None:
+        """Ship a finished job downstream. The decoder overrides this to publish the result."""
+        nxt = next_stage(self.stage)
+        assert nxt is not None, f"stage {self.stage} must override emit()"
+        spec = job.spec
+        refs = await asyncio.to_thread(self._store_outputs, job)
+        task = StageTask(
+            job=spec,
+            stage=nxt,
+            tensors=refs,
+            timings={**job.task.timings, self.stage: job.compute_s},
+            submitted_at=job.task.submitted_at,
+        )
+        await bus.publish(self.js, work_subject(nxt, spec.model), pack(task), f"{spec.job_id}:{nxt}")
+
+    def _store_outputs(self, job: Job) -> dict:
+        return {
+            name: self.transports.put(f"{job.spec.job_id}.{self.stage}.{name}", tensor)
+            for name, tensor in job.outputs.items()
+        }
+
+    async def publish_result(self, result: Result) -> None:
+        await bus.publish(self.js, results_subject(result.job_id), pack(result), f"{result.job_id}:result")
+
+    async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None) -> None:
+        """Answer a job that cannot be done with an error result, and terminate its message."""
+        log.warning("job %s rejected at %s: %s", job_id or "<unreadable>", self.stage, error)
+        if job_id is not None:
+            await self.publish_result(Result(job_id=job_id, status="error", error=error, field=field, stage=self.stage))
+            await self._event(job_id, "error")
+        else:
+            log.error("dropping an unreadable message with no job id (subject %s)", msg.subject)
+        await msg.term()
+        self._held.discard(msg)
+
+    # ----------------------------------------------------------------- side channels
+
+    async def _event(self, job_id: str, kind: str, **fields) -> None:
+        event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
+        await self._bus.nc.publish(events_subject(job_id), pack(event))
+
+    async def _publish_timing(self, job: Job) -> None:
+        sample = TimingSample(
+            stage=self.stage, model=job.spec.model, worker=self.name, batch=1, seconds=job.compute_s, jobs=[job.spec]
+        )
+        await self._bus.nc.publish(metrics_subject(self.stage), pack(sample))
+
+    async def _heartbeat_loop(self) -> None:
+        """Tell JetStream that held messages are being worked on, so AckWait does not expire,
+        and the container runtime that this worker is connected and consuming."""
+        health = health_path()
+        while True:
+            if self._bus.nc.is_connected:
+                await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
+            for msg in list(self._held):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:
+                    log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(min(self.settings.heartbeat_s, 5.0))
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            removed = await asyncio.to_thread(self.transports.shm.remove_expired, self.settings.blob_ttl_s)
+            if removed:
+                log.info("janitor removed %d expired tensor blobs", removed)
+            await asyncio.sleep(min(60.0, self.settings.blob_ttl_s))
+
+
+def main(stage: str, worker_class: type[StageWorker] = StageWorker) -> None:
+    """Entry point of a stage service: ``python -m services.<name>``."""
+    logging.basicConfig(
+        level=os.environ.get("DF_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(worker_class(stage, Settings()).run())

@@ -1,0 +1,61 @@
+"""Tensor handoff between stages.
+
+``Transports.put`` stores a tensor and returns the ``TensorRef`` that travels in the next
+stage's message; ``get`` turns a ref back into a tensor, verifying its checksum; ``delete``
+frees it once the consumer's own output is durably published. Small tensors go inline, the
+rest through the configured transport (shm on one host, redis across hosts). The calls are
+blocking; the stage worker runs them off its event loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disagfusion.config import Settings
+from disagfusion.transport.redis import RedisTransport
+from disagfusion.transport.ref import ChecksumError, TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.transport.shm import MissingBlobError, ShmTransport
+
+__all__ = ["ChecksumError", "MissingBlobError", "TensorRef", "Transports"]
+
+
+class Transports:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.shm = ShmTransport(settings.shm_dir)
+        self._redis: RedisTransport | None = None
+
+    @property
+    def redis(self) -> RedisTransport:
+        if self._redis is None:  # connect lazily: a same-host deployment never needs Redis
+            self._redis = RedisTransport(self.settings.redis_url, self.settings.blob_ttl_s)
+        return self._redis
+
+    def _backend(self, name: str) -> ShmTransport | RedisTransport:
+        if name == "shm":
+            return self.shm
+        if name == "redis":
+            return self.redis
+        raise ValueError(f"transport {name!r} is not available in this worker")
+
+    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes < self.settings.inline_max_bytes:
+            raw = tensor_bytes(tensor)
+            return describe(tensor, "inline", key, raw).model_copy(update={"data": raw.tobytes()})
+        return self._backend(self.settings.transport).put(key, tensor)
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        if ref.transport == "inline":
+            data = ref.data or b""
+            verify(ref, data)
+            return tensor_from_buffer(data, ref.dtype, ref.shape)
+        return self._backend(ref.transport).get(ref)
+
+    def delete(self, ref: TensorRef) -> None:
+        if ref.transport != "inline":
+            self._backend(ref.transport).delete(ref)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()

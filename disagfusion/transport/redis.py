@@ -1,0 +1,38 @@
+"""Cross-host handoff: a Redis string per tensor, with a TTL so orphans expire on their own."""
+
+from __future__ import annotations
+
+import redis
+
+import torch
+
+from disagfusion.transport.ref import TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.transport.shm import MissingBlobError
+
+KEY_PREFIX = "df:blob:"
+
+
+class RedisTransport:
+    name = "redis"
+
+    def __init__(self, url: str, ttl_s: int):
+        self.client = redis.Redis.from_url(url)
+        self.ttl_s = ttl_s
+
+    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+        raw = tensor_bytes(tensor)
+        self.client.set(KEY_PREFIX + key, raw.data, ex=self.ttl_s)
+        return describe(tensor, "redis", key, raw)
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        data = self.client.get(KEY_PREFIX + ref.key)
+        if data is None:
+            raise MissingBlobError(f"tensor {ref.key!r} is not in Redis (expired or deleted)")
+        verify(ref, data)
+        return tensor_from_buffer(data, ref.dtype, ref.shape)
+
+    def delete(self, ref: TensorRef) -> None:
+        self.client.delete(KEY_PREFIX + ref.key)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,1 @@
+"""The dit service: runs the denoising loop of the diffusion transformer."""

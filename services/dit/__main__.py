@@ -1,0 +1,3 @@
+from disagfusion.stage import main
+
+main("denoise")

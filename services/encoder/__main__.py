@@ -1,0 +1,4 @@
+from disagfusion.stage import main
+from services.encoder.worker import EncoderWorker
+
+main("encode", EncoderWorker)

@@ -1,0 +1,76 @@
+"""The first stage, which also answers jobs sent for a model nobody serves.
+
+Jobs enter the system on ``df.work.encode.<model>``. If no encoder serves that model, no
+consumer reads the subject and the job would wait in the stream forever. The encoder looks
+for such subjects and answers their jobs with an error result naming the models it knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
+
+from disagfusion import bus
+from disagfusion.protocol import WORK_STREAM, DecodeError, Result, StageTask, unpack, work_subject
+from disagfusion.stage import StageWorker
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+
+
+class EncoderWorker(StageWorker):
+    async def setup(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._sweep()
+            except Exception as exc:  # racing sweepers of other encoders, NATS reconnecting
+                log.debug("sweep for unserved models failed: %s", exc)
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def _sweep(self) -> None:
+        info = await self.js.stream_info(WORK_STREAM, subjects_filter=work_subject("encode", "*"))
+        waiting = info.state.subjects or {}
+        if not waiting:
+            return
+        served = {c.name for c in await self.js.consumers_info(WORK_STREAM)}
+        known = sorted(name.removeprefix("encode-") for name in served if name.startswith("encode-"))
+        for subject in waiting:
+            model = subject.rsplit(".", 1)[1]
+            if bus.consumer_name("encode", model) not in served:
+                await self._reject_all(subject, model, known)
+
+    async def _reject_all(self, subject: str, model: str, known: list[str]) -> None:
+        # A WorkQueue stream allows one consumer per subject; this one is removed right after,
+        # so an encoder that starts serving the model later can create its own.
+        durable = f"unserved-{model}"
+        sub = await self.js.pull_subscribe(
+            subject, durable=durable, stream=WORK_STREAM, config=ConsumerConfig(inactive_threshold=30.0)
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(64, timeout=0.2)
+                except TimeoutError:
+                    break
+                for msg in msgs:
+                    try:
+                        job_id = unpack(StageTask, msg.data).job.job_id
+                    except DecodeError as exc:
+                        job_id = exc.job_id
+                    if job_id is not None:
+                        error = f"unknown model {model!r}: no encoder serves it (served models: {', '.join(known) or 'none'})"
+                        await self.publish_result(Result(job_id=job_id, status="error", error=error, field="model", stage="encode"))
+                    await msg.term()
+        finally:
+            await sub.unsubscribe()
+            try:
+                await self.js.delete_consumer(WORK_STREAM, durable)
+            except NotFoundError:
+                pass

@@ -1,0 +1,87 @@
+"""Every transport returns what it was given, bit for bit, and notices when it does not."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pytest
+import torch
+
+from disagfusion.config import Settings
+from disagfusion.transport import ChecksumError, MissingBlobError, Transports
+from disagfusion.transport.redis import KEY_PREFIX
+from disagfusion.transport.ref import tensor_bytes
+
+TENSORS = {
+    "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
+    "float16": torch.randn(2, 7, generator=torch.Generator().manual_seed(1)).half(),
+    "bfloat16": torch.randn(4, 4, generator=torch.Generator().manual_seed(2)).bfloat16(),
+    "int64": torch.arange(-10, 10, dtype=torch.int64).reshape(4, 5),
+    "bool": torch.tensor([[True, False, True]]),
+    "scalar": torch.tensor(3.25),
+    "empty": torch.zeros(0, 8),
+    "noncontiguous": torch.arange(24, dtype=torch.float32).reshape(4, 6).t(),
+}
+
+
+@pytest.fixture(params=["shm", "redis"])
+def transports(request, tmp_path: Path, redis_server: str) -> Transports:
+    # inline_max_bytes=0 forces even empty tensors through the transport under test
+    settings = Settings(transport=request.param, inline_max_bytes=0, shm_dir=tmp_path / "shm", redis_url=redis_server)
+    t = Transports(settings)
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_round_trip_is_bit_exact(transports: Transports, name: str) -> None:
+    tensor = TENSORS[name]
+    ref = transports.put(f"job.test.{name}", tensor)
+    assert ref.transport == transports.settings.transport
+    back = transports.get(ref)
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape
+    assert np.array_equal(tensor_bytes(back), tensor_bytes(tensor))
+
+
+def test_inline_round_trip() -> None:
+    t = Transports(Settings())
+    for name, tensor in TENSORS.items():
+        ref = t.put(name, tensor)
+        assert ref.transport == "inline" and ref.data is not None
+        assert torch.equal(t.get(ref), tensor), name
+
+
+def test_corrupted_blob_is_detected(transports: Transports) -> None:
+    tensor = torch.arange(1000, dtype=torch.float32)
+    ref = transports.put("job.test.corrupt", tensor)
+    if ref.transport == "shm":
+        path = transports.shm.directory / ref.key
+        raw = bytearray(path.read_bytes())
+        raw[17] ^= 0x01
+        path.write_bytes(bytes(raw))
+    else:
+        key = KEY_PREFIX + ref.key
+        transports.redis.client.setrange(key, 17, bytes([transports.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
+    with pytest.raises(ChecksumError, match="corrupted"):
+        transports.get(ref)
+
+
+def test_deleted_blob_is_reported(transports: Transports) -> None:
+    ref = transports.put("job.test.gone", torch.ones(100))
+    transports.delete(ref)
+    with pytest.raises(MissingBlobError, match="expired or deleted"):
+        transports.get(ref)
+
+
+def test_janitor_removes_only_expired_blobs(tmp_path: Path) -> None:
+    t = Transports(Settings(inline_max_bytes=0, shm_dir=tmp_path))
+    old = t.put("old", torch.ones(4))
+    t.put("new", torch.ones(4))
+    past = time.time() - 7200
+    os.utime(tmp_path / old.key, (past, past))
+    assert t.shm.remove_expired(3600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
