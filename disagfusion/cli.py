@@ -34,12 +34,10 @@ def _fail(message: str) -> None:
 
 def _settings(data_dir: Path) -> Settings:
     """Settings from the environment; without DF_NATS_URL, talk to the embedded stack if one runs."""
-    settings = Settings()
-    if "DF_NATS_URL" not in os.environ:
-        state = Launcher(data_dir).state()
-        if state is not None:
-            settings = settings.model_copy(update={"nats_url": state.nats_url, "redis_url": state.redis_url})
-    return settings
+    launcher = Launcher(data_dir)
+    if "DF_NATS_URL" not in os.environ and launcher.state() is not None:
+        return launcher.client_settings()
+    return Settings()
 
 
 def _parse_scales(pairs: list[str]) -> dict[str, int]:

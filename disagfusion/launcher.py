@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from disagfusion.config import Settings
 from disagfusion.health import health_age
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
@@ -144,6 +145,13 @@ class Launcher:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(state.model_dump_json(indent=2))
         tmp.replace(self.state_file)
+
+    def client_settings(self) -> Settings:
+        """Settings for a client of the running stack (its NATS and Redis addresses)."""
+        state = self.state()
+        if state is None:
+            raise LauncherError(f"no stack is running from {self.data_dir} (disagfusion up starts one)")
+        return Settings(nats_url=state.nats_url, redis_url=state.redis_url)
 
     def running(self) -> dict[str, int]:
         state = self.state()

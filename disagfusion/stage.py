@@ -175,7 +175,9 @@ class StageWorker:
         try:
             task = unpack(StageTask, msg.data)
         except DecodeError as exc:
-            await self._fail(msg, exc.job_id, str(exc), exc.field)
+            # Report spec problems by JobSpec field name ("steps", not "job.steps").
+            field = exc.field.removeprefix("job.") if exc.field else None
+            await self._fail(msg, exc.job_id, str(exc), field)
             return None
         spec = task.job
         if msg.metadata.num_delivered > self.settings.max_deliver:

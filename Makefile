@@ -1,0 +1,27 @@
+# `make demo` and `make test` are all the set-up a fresh machine needs: each creates .venv and
+# installs what is missing (the install is skipped when pyproject.toml has not changed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build; anything later that asks for torch finds it satisfied
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose
+
+demo: $(STAMP)
+	bash examples/demo.sh
+
+clean:
+	rm -rf $(VENV) .df out
