@@ -47,7 +47,17 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=2, ge=1)
     """Jobs fetched ahead of the one computing (and outputs queued for sending)."""
     max_in_flight: int = Field(default=4, ge=1)
-    """Jobs a worker holds at once, from fetch to ack."""
+    """Jobs a worker holds at once, from fetch to ack; raised to 2 x max_batch when smaller."""
+    max_batch: int = Field(default=1, ge=1)
+    """Jobs computed together: prompts of one model at the encoder, jobs of one shape
+    (model, size, frames, steps, guidance) at dit and decoder. Set per stage service."""
+    max_batch_wait_ms: float = Field(default=0.0, ge=0)
+    """How long a batch waits for more jobs after its first one."""
+
+    handoff_delay_ms: float = Field(default=0.0, ge=0)
+    handoff_jitter_ms: float = Field(default=0.0, ge=0)
+    """Injected delay per handoff, uniform in delay ± jitter: emulates a slow network in tests
+    and benchmarks. Keep both 0 in production."""
     drain_timeout_s: float = Field(default=60.0, ge=0)
     """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
 

@@ -88,9 +88,10 @@ class StageWorker:
         self.transports = Transports(settings)
         self._stopping = asyncio.Event()
         self._held: set[Msg] = set()
-        in_flight = 1 if settings.pipeline == "sync" else settings.max_in_flight
+        in_flight = 1 if settings.pipeline == "sync" else max(settings.max_in_flight, 2 * settings.max_batch)
         self._slots = asyncio.Semaphore(in_flight)
-        self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
+        self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
+        self._carried: list[Job] = []
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
 
@@ -153,21 +154,27 @@ class StageWorker:
     async def _fetch_loop(self, sub) -> None:
         while not self._stopping.is_set():
             await self._slots.acquire()
+            # Take as many tasks as there are free slots, so the inputs of several jobs can be
+            # fetched at once (a slow handoff then hides behind the others and behind compute).
+            extra = 0
+            while not self._slots.locked() and extra < self.settings.max_batch - 1:
+                await self._slots.acquire()
+                extra += 1
             try:
-                msgs = await sub.fetch(1, timeout=1.0)
+                msgs = await sub.fetch(1 + extra, timeout=1.0)
             except TimeoutError:
-                self._slots.release()
-                continue
+                msgs = []
             except Exception as exc:  # connection trouble: nats-py reconnects on its own
-                self._slots.release()
                 log.warning("fetch failed: %s", exc)
+                msgs = []
                 await asyncio.sleep(0.5)
-                continue
-            job = await self._admit(msgs[0])
-            if job is None:
+            for _ in range(1 + extra - len(msgs)):
                 self._slots.release()
-            else:
-                await self._to_compute.put(job)
+            for job in await asyncio.gather(*(self._admit(msg) for msg in msgs)):
+                if job is None:
+                    self._slots.release()
+                else:
+                    await self._to_compute.put(job)
 
     async def _admit(self, msg: Msg) -> Job | None:
         """Decode and check a task and load its inputs; answer bad input with an error result."""
@@ -199,34 +206,60 @@ class StageWorker:
         return Job(msg=msg, task=task, inputs=inputs)
 
     def _load_inputs(self, task: StageTask) -> Tensors:
-        return {name: self.transports.get(ref) for name, ref in task.tensors.items()}
+        return self.transports.get_all(task.tensors)
+
+    async def _next_batch(self) -> list[Job]:
+        """The next job plus, within ``max_batch_wait_ms``, up to ``max_batch - 1`` more that can
+        share its batch. Jobs that cannot are kept, in order, for the following batches."""
+        first = self._carried.pop(0) if self._carried else await self._to_compute.get()
+        batch, kept = [first], []
+        for job in self._carried:
+            (batch if len(batch) < self.settings.max_batch and self._batchable(first, job) else kept).append(job)
+        self._carried = kept
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        while len(batch) < self.settings.max_batch:
+            try:
+                job = await asyncio.wait_for(self._to_compute.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            (batch if self._batchable(first, job) else self._carried).append(job)
+        return batch
+
+    def _batchable(self, first: Job, other: Job) -> bool:
+        # The encoder batches any prompts of one model; later stages need identical shapes.
+        if self.stage == "encode":
+            return first.spec.model == other.spec.model
+        return first.spec.shape_key == other.spec.shape_key
 
     async def _compute_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._to_compute.get()
-            spec = job.spec
+            batch = await self._next_batch()
+            specs = [job.spec for job in batch]
 
-            def on_step(step: int, total: int, job_id: str = spec.job_id) -> None:
-                loop.call_soon_threadsafe(
-                    lambda: asyncio.ensure_future(self._event(job_id, "step", step=step, total=total))
-                )
+            def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
+                for job_id in job_ids:
+                    loop.call_soon_threadsafe(
+                        lambda j=job_id: asyncio.ensure_future(self._event(j, "step", step=step, total=total))
+                    )
 
             started = time.perf_counter()
             try:
-                [job.outputs] = await asyncio.to_thread(self.models[spec.model].run, [spec], [job.inputs], on_step)
-            except SpecError as exc:
-                await self._fail(job.msg, spec.job_id, str(exc), exc.field)
-                self._slots.release()
-                continue
+                model = self.models[specs[0].model]
+                outputs = await asyncio.to_thread(model.run, specs, [job.inputs for job in batch], on_step)
             except Exception as exc:
-                log.exception("stage %s failed on job %s", self.stage, spec.job_id)
-                await self._fail(job.msg, spec.job_id, f"stage {self.stage} failed: {type(exc).__name__}: {exc}")
-                self._slots.release()
+                field = exc.field if isinstance(exc, SpecError) else None
+                if field is None:
+                    log.exception("stage %s failed on jobs %s", self.stage, [s.job_id for s in specs])
+                for job in batch:
+                    await self._fail(job.msg, job.spec.job_id, f"stage {self.stage} failed: {exc}", field)
+                    self._slots.release()
                 continue
-            job.compute_s = time.perf_counter() - started
-            await self._publish_timing(job)
-            await self._to_send.put(job)
+            seconds = time.perf_counter() - started
+            await self._publish_timing(specs, seconds)
+            for job, output in zip(batch, outputs, strict=True):
+                job.outputs, job.compute_s = output, seconds
+                await self._to_send.put(job)
 
     async def _send_loop(self) -> None:
         while True:
@@ -290,9 +323,9 @@ class StageWorker:
         event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
         await self._bus.nc.publish(events_subject(job_id), pack(event))
 
-    async def _publish_timing(self, job: Job) -> None:
+    async def _publish_timing(self, specs: list[JobSpec], seconds: float) -> None:
         sample = TimingSample(
-            stage=self.stage, model=job.spec.model, worker=self.name, batch=1, seconds=job.compute_s, jobs=[job.spec]
+            stage=self.stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
         )
         await self._bus.nc.publish(metrics_subject(self.stage), pack(sample))
 

@@ -9,6 +9,9 @@ blocking; the stage worker runs them off its event loop.
 
 from __future__ import annotations
 
+import random
+import time
+
 import torch
 
 from disagfusion.config import Settings
@@ -51,6 +54,13 @@ class Transports:
             verify(ref, data)
             return tensor_from_buffer(data, ref.dtype, ref.shape)
         return self._backend(ref.transport).get(ref)
+
+    def get_all(self, refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
+        """One handoff: every tensor of a stage output, after the injected delay if one is set."""
+        if refs and (self.settings.handoff_delay_ms or self.settings.handoff_jitter_ms):
+            mean, jitter = self.settings.handoff_delay_ms, self.settings.handoff_jitter_ms
+            time.sleep(max(0.0, random.uniform(mean - jitter, mean + jitter)) / 1000)
+        return {name: self.get(ref) for name, ref in refs.items()}
 
     def delete(self, ref: TensorRef) -> None:
         if ref.transport != "inline":
