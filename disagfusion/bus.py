@@ -29,7 +29,9 @@ class Bus:
     js: JetStreamContext
 
     async def close(self) -> None:
-        await self.nc.drain()
+        # Every publish was awaited already; drain() would wait out its timeout on the
+        # pull subscriptions' pending requests.
+        await self.nc.close()
 
 
 async def connect(settings: Settings, name: str) -> Bus:

@@ -87,7 +87,8 @@ class StageWorker:
         self.models: dict[str, StageModel] = {}
         self.transports = Transports(settings)
         self._stopping = asyncio.Event()
-        self._held: set[Msg] = set()
+        self._held: dict[int, Msg] = {}
+        """Messages taken and not yet acked, termed or handed back (keyed by id: Msg is unhashable)."""
         in_flight = 1 if settings.pipeline == "sync" else max(settings.max_in_flight, 2 * settings.max_batch)
         self._slots = asyncio.Semaphore(in_flight)
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
@@ -145,7 +146,7 @@ class StageWorker:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self._held and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for msg in list(self._held):
+        for msg in list(self._held.values()):
             await msg.nak()  # redelivered at once to another instance
         self._held.clear()
 
@@ -178,7 +179,7 @@ class StageWorker:
 
     async def _admit(self, msg: Msg) -> Job | None:
         """Decode and check a task and load its inputs; answer bad input with an error result."""
-        self._held.add(msg)
+        self._held[id(msg)] = msg
         try:
             task = unpack(StageTask, msg.data)
         except DecodeError as exc:
@@ -273,7 +274,7 @@ class StageWorker:
                 # Not acked: JetStream redelivers after AckWait and the stage is replayed.
                 log.exception("could not hand off job %s; it will be redelivered", job.spec.job_id)
             finally:
-                self._held.discard(job.msg)
+                self._held.pop(id(job.msg), None)
                 self._slots.release()
 
     def _delete_inputs(self, task: StageTask) -> None:
@@ -315,7 +316,7 @@ class StageWorker:
         else:
             log.error("dropping an unreadable message with no job id (subject %s)", msg.subject)
         await msg.term()
-        self._held.discard(msg)
+        self._held.pop(id(msg), None)
 
     # ----------------------------------------------------------------- side channels
 
@@ -336,7 +337,7 @@ class StageWorker:
         while True:
             if self._bus.nc.is_connected:
                 await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
-            for msg in list(self._held):
+            for msg in list(self._held.values()):
                 try:
                     await msg.in_progress()
                 except Exception as exc:

@@ -25,8 +25,8 @@ def task_bytes(**job_changes) -> tuple[str, bytes]:
     ("changes", "field", "words"),
     [
         ({"steps": 0}, "steps", "greater than or equal to 1"),
-        ({"height": 72}, "height", "divisible"),
-        ({"width": 100}, "width", "divisible"),
+        ({"height": 68}, "height", "not a multiple of 8"),
+        ({"width": 100}, "width", "not a multiple of 8"),
         ({"model": "nosuchmodel"}, "model", "unknown model 'nosuchmodel'"),
         ({"frames": 4}, "frames", ""),
     ],

@@ -24,7 +24,7 @@ CASES = [
 
 
 def reference_image(models_dir: Path, spec: JobSpec, dtype: torch.dtype) -> np.ndarray:
-    pipe = PixArtSigmaPipeline.from_pretrained(models_dir / spec.model, torch_dtype=dtype)
+    pipe = PixArtSigmaPipeline.from_pretrained(models_dir / spec.model, dtype=dtype)
     image = pipe(
         spec.prompt,
         negative_prompt=spec.negative_prompt,
