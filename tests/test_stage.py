@@ -1,0 +1,127 @@
+"""The stage worker in-process against a real nats-server: overlap, batching, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from disagfusion import bus
+from disagfusion.config import Settings
+from disagfusion.models.base import StageModel, Tensors
+from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, pack, unpack, work_subject
+from disagfusion.stage import StageWorker
+from disagfusion.transport import Transports
+
+
+class SlowModel(StageModel):
+    """A denoise stage that holds the "accelerator" for a fixed time per batch."""
+
+    stage = "denoise"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.batches: list[list[tuple]] = []
+        """The shape key of every job, per batch run."""
+
+    def check(self, spec: JobSpec) -> None:
+        pass
+
+    def run(self, specs, inputs, on_step=None) -> list[Tensors]:
+        time.sleep(self.seconds)
+        self.batches.append([spec.shape_key for spec in specs])
+        return [{"latents": x["embeds"] * 2} for x in inputs]
+
+
+Worker = Callable[..., SlowModel]
+
+
+@pytest.fixture
+async def run_worker(nats_server: str, tmp_path: Path) -> AsyncIterator[Worker]:
+    """Start a denoise worker in-process; stop and drain it after the test."""
+    tasks: list[tuple[StageWorker, asyncio.Task]] = []
+
+    async def start(model: SlowModel, **settings) -> SlowModel:
+        worker = StageWorker(
+            "denoise",
+            Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", **settings),
+            load_model=lambda name, stage, s: model,
+        )
+        tasks.append((worker, asyncio.create_task(worker.run())))
+        return model
+
+    yield start
+    for worker, task in tasks:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def submit_denoise_tasks(nats_url: str, specs: list[JobSpec]) -> bus.Bus:
+    stack = await bus.connect(Settings(nats_url=nats_url), "test")
+    transports = Transports(Settings(nats_url=nats_url))
+    for spec in specs:
+        refs = {"embeds": transports.put(f"{spec.job_id}.encode.embeds", torch.full((4,), float(spec.seed)))}
+        task = StageTask(job=spec, stage="denoise", tensors=refs)
+        await bus.publish(stack.js, work_subject("denoise", "m"), pack(task), f"{spec.job_id}:denoise")
+    return stack
+
+
+async def collect_outputs(stack: bus.Bus, count: int, timeout: float = 60.0) -> list[StageTask]:
+    """Take ``count`` tasks from the decode queue (what the worker under test produced)."""
+    sub = await stack.js.pull_subscribe(work_subject("decode", "m"), durable="decode-m", stream=WORK_STREAM)
+    outputs: list[StageTask] = []
+    deadline = time.monotonic() + timeout
+    while len(outputs) < count and time.monotonic() < deadline:
+        try:
+            msgs = await sub.fetch(count - len(outputs), timeout=1.0)
+        except TimeoutError:
+            continue
+        for msg in msgs:
+            outputs.append(unpack(StageTask, msg.data))
+            await msg.ack()
+    return outputs
+
+
+def specs(n: int, **fields) -> list[JobSpec]:
+    return [JobSpec(prompt="p", model="m", seed=i, **fields) for i in range(n)]
+
+
+@pytest.mark.parametrize("pipeline", ["async", "sync"])
+async def test_prefetch_hides_handoff_behind_compute(run_worker: Worker, nats_server: str, pipeline: str) -> None:
+    """Handoff 100 ms, compute 100 ms, 10 jobs: async takes about max(·)·N = 1 s, sync the sum, 2 s."""
+    n, compute_s, handoff_ms = 10, 0.1, 100.0
+    jobs = specs(n)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    started = time.monotonic()
+    await run_worker(SlowModel(compute_s), pipeline=pipeline, handoff_delay_ms=handoff_ms)
+    outputs = await collect_outputs(stack, n)
+    elapsed = time.monotonic() - started
+    await stack.close()
+    assert sorted(o.job.job_id for o in outputs) == sorted(j.job_id for j in jobs)
+    serial = n * (compute_s + handoff_ms / 1000)
+    if pipeline == "async":
+        assert elapsed < 0.75 * serial, f"async took {elapsed:.2f} s, the serial sum is {serial:.2f} s"
+    else:
+        assert elapsed > 0.95 * serial, f"sync took {elapsed:.2f} s, less than the serial sum {serial:.2f} s"
+
+
+async def test_batches_group_jobs_of_one_shape_and_keep_every_job(run_worker: Worker, nats_server: str) -> None:
+    small, large = specs(6, width=64, height=64), specs(6, width=128, height=128)
+    jobs = [job for pair in zip(small, large) for job in pair]  # interleaved shapes
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    model = await run_worker(SlowModel(0.05), max_batch=4, max_batch_wait_ms=300)
+    outputs = await collect_outputs(stack, len(jobs))
+    await stack.close()
+    assert sorted(o.job.job_id for o in outputs) == sorted(j.job_id for j in jobs)
+    sizes = [len(batch) for batch in model.batches]
+    assert max(sizes) > 1, f"no batching happened: {sizes}"
+    assert sum(sizes) == len(jobs)
+    assert all(len(set(batch)) == 1 for batch in model.batches), "a batch mixed job shapes"
+    transports = Transports(Settings())
+    for output in outputs:  # each job got its own output, not a neighbour's
+        latents = transports.get(output.tensors["latents"])
+        assert torch.equal(latents, torch.full((4,), 2.0 * output.job.seed))
