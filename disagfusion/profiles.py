@@ -10,9 +10,8 @@ For a batch of ``n`` jobs, per stage::
 
     seconds = fixed_s + n ** (batch_exponent - 1) * sum_j work_j
 
-    work_j  = cfg_j * per_job_s
+    work_j  = cfg_j * (per_job_s + per_mpixel_s * P_j + per_mpixel2_s * P_j**2) * (steps_j if per_step else 1)
             + per_ktoken_s * tokens_j / 1000
-            + cfg_j * (per_mpixel_s * P_j + per_mpixel2_s * P_j**2) * (steps_j if per_step else 1)
 
     P_j     = height * width * frames / 1e6   (megapixel-frames: the size of the output)
     cfg_j   = cfg_factor when guidance_j > 1 (classifier-free guidance runs the conditional and
@@ -65,7 +64,7 @@ class StageCost(BaseModel):
     per_mpixel_s: float = Field(default=0.0, ge=0)
     per_mpixel2_s: float = Field(default=0.0, ge=0)
     per_step: bool = False
-    """Pixel work is repeated every denoising step (true for the DiT)."""
+    """Per-job and pixel work is repeated every denoising step (true for the DiT)."""
     cfg_factor: float = Field(default=1.0, ge=1.0)
     batch_exponent: float = Field(default=1.0, gt=0, le=1.0)
 
@@ -76,7 +75,7 @@ class StageCost(BaseModel):
         repeat = cfg * (spec.steps if self.per_step else 1)
         p = megapixel_frames(spec)
         # The negative prompt's tokens are counted themselves, not through cfg_factor.
-        return cfg, tokens / 1000, p * repeat, p * p * repeat
+        return repeat, tokens / 1000, p * repeat, p * p * repeat
 
     def seconds(self, specs: Sequence[JobSpec]) -> float:
         if not specs:

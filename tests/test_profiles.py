@@ -46,12 +46,12 @@ def test_formula_terms() -> None:
                      per_step=True, cfg_factor=2.0, batch_exponent=0.5)
     job = spec(prompt="x" * 400, negative_prompt="y" * 40, height=1000, width=1000, frames=2, steps=3, guidance=4.0)
     p = 2.0  # megapixel-frames
-    work = 2 * 1.0 + 2.0 * (100 + 10) / 1000 + 2 * (3.0 * p + 4.0 * p * p) * 3
+    work = 2 * (1.0 + 3.0 * p + 4.0 * p * p) * 3 + 2.0 * (100 + 10) / 1000
     assert cost.seconds([job]) == pytest.approx(0.5 + work)
     assert cost.seconds([job] * 4) == pytest.approx(0.5 + 4**-0.5 * 4 * work)
     assert cost.seconds([]) == 0.0
     unguided = job.model_copy(update={"guidance": 1.0})
-    assert cost.seconds([unguided]) == pytest.approx(0.5 + 1.0 + 2.0 * 0.1 + (3.0 * p + 4.0 * p * p) * 3)
+    assert cost.seconds([unguided]) == pytest.approx(0.5 + (1.0 + 3.0 * p + 4.0 * p * p) * 3 + 2.0 * 0.1)
 
 
 def test_unknown_stage_is_named() -> None:
