@@ -126,15 +126,16 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 
 @app.command("init-model")
 def init_model(
-    name: Annotated[str, typer.Argument(help="Preset to write: tiny or small.")],
-    directory: Annotated[Path, typer.Argument(help="Where to write the diffusers model directory.")],
+    name: Annotated[str, typer.Argument(help="Preset to write: tiny, small, emulated or emulated-video.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
 ) -> None:
-    """Write a built-in preset as a standard diffusers directory (seeded weights, no download)."""
-    from disagfusion.models.presets import PRESETS, init_model as write_preset
+    """Write a built-in preset: a diffusers directory with seeded weights (tiny, small), or an
+    emulated accelerator with its cost profile (emulated, emulated-video). No download."""
+    from disagfusion.models import PRESET_WRITERS, init_preset
 
-    if name not in PRESETS:
-        _fail(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    path = write_preset(name, directory)
+    if name not in PRESET_WRITERS:
+        _fail(f"unknown preset {name!r}; presets: {', '.join(PRESET_WRITERS)}")
+    path = init_preset(name, directory)
     console.print(f"wrote preset {name} to {path}")
 
 

@@ -24,8 +24,11 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
-    transport: Literal["shm", "redis"] = "shm"
-    """How stage outputs reach the next stage: shm on one host, redis across hosts."""
+    transport: Literal["shm", "redis", "cuda_ipc"] = "shm"
+    """How stage outputs reach the next stage: shm on one host, redis across hosts, cuda_ipc
+    between processes on one GPU (CPU tensors then go through shm)."""
+    ipc_lease_s: float = Field(default=300.0, gt=0)
+    """A CUDA IPC producer frees a tensor no consumer released after this long."""
     inline_max_bytes: int = Field(default=64 * 1024, ge=0)
     """Tensors smaller than this travel inside the message itself (0: never)."""
     shm_dir: Path = Path("/dev/shm/disagfusion")
@@ -60,6 +63,10 @@ class Settings(BaseSettings):
     and benchmarks. Keep both 0 in production."""
     drain_timeout_s: float = Field(default=60.0, ge=0)
     """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
+
+    emulated_speed: float = Field(default=1.0, gt=0)
+    """Speed factor of emulated accelerators (model family ``emulated``): 2.0 halves every
+    profiled service time, for heterogeneous pools."""
 
     worker_name: str = ""
     """Shown in metrics and logs; defaults to host:pid."""

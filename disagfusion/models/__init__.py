@@ -1,6 +1,7 @@
 """Model families, and finding a model by name: ``settings.models_dir / <name>`` is a diffusers
 directory whose ``model_index.json`` ``_class_name`` picks the family. Preset names (tiny,
-small) are written there on first use, so services work offline out of the box."""
+small, and the emulated accelerators emulated, emulated-video) are written there on first use,
+so services work offline out of the box."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disagfusion.config import Settings
-from disagfusion.models import pixart
+from disagfusion.models import emulated, pixart
 from disagfusion.models.base import SpecError, StageModel
 from disagfusion.models.presets import PRESETS, init_model
 from disagfusion.protocol import JobSpec
@@ -26,20 +27,34 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {
     "PixArtSigmaPipeline": ModelFamily(stages=pixart.STAGES, check=pixart.check_spec),
+    emulated.CLASS_NAME: ModelFamily(stages=emulated.STAGES, check=emulated.check_spec),
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> family."""
+
+PRESET_WRITERS: dict[str, Callable[[str, Path], Path]] = {
+    **dict.fromkeys(PRESETS, init_model),
+    **dict.fromkeys(emulated.PRESETS, emulated.init_model),
+}
+"""Preset name -> the function writing it as ``writer(name, directory)``."""
+
+
+def init_preset(name: str, directory: Path) -> Path:
+    """Write preset ``name`` to ``directory`` (unless something is there) and return it."""
+    if name not in PRESET_WRITERS:
+        raise KeyError(f"unknown preset {name!r}; presets are {', '.join(PRESET_WRITERS)}")
+    return PRESET_WRITERS[name](name, directory)
 
 
 def model_directory(name: str, settings: Settings) -> Path:
     """The directory of model ``name``, writing it first if it is a preset not yet there."""
     directory = settings.models_dir / name
-    if not directory.exists() and name in PRESETS:
-        init_model(name, directory)
+    if not directory.exists() and name in PRESET_WRITERS:
+        init_preset(name, directory)
     if not (directory / "model_index.json").is_file():
         raise SpecError(
             "model",
             f"unknown model {name!r}: no diffusers model directory (with model_index.json) at {directory}; "
-            f"use a preset ({', '.join(PRESETS)}) or place a PixArt-Sigma checkpoint directory there "
+            f"use a preset ({', '.join(PRESET_WRITERS)}) or place a PixArt-Sigma checkpoint directory there "
             f"(DF_MODELS_DIR={settings.models_dir})",
         )
     return directory

@@ -1,0 +1,228 @@
+"""Emulated accelerators: stages that hold a pretend device for the time a cost profile gives.
+
+Each stage sleeps in its compute thread (off the worker's event loop) for
+``CostProfile.seconds(stage, batch) / DF_EMULATED_SPEED`` and returns tensors of the real
+shapes and dtypes, so dozens of emulated instances share a small CPU honestly: queueing,
+tensor transfers, batching and scheduling are real; only the kernel time is emulated.
+Benchmarks that run on it must say so in their names.
+
+A model directory holds ``model_index.json`` (``_class_name: DisagFusionEmulated`` plus the
+``geometry`` below) and ``profile.json`` (a ``CostProfile``). Presets:
+``emulated`` (PixArt-Sigma shapes, the synthetic bench-pipeline profile) and ``emulated-video``
+(Wan2.1-T2V-1.3B shapes, the H200 profile cited in deploy/profiles/wan2.1-1.3b-h200.json).
+
+Tensors per job, as the pixart family gives them: encode -> ``prompt_embeds``
+[1, max_sequence_length, text_dim], ``prompt_attention_mask`` [1, max_sequence_length] (int64),
+and the ``negative_*`` pair when guidance > 1; denoise -> ``latents`` [1, C, H/f, W/f], or
+[1, C, latent_frames, H/f, W/f] when frames > 1; decode -> ``image`` uint8 [H, W, 3] and, when
+frames > 1, ``video`` uint8 [frames, H, W, 3] (``image`` is then its first frame).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field
+
+from disagfusion.config import Settings
+from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors
+from disagfusion.profiles import CostProfile, prompt_tokens
+from disagfusion.protocol import JobSpec
+from disagfusion.transport.ref import DTYPES
+
+CLASS_NAME = "DisagFusionEmulated"
+PROFILE_FILE = "profile.json"
+
+
+class EmulatedGeometry(BaseModel):
+    """The tensor shapes of the pipeline being emulated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_dim: int = Field(gt=0)
+    max_sequence_length: int = Field(gt=0)
+    latent_channels: int = Field(gt=0)
+    vae_scale_factor: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    temporal_factor: int = Field(default=1, gt=0)
+    """Frames per latent frame after the first (Wan's VAE: 4, so frames must be 4k + 1)."""
+    max_steps: int = 1000
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch_size
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal_factor + 1
+
+    def check(self, spec: JobSpec) -> None:
+        multiple = self.size_multiple
+        for field in ("height", "width"):
+            value = getattr(spec, field)
+            if value % multiple:
+                nearest = max(multiple, round(value / multiple) * multiple)
+                raise SpecError(field, f"{value} is not a multiple of {multiple} for this model (try {nearest})")
+        if (spec.frames - 1) % self.temporal_factor:
+            raise SpecError("frames", f"frames must be {self.temporal_factor}k + 1 for this model, not {spec.frames}")
+        if spec.steps > self.max_steps:
+            raise SpecError("steps", f"at most {self.max_steps} steps for this model")
+
+
+class EmulatedPreset(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    geometry: EmulatedGeometry
+    profile: str
+    """File name (without .json) in deploy/profiles/."""
+
+
+PIXART_SIGMA_GEOMETRY = EmulatedGeometry(
+    text_dim=4096, max_sequence_length=300, latent_channels=4, vae_scale_factor=8, patch_size=2
+)
+WAN21_GEOMETRY = EmulatedGeometry(
+    text_dim=4096, max_sequence_length=512, latent_channels=16, vae_scale_factor=8, patch_size=2, temporal_factor=4
+)
+
+PRESETS: dict[str, EmulatedPreset] = {
+    "emulated": EmulatedPreset(geometry=PIXART_SIGMA_GEOMETRY, profile="bench-pipeline"),
+    "emulated-video": EmulatedPreset(geometry=WAN21_GEOMETRY, profile="wan2.1-1.3b-h200"),
+}
+
+
+def write_model(directory: Path, geometry: EmulatedGeometry, profile: CostProfile) -> Path:
+    """Write an emulated model directory atomically (several workers may start at once)."""
+    directory = Path(directory)
+    if directory.exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        index = {"_class_name": CLASS_NAME, "geometry": geometry.model_dump()}
+        (scratch / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        profile.save(scratch / PROFILE_FILE)
+        try:
+            os.rename(scratch, directory)
+        except OSError:
+            if not (directory / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return directory
+
+
+def init_model(preset: str, directory: Path) -> Path:
+    """Write emulated preset ``preset`` to ``directory`` unless something is there already."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown emulated preset {preset!r}; presets are {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    return write_model(directory, chosen.geometry, CostProfile.named(chosen.profile))
+
+
+def read_geometry(directory: Path) -> EmulatedGeometry:
+    return EmulatedGeometry.model_validate(json.loads((Path(directory) / "model_index.json").read_text())["geometry"])
+
+
+def check_spec(directory: Path, spec: JobSpec) -> None:
+    read_geometry(directory).check(spec)
+
+
+def _seed_of(*parts: object) -> int:
+    return xxhash.xxh3_64_intdigest(repr(parts).encode()) & (2**63 - 1)
+
+
+def _pattern(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic values of the full size, cheaply: one seeded row repeated (the bytes are
+    all materialised, so transports move the real amount of data)."""
+    row = torch.randn(shape[-1], generator=torch.Generator().manual_seed(seed))
+    return row.to(dtype).expand(shape).contiguous()
+
+
+class EmulatedStage(StageModel):
+    def __init__(self, directory: Path, settings: Settings):
+        self.directory = Path(directory)
+        self.geometry = read_geometry(self.directory)
+        self.profile = CostProfile.load(self.directory / PROFILE_FILE)
+        self.speed = settings.emulated_speed
+        self.dtype = DTYPES[settings.dtype]
+
+    def check(self, spec: JobSpec) -> None:
+        self.geometry.check(spec)
+
+    def service_seconds(self, specs: list[JobSpec]) -> float:
+        return self.profile.seconds(self.stage, specs) / self.speed
+
+    def hold(self, specs: list[JobSpec], steps: int = 1, on_step: StepCallback | None = None) -> None:
+        """Occupy the pretend accelerator for the profiled time, reporting ``steps`` evenly.
+        Sleeping to absolute deadlines keeps callback overhead from adding up."""
+        started = time.perf_counter()
+        total = self.service_seconds(specs)
+        for step in range(1, steps + 1):
+            time.sleep(max(0.0, started + total * step / steps - time.perf_counter()))
+            if on_step is not None:
+                on_step(step, steps)
+
+
+class EmulatedEncoder(EmulatedStage):
+    stage = "encode"
+
+    def _embed(self, text: str) -> Tensors:
+        g = self.geometry
+        mask = torch.zeros(1, g.max_sequence_length, dtype=torch.int64)
+        mask[:, : min(g.max_sequence_length, prompt_tokens(text) + 1)] = 1  # + end-of-text token
+        shape = (1, g.max_sequence_length, g.text_dim)
+        return {"embeds": _pattern(shape, _seed_of("prompt", text), self.dtype), "mask": mask}
+
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        self.hold(specs)
+        outputs = []
+        for spec in specs:
+            positive = self._embed(spec.prompt)
+            job = {"prompt_embeds": positive["embeds"], "prompt_attention_mask": positive["mask"]}
+            if spec.guidance > 1.0:
+                negative = self._embed(spec.negative_prompt)
+                job |= {"negative_prompt_embeds": negative["embeds"], "negative_prompt_attention_mask": negative["mask"]}
+            outputs.append(job)
+        return outputs
+
+
+class EmulatedDenoiser(EmulatedStage):
+    stage = "denoise"
+
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        if any(other.shape_key != specs[0].shape_key for other in specs):
+            raise ValueError("a denoise batch must hold jobs of one shape_key")
+        self.hold(specs, specs[0].steps, on_step)
+        return [{"latents": self._latents(spec, job)} for spec, job in zip(specs, inputs)]
+
+    def _latents(self, spec: JobSpec, job: Tensors) -> torch.Tensor:
+        g = self.geometry
+        frames = (g.latent_frames(spec.frames),) if spec.frames > 1 else ()
+        shape = (1, g.latent_channels, *frames, spec.height // g.vae_scale_factor, spec.width // g.vae_scale_factor)
+        # Depends on the seed and on the conditioning received, so a lost input shows.
+        conditioning = job["prompt_embeds"].reshape(-1)[:8].float().tolist() if "prompt_embeds" in job else []
+        return _pattern(shape, _seed_of(spec.seed, conditioning), self.dtype)
+
+
+class EmulatedDecoder(EmulatedStage):
+    stage = "decode"
+
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        self.hold(specs)
+        outputs = []
+        for spec, job in zip(specs, inputs):
+            shade = _seed_of(job["latents"].reshape(-1)[:8].float().tolist()) % 256
+            video = torch.full((spec.frames, spec.height, spec.width, 3), shade, dtype=torch.uint8)
+            outputs.append({"image": video[0]} if spec.frames == 1 else {"image": video[0], "video": video})
+        return outputs
+
+
+STAGES: dict[str, type[EmulatedStage]] = {
+    stage.stage: stage for stage in (EmulatedEncoder, EmulatedDenoiser, EmulatedDecoder)
+}
