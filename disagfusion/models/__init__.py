@@ -5,44 +5,38 @@ so services work offline out of the box."""
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from disagfusion.config import Settings
-from disagfusion.models import emulated, pixart
 from disagfusion.models.base import SpecError, StageModel
-from disagfusion.models.presets import PRESETS, init_model
 from disagfusion.protocol import JobSpec
 
-
-@dataclass(frozen=True)
-class ModelFamily:
-    stages: Mapping[str, Callable[[Path, Settings], StageModel]]
-    """Stage name -> constructor taking (model directory, settings); it loads the weights."""
-    check: Callable[[Path, JobSpec], None]
-    """Validates a spec from the directory's configs alone, without loading weights."""
-
-
-FAMILIES: dict[str, ModelFamily] = {
-    "PixArtSigmaPipeline": ModelFamily(stages=pixart.STAGES, check=pixart.check_spec),
-    emulated.CLASS_NAME: ModelFamily(stages=emulated.STAGES, check=emulated.check_spec),
+# Families are imported on first use: an emulated worker then never pays for importing
+# diffusers and transformers. Each family module has STAGES (stage name -> constructor taking
+# (model directory, settings)), check_spec(directory, spec) and init_model(preset, directory).
+FAMILIES: dict[str, str] = {
+    "PixArtSigmaPipeline": "disagfusion.models.pixart",
+    "DisagFusionEmulated": "disagfusion.models.emulated",
 }
-"""Pipeline class name (``model_index.json`` ``_class_name``) -> family."""
+"""Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
 
-PRESET_WRITERS: dict[str, Callable[[str, Path], Path]] = {
-    **dict.fromkeys(PRESETS, init_model),
-    **dict.fromkeys(emulated.PRESETS, emulated.init_model),
+PRESET_WRITERS: dict[str, str] = {
+    "tiny": "disagfusion.models.presets",
+    "small": "disagfusion.models.presets",
+    "emulated": "disagfusion.models.emulated",
+    "emulated-video": "disagfusion.models.emulated",
 }
-"""Preset name -> the function writing it as ``writer(name, directory)``."""
+"""Preset name -> the module whose ``init_model(name, directory)`` writes it."""
 
 
 def init_preset(name: str, directory: Path) -> Path:
     """Write preset ``name`` to ``directory`` (unless something is there) and return it."""
     if name not in PRESET_WRITERS:
         raise KeyError(f"unknown preset {name!r}; presets are {', '.join(PRESET_WRITERS)}")
-    return PRESET_WRITERS[name](name, directory)
+    return importlib.import_module(PRESET_WRITERS[name]).init_model(name, directory)
 
 
 def model_directory(name: str, settings: Settings) -> Path:
@@ -60,7 +54,7 @@ def model_directory(name: str, settings: Settings) -> Path:
     return directory
 
 
-def model_family(directory: Path) -> ModelFamily:
+def model_family(directory: Path) -> ModuleType:
     class_name = json.loads((directory / "model_index.json").read_text()).get("_class_name")
     if class_name not in FAMILIES:
         raise SpecError(
@@ -68,19 +62,19 @@ def model_family(directory: Path) -> ModelFamily:
             f"model at {directory} is a {class_name!r}, which DisagFusion cannot split into stages "
             f"(supported: {', '.join(FAMILIES)})",
         )
-    return FAMILIES[class_name]
+    return importlib.import_module(FAMILIES[class_name])
 
 
 def load_stage_model(name: str, stage: str, settings: Settings) -> StageModel:
     """Load the weights of ``stage`` ("encode", "denoise" or "decode") of model ``name``."""
     directory = model_directory(name, settings)
     family = model_family(directory)
-    if stage not in family.stages:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.stages)}")
-    return family.stages[stage](directory, settings)
+    if stage not in family.STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGES)}")
+    return family.STAGES[stage](directory, settings)
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise SpecError if ``spec.model`` cannot run ``spec``; reads configs only, no weights."""
     directory = model_directory(spec.model, settings)
-    model_family(directory).check(directory, spec)
+    model_family(directory).check_spec(directory, spec)
