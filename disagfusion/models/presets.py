@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         seed=1, text_dim=256, text_layers=2, text_heads=4,
-        dit_layers=6, dit_heads=6, dit_head_dim=64, patch_size=2,
+        dit_layers=3, dit_heads=3, dit_head_dim=64, patch_size=2,
         vae_channels=(32, 64, 64, 64), vae_layers=1, vae_groups=16,
     ),
 }
