@@ -1,45 +1,55 @@
 """Model families, and finding a model by name: ``settings.models_dir / <name>`` is a diffusers
 directory whose ``model_index.json`` ``_class_name`` picks the family. Preset names (tiny,
-small) are written there on first use, so services work offline out of the box."""
+small) are written there on first use, so services work offline out of the box.
+
+Family modules (and diffusers with them) are imported on first use: importing this package,
+say for ``SpecError``, stays cheap for processes that never load a model.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 from disagfusion.config import Settings
-from disagfusion.models import pixart
 from disagfusion.models.base import SpecError, StageModel
-from disagfusion.models.presets import PRESETS, init_model
 from disagfusion.protocol import JobSpec
 
+PRESET_NAMES = ("tiny", "small")
+"""The built-in models of ``disagfusion.models.presets``, named here to spare importing it."""
 
-@dataclass(frozen=True)
-class ModelFamily:
-    stages: Mapping[str, Callable[[Path, Settings], StageModel]]
+
+class ModelFamily(Protocol):
+    """What a family module defines."""
+
+    STAGES: Mapping[str, Callable[[Path, Settings], StageModel]]
     """Stage name -> constructor taking (model directory, settings); it loads the weights."""
-    check: Callable[[Path, JobSpec], None]
-    """Validates a spec from the directory's configs alone, without loading weights."""
+
+    def check_spec(self, directory: Path, spec: JobSpec) -> None:
+        """Validate a spec from the directory's configs alone, without loading weights."""
 
 
-FAMILIES: dict[str, ModelFamily] = {
-    "PixArtSigmaPipeline": ModelFamily(stages=pixart.STAGES, check=pixart.check_spec),
+FAMILIES: dict[str, str] = {
+    "PixArtSigmaPipeline": "disagfusion.models.pixart",
 }
-"""Pipeline class name (``model_index.json`` ``_class_name``) -> family."""
+"""Pipeline class name (``model_index.json`` ``_class_name``) -> family module."""
 
 
 def model_directory(name: str, settings: Settings) -> Path:
     """The directory of model ``name``, writing it first if it is a preset not yet there."""
     directory = settings.models_dir / name
-    if not directory.exists() and name in PRESETS:
+    if not directory.exists() and name in PRESET_NAMES:
+        from disagfusion.models.presets import init_model
+
         init_model(name, directory)
     if not (directory / "model_index.json").is_file():
         raise SpecError(
             "model",
             f"unknown model {name!r}: no diffusers model directory (with model_index.json) at {directory}; "
-            f"use a preset ({', '.join(PRESETS)}) or place a PixArt-Sigma checkpoint directory there "
+            f"use a preset ({', '.join(PRESET_NAMES)}) or place a PixArt-Sigma checkpoint directory there "
             f"(DF_MODELS_DIR={settings.models_dir})",
         )
     return directory
@@ -53,19 +63,19 @@ def model_family(directory: Path) -> ModelFamily:
             f"model at {directory} is a {class_name!r}, which DisagFusion cannot split into stages "
             f"(supported: {', '.join(FAMILIES)})",
         )
-    return FAMILIES[class_name]
+    return cast(ModelFamily, importlib.import_module(FAMILIES[class_name]))
 
 
 def load_stage_model(name: str, stage: str, settings: Settings) -> StageModel:
     """Load the weights of ``stage`` ("encode", "denoise" or "decode") of model ``name``."""
     directory = model_directory(name, settings)
     family = model_family(directory)
-    if stage not in family.stages:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.stages)}")
-    return family.stages[stage](directory, settings)
+    if stage not in family.STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGES)}")
+    return family.STAGES[stage](directory, settings)
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise SpecError if ``spec.model`` cannot run ``spec``; reads configs only, no weights."""
     directory = model_directory(spec.model, settings)
-    model_family(directory).check(directory, spec)
+    model_family(directory).check_spec(directory, spec)

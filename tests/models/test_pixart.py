@@ -166,8 +166,15 @@ def test_size_multiple_comes_from_the_configs(tiny_dir: Path) -> None:
     assert error.value.field == "width"
 
 
-def test_valid_spec_passes_check_without_loading_weights(tiny_models_dir: Path) -> None:
-    check_spec(JobSpec(prompt="a cat", height=64, width=128), Settings(models_dir=tiny_models_dir))
+def test_check_spec_needs_only_the_configs(tiny_dir: Path, tmp_path: Path) -> None:
+    for config in tiny_dir.rglob("*.json"):  # a copy without any weights
+        target = tmp_path / "configs_only" / config.relative_to(tiny_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(config.read_bytes())
+    settings = Settings(models_dir=tmp_path)
+    check_spec(JobSpec(model="configs_only", prompt="a cat", height=64, width=128), settings)
+    with pytest.raises(SpecError, match="height"):
+        check_spec(JobSpec(model="configs_only", prompt="a cat", height=68), settings)
 
 
 def test_unknown_model_names_the_directory_and_presets(tmp_path: Path) -> None:

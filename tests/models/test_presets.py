@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from diffusers import PixArtSigmaPipeline
 
+from disagfusion.models import PRESET_NAMES
 from disagfusion.models.presets import PRESETS, init_model
 
 
@@ -60,4 +61,7 @@ def test_unknown_preset_names_the_presets(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="tiny"):
         init_model("huge", tmp_path / "huge")
     assert not (tmp_path / "huge").exists()
-    assert set(PRESETS) == {"tiny", "small"}
+
+
+def test_preset_names_known_to_the_loader_are_the_presets() -> None:
+    assert PRESET_NAMES == tuple(PRESETS)
