@@ -3,9 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from disagfusion.config import Settings
 from disagfusion.models import model_directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """The tiny models gain nothing from threads, and on a shared CPU spinning threads slow them down."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
