@@ -142,7 +142,7 @@ class PixArtDenoiser(PixArtStage):
 
     def __init__(self, directory: Path, settings: Settings):
         super().__init__(directory, settings)
-        transformer = PixArtTransformer2DModel.from_pretrained(self.directory / "transformer", torch_dtype=self.dtype)
+        transformer = PixArtTransformer2DModel.from_pretrained(self.directory / "transformer", dtype=self.dtype)
         config = scheduler_config(self.directory)
         scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
         self.pipe = self._partial_pipeline(transformer=transformer.to(self.device).eval(), scheduler=scheduler)
@@ -188,7 +188,7 @@ class PixArtDecoder(PixArtStage):
 
     def __init__(self, directory: Path, settings: Settings):
         super().__init__(directory, settings)
-        vae = AutoencoderKL.from_pretrained(self.directory / "vae", torch_dtype=self.dtype)
+        vae = AutoencoderKL.from_pretrained(self.directory / "vae", dtype=self.dtype)
         self.vae = vae.to(self.device).eval()
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.geometry.vae_scale_factor)
 

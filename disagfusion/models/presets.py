@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         seed=1, text_dim=256, text_layers=2, text_heads=4,
-        dit_layers=6, dit_heads=6, dit_head_dim=64, patch_size=2,
+        dit_layers=3, dit_heads=3, dit_head_dim=64, patch_size=2,
         vae_channels=(32, 64, 64, 64), vae_layers=1, vae_groups=16,
     ),
 }
@@ -68,11 +69,14 @@ PIXART_SCHEDULER = dict(
 
 LATENT_CHANNELS = 4
 
+# Weights come from the process-wide torch RNG; two threads seeding it at once would mix streams.
+_rng_lock = threading.Lock()
+
 
 def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
     """The preset's pipeline in memory, every component initialised from its own seed."""
     tokenizer = ByT5Tokenizer()  # byte-level: needs no vocabulary file, so nothing is downloaded
-    with torch.random.fork_rng(devices=[]):
+    with _rng_lock, torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
         text_encoder = T5EncoderModel(
             T5Config(
