@@ -190,6 +190,10 @@ class PixArtDecoder(PixArtStage):
         super().__init__(directory, settings)
         vae = AutoencoderKL.from_pretrained(self.directory / "vae", dtype=self.dtype)
         self.vae = vae.to(self.device).eval()
+        # Decode the jobs of a batch one by one (diffusers' VAE slicing): batched convolutions
+        # round differently (up to 2/255 in bfloat16 on CPU), and one high-resolution image
+        # already fills the device while a batch multiplies peak memory.
+        self.vae.enable_slicing()
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.geometry.vae_scale_factor)
 
     @torch.no_grad()
