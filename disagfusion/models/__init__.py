@@ -25,7 +25,7 @@ PRESET_NAMES = ("tiny", "small")
 class ModelFamily(Protocol):
     """What a family module defines."""
 
-    STAGES: Mapping[str, Callable[[Path, Settings], StageModel]]
+    STAGE_MODELS: Mapping[str, Callable[[Path, Settings], StageModel]]
     """Stage name -> constructor taking (model directory, settings); it loads the weights."""
 
     def check_spec(self, directory: Path, spec: JobSpec) -> None:
@@ -70,9 +70,9 @@ def load_stage_model(name: str, stage: str, settings: Settings) -> StageModel:
     """Load the weights of ``stage`` ("encode", "denoise" or "decode") of model ``name``."""
     directory = model_directory(name, settings)
     family = model_family(directory)
-    if stage not in family.STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGES)}")
-    return family.STAGES[stage](directory, settings)
+    if stage not in family.STAGE_MODELS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGE_MODELS)}")
+    return family.STAGE_MODELS[stage](directory, settings)
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:

@@ -85,6 +85,9 @@ def check_spec(directory: Path, spec: JobSpec) -> None:
 
 
 class PixArtStage(StageModel):
+    """Shared by the three stages. ``check`` is the whole model's check on every stage, so the
+    encoder already rejects a size that only the DiT or the VAE could not handle."""
+
     def __init__(self, directory: Path, settings: Settings):
         self.directory = Path(directory)
         self.geometry = PixArtGeometry.read(self.directory)
@@ -206,6 +209,6 @@ class PixArtDecoder(PixArtStage):
         return [{"image": pixels[i]} for i in range(len(specs))]
 
 
-STAGES: dict[str, type[PixArtStage]] = {
+STAGE_MODELS: dict[str, type[PixArtStage]] = {
     stage.stage: stage for stage in (PixArtEncoder, PixArtDenoiser, PixArtDecoder)
 }
