@@ -15,7 +15,7 @@ from disagfusion.models.base import SpecError, StageModel
 from disagfusion.protocol import JobSpec
 
 # Families are imported on first use: an emulated worker then never pays for importing
-# diffusers and transformers. Each family module has STAGES (stage name -> constructor taking
+# diffusers and transformers. Each family module has STAGE_MODELS (stage name -> constructor taking
 # (model directory, settings)), check_spec(directory, spec) and init_model(preset, directory).
 FAMILIES: dict[str, str] = {
     "PixArtSigmaPipeline": "disagfusion.models.pixart",
@@ -69,9 +69,9 @@ def load_stage_model(name: str, stage: str, settings: Settings) -> StageModel:
     """Load the weights of ``stage`` ("encode", "denoise" or "decode") of model ``name``."""
     directory = model_directory(name, settings)
     family = model_family(directory)
-    if stage not in family.STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGES)}")
-    return family.STAGES[stage](directory, settings)
+    if stage not in family.STAGE_MODELS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGE_MODELS)}")
+    return family.STAGE_MODELS[stage](directory, settings)
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:

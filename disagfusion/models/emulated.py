@@ -223,6 +223,6 @@ class EmulatedDecoder(EmulatedStage):
         return outputs
 
 
-STAGES: dict[str, type[EmulatedStage]] = {
+STAGE_MODELS: dict[str, type[EmulatedStage]] = {
     stage.stage: stage for stage in (EmulatedEncoder, EmulatedDenoiser, EmulatedDecoder)
 }

@@ -85,6 +85,9 @@ def check_spec(directory: Path, spec: JobSpec) -> None:
 
 
 class PixArtStage(StageModel):
+    """Shared by the three stages. ``check`` is the whole model's check on every stage, so the
+    encoder already rejects a size that only the DiT or the VAE could not handle."""
+
     def __init__(self, directory: Path, settings: Settings):
         self.directory = Path(directory)
         self.geometry = PixArtGeometry.read(self.directory)
@@ -190,6 +193,10 @@ class PixArtDecoder(PixArtStage):
         super().__init__(directory, settings)
         vae = AutoencoderKL.from_pretrained(self.directory / "vae", dtype=self.dtype)
         self.vae = vae.to(self.device).eval()
+        # Decode the jobs of a batch one by one (diffusers' VAE slicing): batched convolutions
+        # round differently (up to 2/255 in bfloat16 on CPU), and one high-resolution image
+        # already fills the device while a batch multiplies peak memory.
+        self.vae.enable_slicing()
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.geometry.vae_scale_factor)
 
     @torch.no_grad()
@@ -202,6 +209,6 @@ class PixArtDecoder(PixArtStage):
         return [{"image": pixels[i]} for i in range(len(specs))]
 
 
-STAGES: dict[str, type[PixArtStage]] = {
+STAGE_MODELS: dict[str, type[PixArtStage]] = {
     stage.stage: stage for stage in (PixArtEncoder, PixArtDenoiser, PixArtDecoder)
 }

@@ -16,5 +16,5 @@ def test_every_preset_is_registered_once() -> None:
 def test_every_family_module_has_the_family_interface() -> None:
     for module_name in FAMILIES.values():
         module = importlib.import_module(module_name)
-        assert set(module.STAGES) == {"encode", "denoise", "decode"}
+        assert set(module.STAGE_MODELS) == {"encode", "denoise", "decode"}
         assert callable(module.check_spec)
