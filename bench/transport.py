@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/transport.py [--quick]
 
 For each size (64 KiB to 64 MiB, powers of 4) and transport (inline up to NATS's default
-1 MiB message limit, shm, redis, cuda_ipc when CUDA is present), times one handoff as
+1 MiB message limit, shm, redis, and cuda_ipc when CUDA is present, there within one process,
+so it times handle creation and the lease registry, not the peer mapping), times one handoff as
 ``Transports.put`` + ``get`` + ``delete`` of a float32 tensor (the consumer's checksum check
 reads every byte) and reports GB/s = bytes / median seconds. Baselines, measured just before
 each transport at the same size: ``memcpy`` (numpy copyto into a warm, preallocated buffer:

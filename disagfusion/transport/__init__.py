@@ -3,14 +3,16 @@
 ``Transports.put`` stores a tensor and returns the ``TensorRef`` that travels in the next
 stage's message; ``get`` turns a ref back into a tensor, verifying its checksum; ``delete``
 frees it once the consumer's own output is durably published. Small tensors go inline, the
-rest through the configured transport (shm on one host, redis across hosts). The calls are
-blocking; the stage worker runs them off its event loop.
+rest through the configured transport (shm on one host, redis across hosts, CUDA IPC between
+processes on one GPU, where CPU tensors still go through shm). The calls are blocking; the
+stage worker runs them off its event loop.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +20,9 @@ from disagfusion.config import Settings
 from disagfusion.transport.redis import RedisTransport
 from disagfusion.transport.ref import ChecksumError, TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
 from disagfusion.transport.shm import MissingBlobError, ShmTransport
+
+if TYPE_CHECKING:
+    from disagfusion.transport.cuda_ipc import CudaIpcTransport
 
 __all__ = ["ChecksumError", "MissingBlobError", "TensorRef", "Transports"]
 
@@ -27,6 +32,7 @@ class Transports:
         self.settings = settings
         self.shm = ShmTransport(settings.shm_dir)
         self._redis: RedisTransport | None = None
+        self._cuda_ipc: CudaIpcTransport | None = None
 
     @property
     def redis(self) -> RedisTransport:
@@ -34,11 +40,21 @@ class Transports:
             self._redis = RedisTransport(self.settings.redis_url, self.settings.blob_ttl_s)
         return self._redis
 
-    def _backend(self, name: str) -> ShmTransport | RedisTransport:
+    @property
+    def cuda_ipc(self) -> CudaIpcTransport:
+        if self._cuda_ipc is None:  # only GPU workers that hand over CUDA tensors need it
+            from disagfusion.transport.cuda_ipc import CudaIpcTransport
+
+            self._cuda_ipc = CudaIpcTransport(self.settings.nats_url, self.settings.ipc_lease_s)
+        return self._cuda_ipc
+
+    def _backend(self, name: str) -> ShmTransport | RedisTransport | CudaIpcTransport:
         if name == "shm":
             return self.shm
         if name == "redis":
             return self.redis
+        if name == "cuda_ipc":
+            return self.cuda_ipc
         raise ValueError(f"transport {name!r} is not available in this worker")
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
@@ -46,6 +62,8 @@ class Transports:
         if nbytes < self.settings.inline_max_bytes:
             raw = tensor_bytes(tensor)
             return describe(tensor, "inline", key, raw).model_copy(update={"data": raw.tobytes()})
+        if self.settings.transport == "cuda_ipc" and not tensor.is_cuda:
+            return self.shm.put(key, tensor)
         return self._backend(self.settings.transport).put(key, tensor)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
@@ -69,3 +87,5 @@ class Transports:
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+        if self._cuda_ipc is not None:
+            self._cuda_ipc.close()
