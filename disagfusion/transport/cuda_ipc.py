@@ -10,8 +10,10 @@ done. No pickle: a consumer in any process rebuilds the tensor with torch's own
 ``delete`` (called by the consumer once its own output is durably published) publishes the
 key on ``df.ipc.release.<producer>``; the producer drops its reference and the memory returns
 to its allocator. A consumer that crashes never releases, so each tensor also has a lease
-(``DF_IPC_LEASE_S``): past it, the producer drops the tensor anyway. Torch's IPC reference
-counting keeps memory that a live consumer still maps from being reused even then.
+(``DF_IPC_LEASE_S``): past it, the producer drops the tensor anyway. Torch's own IPC reference
+count still guards the memory then: a block a consumer has mapped is reused only once that
+consumer has let go of it, and one it mapped and never let go of (it crashed holding it) stays
+in torch's IPC limbo until the producer process exits.
 
 Bytes are not checksummed here (``checksum`` is empty): they never leave the device, and
 hashing them would cost the device-to-host copy this transport exists to avoid. A producer
