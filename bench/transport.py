@@ -6,10 +6,10 @@ For each size (64 KiB to 64 MiB, powers of 4) and transport (inline up to NATS's
 1 MiB message limit, shm, redis, and cuda_ipc when CUDA is present, there within one process,
 so it times handle creation and the lease registry, not the peer mapping), times one handoff as
 ``Transports.put`` + ``get`` + ``delete`` of a float32 tensor (the consumer's checksum check
-reads every byte) and reports GB/s = bytes / median seconds. Baselines, measured just before
-each transport at the same size: ``memcpy`` (numpy copyto into a warm, preallocated buffer:
-the best any copy can do) and ``alloc_copy`` (torch clone: a copy into freshly allocated
-memory, which is what a handoff must do). Also breaks one shm handoff into its parts, to show
+reads every byte) and reports GB/s = bytes / median seconds. Baselines, timed in turn with
+the handoff in every repeat, at the same size: ``memcpy`` (numpy copyto into a warm,
+preallocated buffer: the best any copy can do) and ``alloc_copy`` (torch clone: a copy into
+freshly allocated memory, which a handoff between processes cannot avoid). Also breaks one shm handoff into its parts, to show
 where the time goes. Starts its own redis-server on a free 127.0.0.1 port and stops it.
 Prints a table, then ONE JSON line.
 """
@@ -43,14 +43,18 @@ NATS_MAX_PAYLOAD = 1024 * KIB
 """nats-server's default max_payload: inline tensors cannot be larger."""
 
 
-def median_seconds(action: Callable[[], object], repeats: int) -> float:
-    action()  # warm-up
-    times = []
+def interleaved_medians(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each action, taking turns within every repeat, so load from other
+    processes on a shared machine falls on all of them alike and their ratios stay fair."""
+    for action in actions.values():
+        action()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in actions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, action in actions.items():
+            started = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @contextmanager
@@ -67,19 +71,17 @@ def redis_server(directory: Path) -> Iterator[str]:
         proc.wait(10)
 
 
-def baselines(tensor: torch.Tensor, repeats: int) -> tuple[float, float]:
+def copy_baselines(tensor: torch.Tensor) -> dict[str, Callable[[], object]]:
     src = tensor_bytes(tensor)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the destination in once: memcpy is the warm best case
-    memcpy = median_seconds(lambda: np.copyto(dst, src), repeats)
-    alloc_copy = median_seconds(tensor.clone, repeats)
-    return memcpy, alloc_copy
+    return {"memcpy": lambda: np.copyto(dst, src), "alloc_copy": tensor.clone}
 
 
 def shm_breakdown(transports: Transports, tensor: torch.Tensor, repeats: int) -> dict[str, float]:
     """Seconds of each part of one shm handoff (the parts the put/get/delete calls are made of)."""
     raw = tensor_bytes(tensor)
-    parts = {"checksum": median_seconds(lambda: checksum(raw), repeats)}
+    parts = interleaved_medians({"checksum": lambda: checksum(raw)}, repeats)
     times: dict[str, list[float]] = {"put": [], "get": [], "delete": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -136,8 +138,8 @@ def main() -> None:
                         transports.get(ref)
                         transports.delete(ref)
 
-                    memcpy, alloc_copy = baselines(tensor, repeats)
-                    seconds = median_seconds(handoff, repeats)
+                    medians = interleaved_medians({"handoff": handoff, **copy_baselines(tensor)}, repeats)
+                    seconds, memcpy, alloc_copy = medians["handoff"], medians["memcpy"], medians["alloc_copy"]
                     if name == "shm" and size == SIZES[-1]:
                         breakdown = shm_breakdown(transports, tensor, repeats)
                     transports.close()
