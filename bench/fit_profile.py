@@ -85,25 +85,27 @@ def main() -> None:
         "denoise": fit_stage_cost(observations["denoise"], per_step=True, cfg_factor=2.0),
         "decode": fit_stage_cost(observations["decode"], per_step=False, use=("fixed_s", "per_job_s", "per_mpixel_s")),
     }
-    profile = CostProfile(
-        model=args.model,
-        hardware=hardware,
-        source=f"measured here ({time.strftime('%Y-%m-%d')}) on a shared development VM: "
-        f"fastest of {args.repeats} runs per grid point, least-squares fit on relative error; reproduce: PYTHONPATH=. {command}",
-        stages=stages,
-    )
     rows = []
     for stage, points in observations.items():
         for specs, seconds in points:
             s = specs[0]
-            predicted = profile.seconds(stage, specs)
+            predicted = stages[stage].seconds(specs)
             rows.append(dict(stage=stage, batch=len(specs), size=s.height, steps=s.steps, guidance=s.guidance,
                              measured_s=round(seconds, 5), fitted_s=round(predicted, 5)))
             print(f"{stage:8s} n={len(specs)} {s.height}px {s.steps} steps g={s.guidance}: "
                   f"measured {seconds * 1e3:8.1f} ms, fitted {predicted * 1e3:8.1f} ms")
     errors = {stage: statistics.median(abs(r["fitted_s"] / r["measured_s"] - 1) for r in rows if r["stage"] == stage)
               for stage in stages}
-    print("median relative fit error: " + ", ".join(f"{k} {v:.1%}" for k, v in errors.items()))
+    error_text = ", ".join(f"{k} {v:.1%}" for k, v in errors.items())
+    print(f"median relative fit error: {error_text}")
+    profile = CostProfile(
+        model=args.model,
+        hardware=hardware,
+        source=f"measured here ({time.strftime('%Y-%m-%d')}) on a shared development VM: fastest of {args.repeats} "
+        f"runs per grid point, least-squares fit on relative error; median relative fit error {error_text}; "
+        f"reproduce: PYTHONPATH=. {command}",
+        stages=stages,
+    )
     if args.out:
         profile.save(args.out)
         print(f"wrote {args.out}")
