@@ -14,7 +14,8 @@ def describe() -> dict[str, object]:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
     info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-                               "python": platform.python_version(), "torch": torch.__version__}
+                               "python": platform.python_version(), "torch": torch.__version__,
+                               "load_average_1m": round(os.getloadavg()[0], 2)}  # others' load: noise in every figure
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
