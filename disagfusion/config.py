@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
     device: str = "cpu"
+    torch_threads: int = Field(default=0, ge=0)
+    """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
+    one host should share the cores rather than each take all of them."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     transport: Literal["shm", "redis", "cuda_ipc"] = "shm"

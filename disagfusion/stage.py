@@ -357,4 +357,9 @@ def main(stage: str, worker_class: type[StageWorker] = StageWorker) -> None:
     logging.basicConfig(
         level=os.environ.get("DF_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(worker_class(stage, Settings()).run())
+    settings = Settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(worker_class(stage, settings).run())
