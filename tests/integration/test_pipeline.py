@@ -84,3 +84,25 @@ async def test_burst_with_two_dit_processes_gets_exactly_one_result_per_job(star
     counts = info.state.subjects
     assert len(counts) == 30 and set(counts.values()) == {1}, counts
     assert len(dit_workers) == 2, f"only {dit_workers} did denoising work"
+
+
+@pytest.mark.slow
+async def test_batched_jobs_match_their_unbatched_images(start_stack, models_dir: Path) -> None:
+    """With batching on at every stage, each job still gets its own image: equal to the stock
+    pipeline's within 1/255 per pixel (fp32 batched matmuls may round differently)."""
+    launcher = start_stack(DF_MAX_BATCH="4", DF_MAX_BATCH_WAIT_MS="500")
+    shapes = [(64, 64), (64, 96)]
+    specs = [JobSpec(prompt=f"batched {i}", seed=i, steps=3, width=w, height=h) for i, (w, h) in
+             enumerate(shapes * 4)]
+    batch_sizes: list[int] = []
+    async with Client(launcher.client_settings()) as client:
+
+        async def seen(msg) -> None:
+            batch_sizes.append(unpack(TimingSample, msg.data).batch)
+
+        await client._bus.nc.subscribe(metrics_subject("denoise"), cb=seen)
+        images = await _generate_all(launcher, specs)
+    assert max(batch_sizes) > 1, f"no denoise batch formed: {batch_sizes}"
+    for spec in specs:
+        expected = reference_image(models_dir, spec, torch.float32).astype(int)
+        assert np.abs(images[spec.job_id].astype(int) - expected).max() <= 1
