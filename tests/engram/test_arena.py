@@ -8,19 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from disagfusion.engram.arena import (
-    ALIGN,
-    Arena,
-    ArenaCorruptError,
-    ArenaError,
-    HasherConfig,
-    TableSpec,
-    build,
-    engram_specs,
-    random_filler,
-    safetensors_filler,
-    safetensors_specs,
-)
+from disagfusion.engram.arena import ALIGN, Arena, ArenaCorruptError, ArenaError, HasherConfig, TableSpec
+from disagfusion.engram.build import build, engram_specs, from_source, random_filler, safetensors_filler, safetensors_specs
 
 SPECS = [
     TableSpec(name="a", dtype="float32", rows=1000, dim=16),
@@ -118,13 +107,15 @@ def test_duplicate_table_names_are_rejected(shm_arena_path: str) -> None:
     assert not os.path.exists(shm_arena_path)
 
 
-def test_numa_arena_readable_through_published_path() -> None:
-    specs = SPECS[:1]
-    owned = build("numa:0:df-engram-test", specs, random_filler(specs, seed=4))
+def test_numa_arena_copies_a_file_arena_and_is_readable_through_published_path(shm_arena_path: str) -> None:
+    build(shm_arena_path, SPECS, random_filler(SPECS, seed=4))
+    specs, fill, engram = from_source(shm_arena_path)
+    owned = build("numa:0:df-engram-test", specs, fill, engram)
     try:
         assert owned.reader_path.startswith(f"/proc/{os.getpid()}/fd/")
-        with Arena.open(owned.reader_path) as arena:
-            assert arena.table("a").shape == (1000, 16)
+        with Arena.open(owned.reader_path) as copy, Arena.open(shm_arena_path) as original:
+            for info in original.directory.tables:
+                np.testing.assert_array_equal(copy.table(info.name), original.table(info.name))
     finally:
         os.close(owned.numa_fd)
 
