@@ -44,3 +44,10 @@ class Settings(BaseSettings):
 
     worker_name: str = ""
     """Shown in metrics and logs; defaults to host:pid."""
+
+    engram_arenas: str = ""
+    """Comma-separated arenas engram_store serves: a location (a file on tmpfs/hugetlbfs/fsdax/
+    famfs, /dev/daxX.Y) holding a built arena, or ``LOCATION<=SOURCE`` to build LOCATION (also
+    ``numa:<node>:<name>``) at start from SOURCE (an arena file or a .safetensors file)."""
+    engram_scratch_dir: Path = Path("/dev/shm/disagfusion-engram/scratch")
+    """Where same-host clients put the files engram_store writes "shm" lookup replies into."""

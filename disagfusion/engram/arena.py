@@ -58,6 +58,10 @@ class ArenaCorruptError(ArenaError):
     """The bytes in the arena are not the bytes it was built with."""
 
 
+class LookupRequestError(ValueError):
+    """A lookup that names no table of the arena or a row outside its table."""
+
+
 class HasherConfig(BaseModel):
     """The arguments of ``NgramHasher``: what a client needs to turn token ids into row ids."""
 
@@ -211,6 +215,25 @@ class Arena:
             self._views[name] = view
         return view
 
+    def info(self, name: str) -> TableInfo:
+        try:
+            return self.directory.table(name)
+        except KeyError as exc:
+            raise LookupRequestError(exc.args[0]) from None
+
+    def gather(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``ids`` (any shape, flattened) of table ``name`` as [n, dim]. Every id is checked
+        against the table's bounds first: nothing reads outside a table."""
+        info = self.info(name)
+        flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if flat.size:
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= info.rows:
+                bad = low if low < 0 else high
+                raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{info.rows - 1})")
+        # mode="clip" skips numpy's own per-element bounds branch; the check above already holds.
+        return np.take(self.table(name), flat, axis=0, out=out, mode="clip")
+
     def verify(self) -> None:
         for info in self.directory.tables:
             got = xxhash.xxh3_64_hexdigest(memoryview(self._buffer)[info.offset : info.offset + info.nbytes])
@@ -220,8 +243,12 @@ class Arena:
                 )
 
     def close(self) -> None:
+        """Unmap now, or, while a caller still holds a table view, when the last view goes."""
         self._views.clear()
-        self._buffer.close()
+        try:
+            self._buffer.close()
+        except BufferError:
+            pass
 
     def __enter__(self) -> Arena:
         return self
