@@ -112,13 +112,16 @@ class RemoteRows:
         try:
             kv = await self._nc.jetstream().key_value(wire.ARENAS_BUCKET)
             names = [arena] if arena else await kv.keys()
-        except Exception as exc:  # the bucket is missing or JetStream is off: say what to start
+            if len(names) != 1:
+                raise EngramServiceError(f"several arenas are published ({', '.join(sorted(names))}); name one")
+            entry = await kv.get(names[0])
+        except EngramServiceError:
+            raise
+        except Exception as exc:  # no bucket, no key, or JetStream off: say what to start
             raise EngramServiceError(
-                f"no Engram arenas are published (KV bucket {wire.ARENAS_BUCKET}): is engram_store running? ({exc})"
+                f"arena {arena or '(any)'} is not published in KV bucket {wire.ARENAS_BUCKET}: "
+                f"is engram_store running? ({type(exc).__name__}: {exc})"
             ) from exc
-        if len(names) != 1:
-            raise EngramServiceError(f"several arenas are published ({', '.join(sorted(names))}); name one")
-        entry = await kv.get(names[0])
         return unpack(wire.ArenaDescriptor, entry.value)
 
     def gather(self, table: str, ids: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ def open_arena(entry: str) -> OwnedArena:
 
 def arena_name(owned: OwnedArena) -> str:
     loc = Location.parse(owned.location)
-    stem = loc.path if loc.kind == "numa" else Path(loc.path).name.split(".")[0]
+    stem = loc.path if loc.kind == "numa" else Path(loc.path).stem
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in stem)
 
 
@@ -90,7 +90,10 @@ class EngramStore:
             raise SystemExit("engram_store needs at least one arena (--arena or DF_ENGRAM_ARENAS)")
         self.settings = settings
         self.owned = [open_arena(entry) for entry in entries]
-        self.arenas = {arena_name(o): Arena.open(o.reader_path, verify=True) for o in self.owned}
+        names = [arena_name(o) for o in self.owned]
+        if len(set(names)) != len(names):
+            raise SystemExit(f"arena names (file stems) must be unique, got {names}")
+        self.arenas = {name: Arena.open(o.reader_path, verify=True) for name, o in zip(names, self.owned, strict=True)}
         self.table_arena: dict[str, Arena] = {}
         for name, arena in self.arenas.items():
             for info in arena.directory.tables:
@@ -124,6 +127,7 @@ class EngramStore:
         for name, descriptor in self.descriptors().items():
             await kv.put(name, pack(descriptor))
         await nc.subscribe(wire.LOOKUP_SUBJECT, queue=wire.SERVICE_QUEUE, cb=self.handle)
+        await nc.flush()  # the server knows the subscription before anyone is told we serve
         log.info("serving tables %s from arenas %s", sorted(self.table_arena), sorted(self.arenas))
 
     async def handle(self, msg: Msg) -> None:
