@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 ALIGN = 2 * 1024 * 1024
 _PREAMBLE = struct.Struct("<8sIIQQ")
 DEFAULT_DIR = Path("/dev/shm/disagfusion-engram")
+_SMALL_BATCH = 16
+_U64 = (1 << 64) - 1
 
 RowDType = Literal["float32", "float16", "bfloat16", "int64"]
 # numpy has no bfloat16: its rows are held as uint16 and reinterpreted by torch.
@@ -174,6 +176,7 @@ class Arena:
         self.path = path
         self._buffer = buffer
         self.directory = directory
+        self._infos = {info.name: info for info in directory.tables}
         self._views: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -208,7 +211,7 @@ class Arena:
     def table(self, name: str) -> np.ndarray:
         view = self._views.get(name)
         if view is None:
-            info = self.directory.table(name)
+            info = self.info(name)
             view = np.frombuffer(
                 self._buffer, dtype=numpy_dtype(info.dtype), count=info.rows * info.dim, offset=info.offset
             ).reshape(info.rows, info.dim)
@@ -217,20 +220,24 @@ class Arena:
 
     def info(self, name: str) -> TableInfo:
         try:
-            return self.directory.table(name)
-        except KeyError as exc:
-            raise LookupRequestError(exc.args[0]) from None
+            return self._infos[name]
+        except KeyError:
+            raise LookupRequestError(f"no table {name!r} (tables: {', '.join(self._infos)})") from None
 
     def gather(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``ids`` (any shape, flattened) of table ``name`` as [n, dim]. Every id is checked
         against the table's bounds first: nothing reads outside a table."""
         info = self.info(name)
         flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if flat.size:
-            low, high = int(flat.min()), int(flat.max())
-            if low < 0 or high >= info.rows:
-                bad = low if low < 0 else high
-                raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{info.rows - 1})")
+        # Seen as unsigned, a negative id is huge, so one max() checks both bounds. For a few
+        # ids plain Python is faster than a numpy reduction, and batch-1 lookups are common.
+        if flat.size > _SMALL_BATCH:
+            highest = int(flat.view(np.uint64).max())
+        else:
+            highest = max((i & _U64 for i in flat.tolist()), default=0)
+        if highest >= info.rows:
+            bad = int(flat[(flat < 0) | (flat >= info.rows)][0])
+            raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{info.rows - 1})")
         # mode="clip" skips numpy's own per-element bounds branch; the check above already holds.
         return np.take(self.table(name), flat, axis=0, out=out, mode="clip")
 

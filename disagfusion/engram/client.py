@@ -233,14 +233,16 @@ class EngramClient:
     ) -> EngramClient:
         return cls(RemoteRows(nats_url, arena, reply, timeout_s), compression)
 
-    def lookup(self, table: str, ids: np.ndarray | list[int]) -> torch.Tensor:
-        """Rows as a tensor of shape ``ids.shape + (dim,)`` in the table's dtype."""
+    def lookup(self, table: str, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Rows as an array of shape ``ids.shape + (dim,)`` in the table's dtype (bfloat16 rows
+        as their uint16 bit patterns: numpy has no bfloat16; ``as_tensor`` reinterprets them)."""
         ids = np.asarray(ids, dtype=np.int64)
-        rows = self.rows.gather(table, ids)  # raises for an unknown table, so the next line holds
+        rows = self.rows.gather(table, ids)
+        return rows.reshape(*ids.shape, rows.shape[-1]) if ids.ndim != 1 else rows
+
+    def as_tensor(self, table: str, rows: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(rows)
-        if self.directory.table(table).dtype == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        return tensor.reshape(*ids.shape, rows.shape[-1])
+        return tensor.view(torch.bfloat16) if self.directory.table(table).dtype == "bfloat16" else tensor
 
     def prefetch(self, token_ids: np.ndarray | torch.Tensor, compressed: bool = False) -> PrefetchHandle:
         """Start fetching every Engram layer's rows for ``token_ids`` [B, T] (tokenizer ids, or
@@ -258,10 +260,11 @@ class EngramClient:
         assert self.hasher is not None and self.layout is not None
         if not compressed:
             ids = self.compression()(ids)
-        return {
-            layer: self.lookup(self.layout.layer_tables[layer], hashes + self._offsets[layer])
-            for layer, hashes in self.hasher.hash(ids).items()
-        }
+        out = {}
+        for layer, hashes in self.hasher.hash(ids).items():
+            table = self.layout.layer_tables[layer]
+            out[layer] = self.as_tensor(table, self.lookup(table, hashes + self._offsets[layer]))
+        return out
 
     def compression(self) -> CompressionMap:
         """The tokenizer compression map: given, or read once from the arena's compression table."""

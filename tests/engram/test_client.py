@@ -42,14 +42,15 @@ def test_lookup_returns_arena_rows_in_the_ids_shape(shm_arena_path: str) -> None
     with EngramClient.local(shm_arena_path) as client, Arena.open(shm_arena_path) as arena:
         ids = np.array([[0, 5, 5], [100, 7, 0]])
         rows = client.lookup("engram.layer0", ids)
-        assert rows.shape == (2, 3, 6) and rows.dtype == torch.float32
-        np.testing.assert_array_equal(rows.numpy(), arena.table("engram.layer0")[ids])
+        assert rows.shape == (2, 3, 6) and rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, arena.table("engram.layer0")[ids])
+        assert client.lookup("engram.layer0", [4]).shape == (1, 6)
 
 
 def test_bfloat16_tables_come_back_as_bfloat16(shm_arena_path: str) -> None:
     engram_arena(shm_arena_path, dtype="bfloat16")
     with EngramClient.local(shm_arena_path) as client:
-        rows = client.lookup("engram.layer2", [1, 2])
+        rows = client.as_tensor("engram.layer2", client.lookup("engram.layer2", [1, 2]))
         assert rows.dtype == torch.bfloat16 and rows.shape == (2, 6)
         assert 0 < rows.float().abs().max() < 1
 
@@ -87,11 +88,18 @@ def test_out_of_range_and_unknown_tables_are_refused(shm_arena_path: str) -> Non
             client.lookup("engram.layer0", [0, rows])
         with pytest.raises(LookupRequestError, match="row id -1 is out of range"):
             client.lookup("engram.layer0", [-1])
+        many = np.zeros(1000, dtype=np.int64)
+        many[500] = -(2**62)
+        with pytest.raises(LookupRequestError, match=f"row id {-(2**62)} is out of range"):
+            client.lookup("engram.layer0", many)
+        many[500] = rows + 3
+        with pytest.raises(LookupRequestError, match=f"row id {rows + 3} is out of range"):
+            client.lookup("engram.layer0", many)
         with pytest.raises(LookupRequestError, match="no table 'nope'"):
             client.lookup("nope", [0])
         # A failed prefetch raises in wait(), not silently.
         handle = client.prefetch(np.array([[0, 1, 999]]))
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError):  # token id 999 is beyond the 80-entry compression map
             client.wait(handle)
 
 
