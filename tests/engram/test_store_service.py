@@ -1,6 +1,7 @@
 """engram_store as a real process on a real nats-server, read by EngramClient in remote mode."""
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,15 @@ def test_descriptors_are_published_and_withdrawn(nats_server: str, shm_arena_pat
 def test_an_unpublished_arena_is_a_clear_error(nats_server: str) -> None:
     with pytest.raises(EngramServiceError, match="arena"):
         EngramClient.remote(nats_server, arena="never-published", timeout_s=2)
+
+
+def test_cli_lookup_through_the_service(nats_server: str, served: tuple[str, str]) -> None:
+    from typer.testing import CliRunner
+
+    from disagfusion.engram.cli import engram_app
+
+    wide_path = served[1]
+    result = CliRunner().invoke(engram_app, ["lookup", "wide", "7", "--nats", nats_server, "--name", Path(wide_path).stem])
+    assert result.exit_code == 0, result.output
+    with Arena.open(wide_path) as arena:
+        assert json.loads(result.output)["row"] == arena.table("wide")[7].astype(np.float32).tolist()
