@@ -1,0 +1,123 @@
+"""The Engram layer (the reference's gated lookup, one hyper-connection stream) and the hook
+that adds it to layers of a Hugging Face T5 text encoder, reading rows through EngramClient.
+
+Per Engram layer: keys and values are projections of the concatenated hashed embeddings; a
+gate compares the RMS-normed key with the RMS-normed hidden state (signed square root, then a
+sigmoid); the gated value plus a short causal depthwise convolution of it is added to the
+hidden state before the layer runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from disagfusion.engram.arena import ArenaDirectory, LookupRequestError
+from disagfusion.engram.client import EngramClient, PrefetchHandle
+
+
+class ShortConv(nn.Module):
+    """RMSNorm, a causal depthwise convolution (dilated by the largest n-gram order), SiLU."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-5)
+        self.conv = nn.Conv1d(
+            hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=False,
+            padding=(kernel_size - 1) * dilation, dilation=dilation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[1]
+        y = self.conv(self.norm(x).transpose(1, 2))[..., :tokens]  # keep the causal part
+        return nn.functional.silu(y).transpose(1, 2)
+
+
+class EngramLayer(nn.Module):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, max_ngram_size: int, kernel_size: int = 4) -> None:
+        super().__init__()
+        engram_size = heads * head_dim
+        self.hidden_size = hidden_size
+        self.value_proj = nn.Linear(engram_size, hidden_size)
+        self.key_proj = nn.Linear(engram_size, hidden_size)
+        self.key_norm = nn.RMSNorm(hidden_size)
+        self.query_norm = nn.RMSNorm(hidden_size)
+        self.short_conv = ShortConv(hidden_size, kernel_size, dilation=max_ngram_size)
+
+    def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, T, hidden], ``embeddings`` [B, T, heads, head_dim] -> the addition."""
+        e = embeddings.flatten(start_dim=-2).to(hidden.dtype)
+        key = self.key_norm(self.key_proj(e))
+        gate = (key * self.query_norm(hidden)).sum(dim=-1) / math.sqrt(self.hidden_size)
+        gate = (gate.abs().clamp_min(1e-6).sqrt() * gate.sign()).sigmoid().unsqueeze(-1)
+        value = gate * self.value_proj(e)
+        return value + self.short_conv(value)
+
+
+class EmbeddingRows:
+    """Rows from in-process tensors (the reference's MultiHeadEmbedding): a RowSource for
+    EngramClient, to compare against the arena with the same weights."""
+
+    def __init__(self, tables: dict[str, torch.Tensor], directory: ArenaDirectory) -> None:
+        self.tables = tables
+        self.directory = directory
+
+    def gather(self, table: str, ids: np.ndarray) -> np.ndarray:
+        if table not in self.tables:
+            raise LookupRequestError(f"no table {table!r}")
+        flat = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1))
+        return nn.functional.embedding(flat, self.tables[table]).numpy()
+
+    def close(self) -> None:
+        pass
+
+
+class EngramAugmentation(nn.Module):
+    """Engram layers for some blocks of a T5 encoder stack. ``encoding(token_ids)`` starts the
+    prefetch and arms the hooks; the first Engram block waits for the rows, so every block
+    before it runs while they are fetched."""
+
+    def __init__(self, client: EngramClient, hidden_size: int, block_of_layer: dict[int, int]) -> None:
+        super().__init__()
+        if client.hasher is None:
+            raise LookupRequestError("the arena has no Engram layout")
+        hasher = client.hasher
+        missing = set(block_of_layer) - set(hasher.layer_ids)
+        if missing:
+            raise LookupRequestError(f"Engram layers {sorted(missing)} are not in the arena (it has {hasher.layer_ids})")
+        head_dim = client.directory.table(client.layout.layer_tables[hasher.layer_ids[0]]).dim
+        self.client = client
+        self.block_of_layer = block_of_layer
+        self.layers = nn.ModuleDict(
+            {str(layer): EngramLayer(hidden_size, hasher.heads_per_layer, head_dim, hasher.max_ngram_size) for layer in block_of_layer}
+        )
+        self._handle: PrefetchHandle | None = None
+        self._rows: dict[int, torch.Tensor] | None = None
+
+    def attach(self, blocks: nn.ModuleList) -> None:
+        for layer, block in self.block_of_layer.items():
+            blocks[block].register_forward_pre_hook(self._hook(layer))
+
+    def _hook(self, layer: int):  # noqa: ANN202 - a torch pre-hook
+        def add_engram(module: nn.Module, args: tuple) -> tuple:
+            if self._handle is None:
+                raise RuntimeError("run the encoder inside EngramAugmentation.encoding(token_ids)")
+            if self._rows is None:
+                self._rows = self.client.wait(self._handle)
+            hidden = args[0]
+            return (hidden + self.layers[str(layer)](hidden, self._rows[layer]), *args[1:])
+
+        return add_engram
+
+    @contextmanager
+    def encoding(self, token_ids: torch.Tensor) -> Iterator[None]:
+        self._handle, self._rows = self.client.prefetch(token_ids), None
+        try:
+            yield
+        finally:
+            self._handle, self._rows = None, None
