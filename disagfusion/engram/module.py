@@ -10,12 +10,10 @@ hidden state before the layer runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from torch import nn
+from transformers import T5EncoderModel
 
 from disagfusion.engram.arena import ArenaDirectory, LookupRequestError
 from disagfusion.engram.client import EngramClient, PrefetchHandle
@@ -78,13 +76,13 @@ class EmbeddingRows:
 
 
 class EngramAugmentation(nn.Module):
-    """Engram layers for some blocks of a T5 encoder stack. ``encoding(token_ids)`` starts the
-    prefetch and arms the hooks; the first Engram block waits for the rows, so every block
-    before it runs while they are fetched."""
+    """Engram layers for some blocks of a T5 encoder. Attached, the encoder starts the
+    prefetch as soon as it is called with the tokenized prompt, and the first Engram block
+    waits for the rows: the embedding and every block before it run while they are fetched."""
 
     def __init__(self, client: EngramClient, hidden_size: int, block_of_layer: dict[int, int]) -> None:
         super().__init__()
-        if client.hasher is None:
+        if client.hasher is None or client.layout is None:
             raise LookupRequestError("the arena has no Engram layout")
         hasher = client.hasher
         missing = set(block_of_layer) - set(hasher.layer_ids)
@@ -99,25 +97,24 @@ class EngramAugmentation(nn.Module):
         self._handle: PrefetchHandle | None = None
         self._rows: dict[int, torch.Tensor] | None = None
 
-    def attach(self, blocks: nn.ModuleList) -> None:
+    def attach(self, encoder: T5EncoderModel) -> None:
+        encoder.register_forward_pre_hook(self._start_prefetch, with_kwargs=True)
         for layer, block in self.block_of_layer.items():
-            blocks[block].register_forward_pre_hook(self._hook(layer))
+            encoder.encoder.block[block].register_forward_pre_hook(self._add_engram(layer))
 
-    def _hook(self, layer: int):  # noqa: ANN202 - a torch pre-hook
-        def add_engram(module: nn.Module, args: tuple) -> tuple:
+    def _start_prefetch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise LookupRequestError("an Engram encoder needs input_ids: its rows are addressed by token ids")
+        self._handle, self._rows = self.client.prefetch(input_ids), None
+
+    def _add_engram(self, layer: int):  # noqa: ANN202 - a torch pre-hook
+        def hook(module: nn.Module, args: tuple) -> tuple:
             if self._handle is None:
-                raise RuntimeError("run the encoder inside EngramAugmentation.encoding(token_ids)")
+                raise RuntimeError("the Engram prefetch did not start: attach() to the T5EncoderModel, not its blocks")
             if self._rows is None:
                 self._rows = self.client.wait(self._handle)
             hidden = args[0]
             return (hidden + self.layers[str(layer)](hidden, self._rows[layer]), *args[1:])
 
-        return add_engram
-
-    @contextmanager
-    def encoding(self, token_ids: torch.Tensor) -> Iterator[None]:
-        self._handle, self._rows = self.client.prefetch(token_ids), None
-        try:
-            yield
-        finally:
-            self._handle, self._rows = None, None
+        return hook

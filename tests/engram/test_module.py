@@ -57,9 +57,9 @@ def encode(client: EngramClient, tokenizer: ByT5Tokenizer) -> torch.Tensor:
     model = encoder(tokenizer)
     torch.manual_seed(1)
     engram = EngramAugmentation(client, hidden_size=32, block_of_layer={0: 0, 1: 2}).eval()
-    engram.attach(model.encoder.block)
+    engram.attach(model)
     tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), engram.encoding(tokens.input_ids):
+    with torch.no_grad():
         return model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
 
 
@@ -98,11 +98,11 @@ def test_gate_and_causality() -> None:
     assert torch.equal(out[0, :-1], again[0, :-1]) and not torch.equal(out[0, -1], again[0, -1])
 
 
-def test_hooks_need_the_prefetch_and_known_layers(arena_path: str, tokenizer: ByT5Tokenizer) -> None:
+def test_hooks_need_token_ids_and_known_layers(arena_path: str, tokenizer: ByT5Tokenizer) -> None:
     with EngramClient.local(arena_path) as client:
         with pytest.raises(LookupRequestError, match=r"Engram layers \[5\] are not in the arena"):
             EngramAugmentation(client, hidden_size=32, block_of_layer={5: 0})
         model = encoder(tokenizer)
-        EngramAugmentation(client, hidden_size=32, block_of_layer={0: 0}).attach(model.encoder.block)
-        with pytest.raises(RuntimeError, match="inside EngramAugmentation.encoding"):
-            model(input_ids=torch.tensor([[5, 6, 7]]))
+        EngramAugmentation(client, hidden_size=32, block_of_layer={0: 0}).attach(model)
+        with pytest.raises(LookupRequestError, match="needs input_ids"):
+            model(inputs_embeds=torch.zeros(1, 3, 32))
