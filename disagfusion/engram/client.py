@@ -214,7 +214,7 @@ class EngramClient:
         self.directory = rows.directory
         self.layout = rows.directory.engram
         self.hasher: NgramHasher | None = self.layout.hasher.build() if self.layout else None
-        self._compression = compression
+        self.compression_map = compression
         self._offsets = {layer: self.hasher.head_offsets(layer) for layer in self.hasher.layer_ids} if self.hasher else {}
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
 
@@ -268,14 +268,14 @@ class EngramClient:
 
     def compression(self) -> CompressionMap:
         """The tokenizer compression map: given, or read once from the arena's compression table."""
-        if self._compression is None:
+        if self.compression_map is None:
             table = self.layout.compression_table if self.layout else None
             if table is None:
                 raise LookupRequestError("no compression map: pass one, or hash compressed ids (compressed=True)")
             info = self.directory.table(table)
             lookup = self.rows.gather(table, np.arange(info.rows)).reshape(-1)
-            self._compression = CompressionMap(lookup, self.layout.hasher.compressed_vocab_size)
-        return self._compression
+            self.compression_map = CompressionMap(lookup, self.layout.hasher.compressed_vocab_size)
+        return self.compression_map
 
     def close(self) -> None:
         self._background.shutdown(wait=True)

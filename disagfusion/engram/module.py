@@ -10,13 +10,17 @@ hidden state before the layer runs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import T5EncoderModel
 
+from disagfusion.config import Settings
 from disagfusion.engram.arena import ArenaDirectory, LookupRequestError
 from disagfusion.engram.client import EngramClient, PrefetchHandle
+from disagfusion.engram.hashing import CompressionMap, Tokenizer
 
 
 class ShortConv(nn.Module):
@@ -118,3 +122,49 @@ class EngramAugmentation(nn.Module):
             return (hidden + self.layers[str(layer)](hidden, self._rows[layer]), *args[1:])
 
         return hook
+
+
+ENGRAM_WEIGHTS = "engram.safetensors"
+"""The Engram layers' weights, beside the text encoder's own (``text_encoder/engram.safetensors``)."""
+
+
+def engram_client(settings: Settings, compression: CompressionMap | None = None) -> EngramClient:
+    if settings.engram_arena.startswith("nats:"):
+        name = settings.engram_arena.removeprefix("nats:") or None
+        return EngramClient.remote(settings.nats_url, arena=name, reply=settings.engram_reply, compression=compression)
+    return EngramClient.local(settings.engram_arena, compression=compression)
+
+
+def attach_engram(
+    encoder: T5EncoderModel, settings: Settings, weights_dir: Path, tokenizer: Tokenizer | None = None
+) -> EngramAugmentation | None:
+    """Give ``encoder`` the Engram layers ``settings`` asks for (None when DF_ENGRAM_ARENA is
+    unset). Weights come from ``weights_dir/engram.safetensors``; without that file they are
+    initialised from the arena's hash seed, so every encoder process builds the same ones.
+    ``tokenizer`` supplies the compression map when the arena carries none."""
+    if not settings.engram_arena:
+        return None
+    client = engram_client(settings)
+    assert client.hasher is not None and client.layout is not None
+    if client.layout.compression_table is None and tokenizer is not None:
+        compression = CompressionMap.from_tokenizer(tokenizer)
+        if compression.compressed_vocab_size != client.hasher.compressed_vocab_size:
+            client.close()
+            raise LookupRequestError(
+                f"the arena was hashed for a compressed vocabulary of {client.hasher.compressed_vocab_size} "
+                f"ids; this tokenizer compresses to {compression.compressed_vocab_size}"
+            )
+        client.compression_map = compression
+    blocks = {
+        int(layer): int(block)
+        for layer, block in (pair.split(":") for pair in settings.engram_blocks.split(",") if pair.strip())
+    } or {layer: layer for layer in client.hasher.layer_ids}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(client.hasher.seed)
+        engram = EngramAugmentation(client, encoder.config.d_model, blocks)
+    weights = Path(weights_dir) / ENGRAM_WEIGHTS
+    if weights.exists():
+        engram.layers.load_state_dict(load_file(weights), strict=True)
+    engram.to(device=encoder.device, dtype=encoder.dtype).eval()
+    engram.attach(encoder)
+    return engram

@@ -12,7 +12,8 @@ from disagfusion.engram.arena import Arena, HasherConfig, LookupRequestError, Ta
 from disagfusion.engram.build import build, engram_specs, random_filler
 from disagfusion.engram.client import EngramClient
 from disagfusion.engram.hashing import CompressionMap
-from disagfusion.engram.module import EmbeddingRows, EngramAugmentation, EngramLayer
+from disagfusion.config import Settings
+from disagfusion.engram.module import ENGRAM_WEIGHTS, EmbeddingRows, EngramAugmentation, EngramLayer, attach_engram
 from tests.engram.conftest import new_arena_path, start_engram_store, stop_engram_store
 
 PROMPTS = ["a red fox in the snow", "Only Alexander the Great could tame the horse Bucephalus."]
@@ -106,3 +107,67 @@ def test_hooks_need_token_ids_and_known_layers(arena_path: str, tokenizer: ByT5T
         EngramAugmentation(client, hidden_size=32, block_of_layer={0: 0}).attach(model)
         with pytest.raises(LookupRequestError, match="needs input_ids"):
             model(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+def encode_with_settings(settings: Settings, tokenizer: ByT5Tokenizer, weights_dir: Path) -> torch.Tensor:
+    model = encoder(tokenizer)
+    engram = attach_engram(model, settings, weights_dir)
+    assert engram is not None
+    tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    engram.client.close()
+    return out
+
+
+def test_settings_pick_the_row_source_and_weights(
+    arena_path: str, tokenizer: ByT5Tokenizer, nats_server: str, scratch_dir: str, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    assert attach_engram(encoder(tokenizer), Settings(), tmp_path) is None
+    local = Settings(engram_arena=arena_path, engram_blocks="0:1,1:2")
+    seeded = encode_with_settings(local, tokenizer, tmp_path)
+    assert torch.equal(seeded, encode_with_settings(local, tokenizer, tmp_path))  # same seeded weights
+    proc = start_engram_store(nats_server, [arena_path], scratch_dir)
+    try:
+        remote = Settings(engram_arena=f"nats:{Path(arena_path).stem}", nats_url=nats_server, engram_blocks="0:1,1:2")
+        assert torch.equal(seeded, encode_with_settings(remote, tokenizer, tmp_path))
+    finally:
+        stop_engram_store(proc)
+    # Saved weights replace the seeded ones.
+    model = encoder(tokenizer)
+    engram = attach_engram(model, local, tmp_path)
+    save_file({k: torch.zeros_like(v) for k, v in engram.layers.state_dict().items()}, tmp_path / ENGRAM_WEIGHTS)
+    engram.client.close()
+    zeroed = encode_with_settings(local, tokenizer, tmp_path)
+    tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = encoder(tokenizer)(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    assert torch.equal(zeroed, plain)  # zero projections add nothing
+    assert not torch.equal(seeded, plain)
+
+
+def test_tokenizer_supplies_the_compression_map_when_the_arena_has_none(tokenizer: ByT5Tokenizer, tmp_path: Path) -> None:
+    compression = CompressionMap.from_tokenizer(tokenizer)
+    config = HasherConfig(
+        compressed_vocab_size=compression.compressed_vocab_size, engram_vocab_size=[101, 103], max_ngram_size=3,
+        n_head_per_ngram=2, layer_ids=[0], pad_id=0, seed=3,
+    )
+    specs, layout = engram_specs(config, dim=4, dtype="float32")
+    path = str(new_arena_path())
+    try:
+        build(path, specs, random_filler(specs, 0), layout)
+        model = encoder(tokenizer)
+        engram = attach_engram(model, Settings(engram_arena=path), tmp_path, tokenizer)
+        tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            model(input_ids=tokens.input_ids)
+        engram.client.close()
+        wrong = config.model_copy(update={"compressed_vocab_size": 999})
+        specs, layout = engram_specs(wrong, dim=4, dtype="float32")
+        build(path, specs, random_filler(specs, 0), layout)
+        with pytest.raises(LookupRequestError, match="compressed vocabulary of 999"):
+            attach_engram(encoder(tokenizer), Settings(engram_arena=path), tmp_path, tokenizer)
+    finally:
+        Path(path).unlink(missing_ok=True)
