@@ -145,7 +145,8 @@ _NUMA = re.compile(r"^numa:(\d+)(?::([A-Za-z0-9_.-]+))?$")
 
 class Location(BaseModel):
     """``/dev/daxX.Y`` (devdax), ``numa:<node>[:name]`` (anonymous memory bound to a node; its
-    readers open ``/proc/<owner pid>/fd/<fd>``), or any other path (tmpfs, hugetlbfs, fsdax, famfs)."""
+    readers open ``/proc/<owner pid>/fd/<fd>``), any other path (tmpfs, hugetlbfs, fsdax, famfs),
+    or a bare name: ``/dev/shm/disagfusion-engram/<name>.arena``."""
 
     model_config = ConfigDict(frozen=True)
     kind: Literal["file", "devdax", "numa"]
@@ -158,6 +159,8 @@ class Location(BaseModel):
             return cls(kind="numa", path=m.group(2) or "engram-arena", numa_node=int(m.group(1)))
         if _DEVDAX.match(text):
             return cls(kind="devdax", path=text)
+        if "/" not in text:  # a bare name: an arena in the default directory, on tmpfs
+            return cls(kind="file", path=str(DEFAULT_DIR / f"{text}.arena"))
         return cls(kind="file", path=text)
 
 

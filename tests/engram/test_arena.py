@@ -173,3 +173,27 @@ def test_two_readers_share_one_physical_copy(shm_arena_path: str) -> None:
         assert rss_kb >= 0.95 * table_kb
         assert abs(pss_kb - rss_kb / 2) <= 0.05 * rss_kb
     assert results[0][2] == results[1][2]
+
+
+def test_locations_parse_by_kind() -> None:
+    from disagfusion.engram.arena import DEFAULT_DIR, Location
+
+    assert Location.parse("/dev/dax0.1") == Location(kind="devdax", path="/dev/dax0.1")
+    assert Location.parse("numa:2:big") == Location(kind="numa", path="big", numa_node=2)
+    assert Location.parse("/mnt/famfs/e.arena") == Location(kind="file", path="/mnt/famfs/e.arena")
+    assert Location.parse("demo") == Location(kind="file", path=str(DEFAULT_DIR / "demo.arena"))
+
+
+def test_a_bare_name_builds_in_the_default_directory() -> None:
+    import uuid
+
+    from disagfusion.engram.arena import DEFAULT_DIR
+
+    name = f"df-engram-test-{uuid.uuid4().hex}"
+    owned = build(name, SPECS, random_filler(SPECS, seed=6))
+    try:
+        assert owned.reader_path == str(DEFAULT_DIR / f"{name}.arena")
+        with Arena.open(name) as arena:
+            assert arena.table("a").shape == (1000, 16)
+    finally:
+        os.unlink(owned.reader_path)
