@@ -98,8 +98,16 @@ class RemoteRows:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engram-nats", daemon=True)
         self._thread.start()
-        self._nc: NatsClient = self._call(nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=3))
-        descriptor = self._call(self._descriptor(arena))
+        try:
+            self._nc: NatsClient = self._call(nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=3))
+            try:
+                descriptor = self._call(self._descriptor(arena))
+            except BaseException:
+                self._call(self._nc.close())
+                raise
+        except BaseException:
+            self._stop_loop()
+            raise
         self.descriptor = descriptor
         self.directory = ArenaDirectory.model_validate_json(descriptor.directory_json)
         self._scratch = _ScratchFile(descriptor.scratch_dir) if reply == "shm" else None
@@ -187,8 +195,12 @@ class RemoteRows:
         if self._scratch is not None:
             self._scratch.close()
         self._call(self._nc.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
 
 def _raise_for_status(headers: dict[str, str]) -> None:

@@ -205,5 +205,7 @@ class CompressionMap:
         arr = np.asarray(ids, dtype=np.int64)
         out = arr.copy()
         valid = arr >= 0
+        if valid.any() and int(arr[valid].max()) >= len(self.lookup):
+            raise ValueError(f"token id {int(arr[valid].max())} is outside the tokenizer's {len(self.lookup)} ids")
         out[valid] = self.lookup[arr[valid]]
         return out
