@@ -40,7 +40,6 @@ ALIGN = 2 * 1024 * 1024
 _PREAMBLE = struct.Struct("<8sIIQQ")
 DEFAULT_DIR = Path("/dev/shm/disagfusion-engram")
 _SMALL_BATCH = 16
-_U64 = (1 << 64) - 1
 
 RowDType = Literal["float32", "float16", "bfloat16", "int64"]
 # numpy has no bfloat16: its rows are held as uint16 and reinterpreted by torch.
@@ -231,18 +230,20 @@ class Arena:
         """Rows ``ids`` (any shape, flattened) of table ``name`` as [n, dim]. Every id is checked
         against the table's bounds first: nothing reads outside a table."""
         info = self.info(name)
-        flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        # Seen as unsigned, a negative id is huge, so one max() checks both bounds. For a few
-        # ids plain Python is faster than a numpy reduction, and batch-1 lookups are common.
-        if flat.size > _SMALL_BATCH:
-            highest = int(flat.view(np.uint64).max())
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if flat.size <= _SMALL_BATCH:
+            # For a few ids plain Python beats a numpy reduction, and batch-1 lookups are common.
+            values = flat.tolist()
+            out_of_range = bool(values) and (min(values) < 0 or max(values) >= info.rows)
         else:
-            highest = max((i & _U64 for i in flat.tolist()), default=0)
-        if highest >= info.rows:
+            # Seen as unsigned, a negative id is huge, so one max() checks both bounds.
+            out_of_range = int(flat.view(np.uint64).max()) >= info.rows
+        if out_of_range:
             bad = int(flat[(flat < 0) | (flat >= info.rows)][0])
             raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{info.rows - 1})")
-        # mode="clip" skips numpy's own per-element bounds branch; the check above already holds.
-        return np.take(self.table(name), flat, axis=0, out=out, mode="clip")
+        # mode="clip" skips numpy's own per-element bounds branch (the check above holds); the
+        # method skips numpy.take's Python-level dispatch, which costs more than a 1-row gather.
+        return self.table(name).take(flat, axis=0, out=out, mode="clip")
 
     def verify(self) -> None:
         for info in self.directory.tables:
