@@ -17,11 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from disagfusion.config import Settings
+from disagfusion.engram.cli import engram_app
 from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
 from disagfusion.protocol import STAGES, JobSpec, ProgressEvent, Result
 
 app = typer.Typer(help="DisagFusion: diffusion models served as a disaggregated pipeline.", no_args_is_help=True)
+app.add_typer(engram_app, name="engram")
 console = Console()
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the embedded stack keeps its state and logs.")]

@@ -24,17 +24,21 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[Non
         proc.wait(10)
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    command = [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")]
-    with _server(command, port, "nats-server", tmp_path / "nats.log"):
+# Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
+# consume what they publish, so they do not see each other's work.
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port, directory = free_port(), tmp_path_factory.mktemp("nats")
+    command = [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    with _server(command, port, "nats-server", directory / "nats.log"):
         yield f"nats://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(tmp_path)]
-    with _server(command, port, "redis-server", tmp_path / "redis.log"):
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port, directory = free_port(), tmp_path_factory.mktemp("redis")
+    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    with _server(command, port, "redis-server", directory / "redis.log"):
         yield f"redis://127.0.0.1:{port}/0"
