@@ -96,11 +96,12 @@ ComposeFiles = Annotated[
     list[Path], typer.Option("--compose-file", "-f", help="Compose files of a docker compose deployment.")
 ]
 ProjectName = Annotated[str | None, typer.Option("--project-name", "-p", help="Its compose project name.")]
+EnvFiles = Annotated[list[Path], typer.Option("--env-file", help="Its compose env files (variables of compose.yaml).")]
 
 
-def _deployment(data_dir: Path, compose_files: list[Path], project: str | None) -> Deployment:
+def _deployment(data_dir: Path, compose_files: list[Path], project: str | None, env_files: list[Path]) -> Deployment:
     try:
-        return detect(data_dir, compose_files or None, project)
+        return detect(data_dir, compose_files or None, project, env_files)
     except DeploymentError as exc:
         _fail(str(exc))
 
@@ -111,10 +112,11 @@ def scale_services(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     compose_file: ComposeFiles = [],
     project_name: ProjectName = None,
+    env_file: EnvFiles = [],
 ) -> None:
     """Set the replicas of each named service, on the embedded stack or docker compose.
     Scaling down drains: a stopped replica finishes what it holds; nothing is lost."""
-    deployment = _deployment(data_dir, compose_file, project_name)
+    deployment = _deployment(data_dir, compose_file, project_name, env_file)
     wanted = _parse_scales(replicas)
     with console.status(f"scaling {deployment.kind} deployment: {wanted}"):
         try:
@@ -126,12 +128,15 @@ def scale_services(
 
 @app.command()
 def status(
-    data_dir: DataDir = DEFAULT_DATA_DIR, compose_file: ComposeFiles = [], project_name: ProjectName = None
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    compose_file: ComposeFiles = [],
+    project_name: ProjectName = None,
+    env_file: EnvFiles = [],
 ) -> None:
     """Replicas and JetStream backlog per stage."""
     from disagfusion.status import stage_status
 
-    deployment = _deployment(data_dir, compose_file, project_name)
+    deployment = _deployment(data_dir, compose_file, project_name, env_file)
     settings = deployment.client_settings()
     running = deployment.running()
     try:

@@ -62,12 +62,14 @@ class ComposeDeployment:
 
     kind = "compose"
 
-    def __init__(self, compose_files: list[Path], project: str | None = None):
+    def __init__(self, compose_files: list[Path], project: str | None = None, env_files: list[Path] | None = None):
         from python_on_whales import DockerClient
 
         self.compose_files = compose_files
         self.services = sorted(load_services(compose_files[0]))
-        self.docker = DockerClient(compose_files=compose_files, compose_project_name=project)
+        self.docker = DockerClient(
+            compose_files=compose_files, compose_project_name=project, compose_env_files=env_files or []
+        )
 
     def running(self) -> dict[str, int]:
         counts = dict.fromkeys(self.services, 0)
@@ -89,13 +91,18 @@ class ComposeDeployment:
         return Settings()  # DF_NATS_URL from the environment: compose publishes NATS on the host
 
 
-def detect(data_dir: Path, compose_files: list[Path] | None = None, project: str | None = None) -> Deployment:
+def detect(
+    data_dir: Path,
+    compose_files: list[Path] | None = None,
+    project: str | None = None,
+    env_files: list[Path] | None = None,
+) -> Deployment:
     """The embedded stack if one runs from ``data_dir``, else the docker compose project."""
     launcher = Launcher(data_dir)
     if launcher.state() is not None and launcher.running():
         return LocalDeployment(launcher)
     try:
-        compose = ComposeDeployment(compose_files or [COMPOSE_FILE], project)
+        compose = ComposeDeployment(compose_files or [COMPOSE_FILE], project, env_files)
         if any(compose.running().values()):
             return compose
     except Exception as exc:  # no docker CLI, no engine, no such project
