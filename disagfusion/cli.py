@@ -17,10 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from disagfusion.config import Settings
+from disagfusion.engram.cli import engram_app
+from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
 from disagfusion.protocol import STAGES, JobSpec, ProgressEvent, Result
 
 app = typer.Typer(help="DisagFusion: diffusion models served as a disaggregated pipeline.", no_args_is_help=True)
+app.add_typer(engram_app, name="engram")
 console = Console()
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the embedded stack keeps its state and logs.")]
@@ -89,34 +92,59 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     console.print("stack down")
 
 
+ComposeFiles = Annotated[
+    list[Path], typer.Option("--compose-file", "-f", help="Compose files of a docker compose deployment.")
+]
+ProjectName = Annotated[str | None, typer.Option("--project-name", "-p", help="Its compose project name.")]
+EnvFiles = Annotated[list[Path], typer.Option("--env-file", help="Its compose env files (variables of compose.yaml).")]
+
+
+def _deployment(data_dir: Path, compose_files: list[Path], project: str | None, env_files: list[Path]) -> Deployment:
+    try:
+        return detect(data_dir, compose_files or None, project, env_files)
+    except DeploymentError as exc:
+        _fail(str(exc))
+
+
 @app.command("scale")
 def scale_services(
     replicas: Annotated[list[str], typer.Argument(help="SERVICE=COUNT pairs, e.g. dit=3 encoder=1")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    compose_file: ComposeFiles = [],
+    project_name: ProjectName = None,
+    env_file: EnvFiles = [],
 ) -> None:
-    """Set the number of processes of each named service; scaling down drains."""
-    launcher = Launcher(data_dir)
-    try:
-        for service, count in _parse_scales(replicas).items():
-            with console.status(f"scaling {service} to {count}"):
-                launcher.scale(service, count)
-            console.print(f"{service}: {count}")
-    except LauncherError as exc:
-        _fail(str(exc))
+    """Set the replicas of each named service, on the embedded stack or docker compose.
+    Scaling down drains: a stopped replica finishes what it holds; nothing is lost."""
+    deployment = _deployment(data_dir, compose_file, project_name, env_file)
+    wanted = _parse_scales(replicas)
+    with console.status(f"scaling {deployment.kind} deployment: {wanted}"):
+        try:
+            deployment.scale(wanted)
+        except DeploymentError as exc:
+            _fail(str(exc))
+    console.print(", ".join(f"{name}: {count}" for name, count in deployment.running().items()))
 
 
 @app.command()
-def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+def status(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    compose_file: ComposeFiles = [],
+    project_name: ProjectName = None,
+    env_file: EnvFiles = [],
+) -> None:
     """Replicas and JetStream backlog per stage."""
     from disagfusion.status import stage_status
 
-    settings = _settings(data_dir)
-    running = Launcher(data_dir).running()
+    deployment = _deployment(data_dir, compose_file, project_name, env_file)
+    settings = deployment.client_settings()
+    running = deployment.running()
     try:
         rows = asyncio.run(stage_status(settings))
     except Exception as exc:
         _fail(f"cannot read queue state from {settings.nats_url}: {exc}")
-    table = Table("stage", "model", "replicas", "backlog", "in flight", "waiting pulls")
+    table = Table("stage", "model", "replicas", "backlog", "in flight", "waiting pulls",
+                  title=f"{deployment.kind} deployment, NATS {settings.nats_url}")
     for row in rows:
         table.add_row(
             row.stage, row.model, str(running.get(row.service, "-")), str(row.backlog), str(row.in_flight), str(row.waiting)

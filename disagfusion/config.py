@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
     device: str = "cpu"
+    torch_threads: int = Field(default=0, ge=0)
+    """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
+    one host should share the cores rather than each take all of them."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     transport: Literal["shm", "redis", "cuda_ipc"] = "shm"
@@ -70,3 +73,20 @@ class Settings(BaseSettings):
 
     worker_name: str = ""
     """Shown in metrics and logs; defaults to host:pid."""
+
+    engram_arenas: str = ""
+    """Comma-separated arenas engram_store serves: a location (a file on tmpfs/hugetlbfs/fsdax/
+    famfs, /dev/daxX.Y) holding a built arena, or ``LOCATION<=SOURCE`` to build LOCATION (also
+    ``numa:<node>:<name>``) at start from SOURCE (an arena file or a .safetensors file)."""
+    engram_scratch_dir: Path = Path("/dev/shm/disagfusion-engram/scratch")
+    """Where same-host clients put the files engram_store writes "shm" lookup replies into."""
+
+    engram_arena: str = ""
+    """Engram layers in the text encoder: off when empty. An arena path maps it in the encoder
+    (local mode); ``nats:<arena name>`` reads rows from engram_store over DF_NATS_URL."""
+    engram_reply: Literal["shm", "chunks"] = "shm"
+    """How engram_store hands rows to a nats: encoder: a shared scratch mapping (same host) or
+    1 MiB NATS chunks (any host)."""
+    engram_blocks: str = ""
+    """``layer:block`` pairs (``0:0,1:2``): which text-encoder block each Engram layer of the
+    arena feeds. Empty: Engram layer i feeds block i."""

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,7 +82,11 @@ class StageWorker:
     def __init__(self, stage: str, settings: Settings, load_model: ModelLoader = load_stage_model):
         self.stage = stage
         self.settings = settings
-        self.name = settings.worker_name or f"{SERVICE_OF_STAGE[stage]}@{socket.gethostname()}:{os.getpid()}"
+        # The random tail keeps names unique where host and pid are not: replicas of one
+        # container image with host networking all run as the same pid on the same host name.
+        self.name = settings.worker_name or (
+            f"{SERVICE_OF_STAGE[stage]}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
         self.model_names = [m.strip() for m in settings.models.split(",") if m.strip()]
         self._load_model = load_model
         self.models: dict[str, StageModel] = {}
@@ -357,4 +362,9 @@ def main(stage: str, worker_class: type[StageWorker] = StageWorker) -> None:
     logging.basicConfig(
         level=os.environ.get("DF_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(worker_class(stage, Settings()).run())
+    settings = Settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(worker_class(stage, settings).run())

@@ -1,15 +1,22 @@
-"""Real servers for tests: nats-server (JetStream) and redis-server on free loopback ports."""
+"""Shared fixtures: real servers (nats-server with JetStream, redis-server) on free loopback
+ports, the tiny model, and the stock diffusers pipeline as the reference for its images."""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from disagfusion.config import Settings
 from disagfusion.launcher import _binary, _wait_port, free_port
+from disagfusion.models import model_directory
+from disagfusion.protocol import JobSpec
 
 
 @contextmanager
@@ -24,17 +31,65 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[Non
         proc.wait(10)
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    command = [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")]
-    with _server(command, port, "nats-server", tmp_path / "nats.log"):
+# Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
+# consume what they publish, so they do not see each other's work.
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port, directory = free_port(), tmp_path_factory.mktemp("nats")
+    command = [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    with _server(command, port, "nats-server", directory / "nats.log"):
         yield f"nats://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(tmp_path)]
-    with _server(command, port, "redis-server", tmp_path / "redis.log"):
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port, directory = free_port(), tmp_path_factory.mktemp("redis")
+    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    with _server(command, port, "redis-server", directory / "redis.log"):
         yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding the tiny preset, written once per test session."""
+    models_dir = tmp_path_factory.mktemp("models")
+    model_directory("tiny", Settings(models_dir=models_dir))
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_models_dir: Path) -> Path:
+    return tiny_models_dir / "tiny"
+
+
+@pytest.fixture(scope="session")
+def stock_image(tiny_dir: Path) -> Callable[[JobSpec, str], np.ndarray]:
+    """The image the stock ``PixArtSigmaPipeline`` makes in-process for a spec of the tiny model:
+    what DisagFusion's split stages must reproduce."""
+    from diffusers import PixArtSigmaPipeline
+
+    @cache
+    def pipeline(dtype: str) -> PixArtSigmaPipeline:
+        pipe = PixArtSigmaPipeline.from_pretrained(tiny_dir, dtype=getattr(torch, dtype))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def image(spec: JobSpec, dtype: str = "float32") -> np.ndarray:
+        return np.array(
+            pipeline(dtype)(
+                spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                height=spec.height,
+                width=spec.width,
+                generator=torch.Generator().manual_seed(spec.seed),
+                use_resolution_binning=False,  # else small sizes silently run at another size
+                clean_caption=False,
+                output_type="pil",
+            ).images[0]
+        )
+
+    return image

@@ -7,8 +7,12 @@ per job, so the worker can ship them through any transport without knowing what 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -39,3 +43,35 @@ class StageModel(ABC):
         """Run a batch of jobs. ``inputs[i]`` is job i's output of the previous stage (empty for
         the encoder); the result's element i is job i's output. Batches given to denoise and
         decode hold jobs with the same ``JobSpec.shape_key``."""
+
+
+def check_size_multiple(spec: JobSpec, multiple: int) -> None:
+    """Height and width must be multiples of ``multiple`` (latent factor × patch size)."""
+    for field in ("height", "width"):
+        value = getattr(spec, field)
+        if value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise SpecError(field, f"{value} is not a multiple of {multiple} for this model (try {nearest})")
+
+
+def write_model_directory(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """Create ``directory`` with ``fill(scratch)`` unless it exists; return it.
+
+    Several processes may start on the same directory at once: each fills a private temporary
+    copy and renames it into place, which is atomic; the losers delete their copy.
+    """
+    directory = Path(directory)
+    if directory.exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        fill(scratch)
+        try:
+            os.rename(scratch, directory)
+        except OSError:
+            if not (directory / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return directory

@@ -21,9 +21,6 @@ frames > 1, ``video`` uint8 [frames, H, W, 3] (``image`` is then its first frame
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.config import Settings
-from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors
+from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple, write_model_directory
 from disagfusion.profiles import CostProfile, prompt_tokens
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
@@ -63,12 +60,7 @@ class EmulatedGeometry(BaseModel):
         return (frames - 1) // self.temporal_factor + 1
 
     def check(self, spec: JobSpec) -> None:
-        multiple = self.size_multiple
-        for field in ("height", "width"):
-            value = getattr(spec, field)
-            if value % multiple:
-                nearest = max(multiple, round(value / multiple) * multiple)
-                raise SpecError(field, f"{value} is not a multiple of {multiple} for this model (try {nearest})")
+        check_size_multiple(spec, self.size_multiple)
         if (spec.frames - 1) % self.temporal_factor:
             raise SpecError("frames", f"frames must be {self.temporal_factor}k + 1 for this model, not {spec.frames}")
         if spec.steps > self.max_steps:
@@ -98,23 +90,13 @@ PRESETS: dict[str, EmulatedPreset] = {
 
 def write_model(directory: Path, geometry: EmulatedGeometry, profile: CostProfile) -> Path:
     """Write an emulated model directory atomically (several workers may start at once)."""
-    directory = Path(directory)
-    if directory.exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def fill(scratch: Path) -> None:
         index = {"_class_name": CLASS_NAME, "geometry": geometry.model_dump()}
         (scratch / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         profile.save(scratch / PROFILE_FILE)
-        try:
-            os.rename(scratch, directory)
-        except OSError:
-            if not (directory / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return directory
+
+    return write_model_directory(directory, fill)
 
 
 def init_model(preset: str, directory: Path) -> Path:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoTokenizer, T5EncoderModel
 
 from disagfusion.config import Settings
-from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors
+from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
 
@@ -69,12 +69,7 @@ class PixArtGeometry(BaseModel):
     def check(self, spec: JobSpec) -> None:
         if spec.frames != 1:
             raise SpecError("frames", f"pixart makes still images: frames must be 1, not {spec.frames}")
-        multiple = self.size_multiple
-        for field in ("height", "width"):
-            value = getattr(spec, field)
-            if value % multiple:
-                nearest = max(multiple, round(value / multiple) * multiple)
-                raise SpecError(field, f"{value} is not a multiple of {multiple} for this model (try {nearest})")
+        check_size_multiple(spec, self.size_multiple)
         if spec.steps > self.num_train_timesteps:
             raise SpecError("steps", f"at most {self.num_train_timesteps} steps for this model's scheduler")
 

@@ -10,9 +10,6 @@ text encoder little.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -20,6 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from pydantic import BaseModel, ConfigDict
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from disagfusion.models.base import write_model_directory
 
 
 class Preset(BaseModel):
@@ -125,25 +124,7 @@ def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
 
 
 def init_model(preset: str, directory: Path) -> Path:
-    """Write preset ``preset`` to ``directory`` unless something is there already; return it.
-
-    Several processes may start on the same directory at once: each writes a private temporary
-    copy and renames it into place, which is atomic; the losers delete their copy.
-    """
+    """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    directory = Path(directory)
-    if directory.exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        build_pipeline(PRESETS[preset]).save_pretrained(scratch)
-        try:
-            os.rename(scratch, directory)
-        except OSError:
-            if not (directory / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return directory
+    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))

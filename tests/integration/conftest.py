@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from disagfusion.launcher import Launcher
-from disagfusion.models.presets import init_model
 
 StackStarter = Callable[..., Launcher]
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    init_model("tiny", root / "tiny")
-    return root
 
 
 @contextmanager
@@ -34,7 +26,7 @@ def running_stack(data_dir: Path, models_dir: Path, scales: dict[str, int] | Non
 
 
 @pytest.fixture
-def start_stack(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StackStarter]:
+def start_stack(tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StackStarter]:
     """Start a stack serving the tiny model; extra environment (e.g. DF_DTYPE) applies to its services."""
     numbers = itertools.count()
     with ExitStack() as stacks:
@@ -43,15 +35,15 @@ def start_stack(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatc
             for key, value in {"DF_MODELS": "tiny", **env}.items():
                 monkeypatch.setenv(key, value)
             data_dir = tmp_path / f"stack{next(numbers)}"
-            return stacks.enter_context(running_stack(data_dir, models_dir, scales))
+            return stacks.enter_context(running_stack(data_dir, tiny_models_dir, scales))
 
         yield start
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Launcher]:
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Launcher]:
     """One fp32 stack with a single process per stage, shared by a test module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DF_MODELS", "tiny")
-        with running_stack(tmp_path_factory.mktemp("stack"), models_dir) as launcher:
+        with running_stack(tmp_path_factory.mktemp("stack"), tiny_models_dir) as launcher:
             yield launcher

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import PixArtSigmaPipeline
 
 from disagfusion.config import Settings
 from disagfusion.models import check_spec, load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.models.pixart import PixArtGeometry
 from disagfusion.protocol import STAGES, JobSpec
-from disagfusion.transport.ref import DTYPE_NAMES, DTYPES, tensor_bytes, tensor_from_buffer
+from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,6 @@ def stages(tiny_models_dir: Path):
     def load(dtype: str) -> dict[str, StageModel]:
         settings = Settings(models_dir=tiny_models_dir, dtype=dtype)
         return {stage: load_stage_model("tiny", stage, settings) for stage in STAGES}
-
-    return load
-
-
-@pytest.fixture(scope="module")
-def stock(tiny_dir: Path):
-    @cache
-    def load(dtype: str) -> PixArtSigmaPipeline:
-        pipe = PixArtSigmaPipeline.from_pretrained(tiny_dir, dtype=DTYPES[dtype])
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     return load
 
@@ -55,22 +43,6 @@ def generate(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[np.nda
     return [t["image"].numpy() for t in tensors]
 
 
-def stock_image(pipe: PixArtSigmaPipeline, spec: JobSpec) -> np.ndarray:
-    image = pipe(
-        spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance,
-        height=spec.height,
-        width=spec.width,
-        generator=torch.Generator().manual_seed(spec.seed),
-        use_resolution_binning=False,
-        clean_caption=False,
-        output_type="pil",
-    ).images[0]
-    return np.array(image)
-
-
 @pytest.mark.parametrize(
     ("height", "width", "guidance", "dtype"),
     [
@@ -81,14 +53,14 @@ def stock_image(pipe: PixArtSigmaPipeline, spec: JobSpec) -> np.ndarray:
         (96, 128, 4.5, "bfloat16"),
     ],
 )
-def test_split_run_is_pixel_identical_to_the_stock_pipeline(stages, stock, height, width, guidance, dtype) -> None:
+def test_split_run_is_pixel_identical_to_the_stock_pipeline(stages, stock_image, height, width, guidance, dtype) -> None:
     spec = JobSpec(
         prompt="A Lighthouse at dusk", negative_prompt="blurry", seed=7, steps=6,
         height=height, width=width, guidance=guidance,
     )
     [image] = generate(stages(dtype), [spec])
     assert image.dtype == np.uint8 and image.shape == (height, width, 3)
-    np.testing.assert_array_equal(image, stock_image(stock(dtype), spec))
+    np.testing.assert_array_equal(image, stock_image(spec, dtype))
 
 
 def test_seed_prompt_and_guidance_change_the_image(stages) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from diffusers import PixArtSigmaPipeline
 
-from disagfusion.models.presets import PRESETS, init_model
+from disagfusion.models.presets import init_model
 
 
 def file_bytes(directory: Path) -> dict[str, bytes]:

@@ -1,0 +1,1 @@
+"""engram_store: owns Engram arenas, publishes their descriptors, serves batched row lookups."""

@@ -1,0 +1,20 @@
+import asyncio
+
+import typer
+
+from disagfusion.config import Settings
+from services.engram_store.store import serve
+
+
+def main(
+    arena: list[str] = typer.Option(  # noqa: B008 - typer declares options this way
+        [], help="LOCATION or LOCATION<=SOURCE; repeatable. Defaults to DF_ENGRAM_ARENAS."
+    ),
+) -> None:
+    settings = Settings()
+    entries = arena or [e.strip() for e in settings.engram_arenas.split(",") if e.strip()]
+    asyncio.run(serve(settings, entries))
+
+
+if __name__ == "__main__":
+    typer.run(main)
