@@ -60,10 +60,11 @@ class CudaIpcHandle(BaseModel):
     key: str
     """The tensor's name in the producer's registry."""
     device_uuid: str
-    storage_handle: bytes
+    storage_handle: bytes | None
+    """None for an empty storage (torch shares no allocation then)."""
     storage_size_bytes: int
     storage_offset_bytes: int
-    ref_counter_handle: bytes
+    ref_counter_handle: bytes | None
     ref_counter_offset: int
     event_handle: bytes | None
     event_sync_required: bool
