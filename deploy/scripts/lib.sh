@@ -1,4 +1,5 @@
 # Shared by the deploy scripts: where state lives and how to ask whether an engine answers.
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 # Sourced, not run. Paths are relative to the repository root (the scripts cd there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

@@ -2,6 +2,7 @@
 # `make test-compose`: an engine, the images, then pytest tests/compose (extra arguments go to
 # pytest). Prints how long each setup step took. Stops the engine only if this run started it;
 # the images stay cached for the next run.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 scripts=deploy/scripts

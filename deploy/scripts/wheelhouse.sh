@@ -2,6 +2,7 @@
 # Fills wheelhouse/ with wheels of the project and every pinned dependency (plus the build
 # backend), so deploy/Dockerfile can install with no index at all. Dependencies are resolved
 # again only when pyproject.toml changed since the last run; the project wheel every time.
+# shellcheck source=deploy/scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 # Environment markers are evaluated against the interpreter that runs pip, so resolve with the
