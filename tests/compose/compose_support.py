@@ -28,7 +28,8 @@ def engine_problem() -> str | None:
     try:
         docker.info()
     except DockerException as exc:
-        return f"no Docker engine answers ({str(exc).strip().splitlines()[-1]}); run `make test-compose`"
+        said = (exc.stderr or "").strip().splitlines()
+        return f"no Docker engine answers ({said[-1] if said else 'docker info failed'}); run `make test-compose`"
     return None
 
 
