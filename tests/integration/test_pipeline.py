@@ -87,3 +87,14 @@ async def test_batched_jobs_match_their_unbatched_images(start_stack, stock_imag
     for spec in specs:
         expected = stock_image(spec).astype(int)
         assert np.abs(images[spec.job_id].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.slow
+async def test_large_outputs_go_through_the_object_store(start_stack, stock_image) -> None:
+    launcher = start_stack(DF_RESULT_INLINE_MAX_BYTES="0")  # every PNG counts as large
+    spec = JobSpec(prompt="stored", steps=2, width=64, height=64)
+    async with Client(launcher.client_settings()) as client:
+        result = await client.generate(spec, timeout=60)
+        assert result.status == "ok" and result.data is None and result.object_name == f"{spec.job_id}.png"
+        png = await client.output(result)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), stock_image(spec))
