@@ -85,7 +85,7 @@ class Client:
             return await self.result(spec.job_id, timeout)
         finally:
             if events is not None:
-                await events.unsubscribe()
+                await events.drain()  # deliver the events that arrived before the result
 
     async def run_many(self, specs: Iterable[JobSpec], timeout: float = 600.0) -> AsyncIterator[Result]:
         """Submit every job, then yield results in completion order until each job has one.

@@ -208,7 +208,7 @@ class StageWorker:
         except (MissingBlobError, ChecksumError) as exc:
             await self._fail(msg, spec.job_id, f"input of stage {self.stage} unusable: {exc}")
             return None
-        await self._event(spec.job_id, "stage_started")
+        await self.publish_event(spec.job_id, "stage_started")
         return Job(msg=msg, task=task, inputs=inputs)
 
     def _load_inputs(self, task: StageTask) -> Tensors:
@@ -246,7 +246,7 @@ class StageWorker:
             def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
                 for job_id in job_ids:
                     loop.call_soon_threadsafe(
-                        lambda j=job_id: asyncio.ensure_future(self._event(j, "step", step=step, total=total))
+                        lambda j=job_id: asyncio.ensure_future(self.publish_event(j, "step", step=step, total=total))
                     )
 
             started = time.perf_counter()
@@ -265,6 +265,8 @@ class StageWorker:
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
                 job.outputs, job.compute_s = output, seconds
+                # Before the output is published, so a client never sees the result first.
+                await self.publish_event(job.spec.job_id, "stage_done")
                 await self._to_send.put(job)
 
     async def _send_loop(self) -> None:
@@ -274,7 +276,6 @@ class StageWorker:
                 await self.emit(job)
                 await job.msg.ack_sync()
                 await asyncio.to_thread(self._delete_inputs, job.task)
-                await self._event(job.spec.job_id, "stage_done")
             except Exception:
                 # Not acked: JetStream redelivers after AckWait and the stage is replayed.
                 log.exception("could not hand off job %s; it will be redelivered", job.spec.job_id)
@@ -317,7 +318,7 @@ class StageWorker:
         log.warning("job %s rejected at %s: %s", job_id or "<unreadable>", self.stage, error)
         if job_id is not None:
             await self.publish_result(Result(job_id=job_id, status="error", error=error, field=field, stage=self.stage))
-            await self._event(job_id, "error")
+            await self.publish_event(job_id, "error")
         else:
             log.error("dropping an unreadable message with no job id (subject %s)", msg.subject)
         await msg.term()
@@ -325,7 +326,7 @@ class StageWorker:
 
     # ----------------------------------------------------------------- side channels
 
-    async def _event(self, job_id: str, kind: str, **fields) -> None:
+    async def publish_event(self, job_id: str, kind: str, **fields) -> None:
         event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
         await self._bus.nc.publish(events_subject(job_id), pack(event))
 

@@ -44,4 +44,5 @@ class DecoderWorker(StageWorker):
             name = f"{spec.job_id}.png"
             await self.outputs.put(name, png)
             result = result.model_copy(update={"object_name": name})
+        await self.publish_event(spec.job_id, "done")
         await self.publish_result(result)
