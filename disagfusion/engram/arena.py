@@ -33,6 +33,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.engram.hashing import NgramHasher
+from disagfusion.engram.spec import RowDType
 
 MAGIC = b"DFENGRM\0"
 FORMAT_VERSION = 1
@@ -41,7 +42,6 @@ _PREAMBLE = struct.Struct("<8sIIQQ")
 DEFAULT_DIR = Path("/dev/shm/disagfusion-engram")
 _SMALL_BATCH = 16
 
-RowDType = Literal["float32", "float16", "bfloat16", "int64"]
 # numpy has no bfloat16: its rows are held as uint16 and reinterpreted by torch.
 _NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
