@@ -16,16 +16,18 @@ import socket
 from collections import OrderedDict
 from pathlib import Path
 
-import nats
 import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 
+from disagfusion.bus import connect
 from disagfusion.config import Settings
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, Location, numpy_dtype
-from disagfusion.engram.build import OwnedArena, build, from_source
+from disagfusion.engram.build import OwnedArena, build, from_source, from_spec
+from disagfusion.engram.spec import EngramArenaSpec
+from disagfusion.health import health_path, write_health
 from disagfusion.protocol import DecodeError, pack, unpack
 
 log = logging.getLogger("engram_store")
@@ -34,13 +36,19 @@ _HEADER_ROOM = 4096
 _SCRATCH_MAPS = 64
 
 
-def open_arena(entry: str) -> OwnedArena:
-    """``LOCATION`` maps a built arena; ``LOCATION<=SOURCE`` builds LOCATION from SOURCE first."""
+def open_arena(entry: str, spec: EngramArenaSpec) -> OwnedArena:
+    """``LOCATION`` maps a built arena, or builds one from ``spec`` where there is none yet (a
+    missing file, or a ``numa:`` location); ``LOCATION<=SOURCE`` builds LOCATION from SOURCE."""
     if "<=" in entry:
         location, source = (part.strip() for part in entry.split("<=", 1))
         specs, fill, engram = from_source(source)
         return build(location, specs, fill, engram)
     loc = Location.parse(entry)
+    if loc.kind == "numa" or (loc.kind == "file" and not Path(loc.path).exists()):
+        # Seeded rows: replicas that race to build the same file build the same bytes, and the
+        # file appears under its name only once sealed.
+        log.info("building arena %s from DF_ENGRAM_SPEC %s", entry, spec.model_dump_json())
+        return build(entry, *from_spec(spec))
     with Arena.open(entry, verify=False, populate=False) as arena:
         return OwnedArena(location=entry, reader_path=loc.path, directory=arena.directory)
 
@@ -89,7 +97,7 @@ class EngramStore:
         if not entries:
             raise SystemExit("engram_store needs at least one arena (--arena or DF_ENGRAM_ARENAS)")
         self.settings = settings
-        self.owned = [open_arena(entry) for entry in entries]
+        self.owned = [open_arena(entry, settings.engram_spec) for entry in entries]
         names = [arena_name(o) for o in self.owned]
         if len(set(names)) != len(names):
             raise SystemExit(f"arena names (file stems) must be unique, got {names}")
@@ -199,8 +207,19 @@ async def serve(settings: Settings, entries: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    nc = await nats.connect(settings.nats_url, name="engram_store")
-    await store.start(nc)
+    bus = await connect(settings, "engram_store")
+    await store.start(bus.nc)
+    heartbeat = asyncio.create_task(_heartbeat(bus.nc, settings, f"engram_store serving {', '.join(store.arenas)}"))
     print("engram_store ready", flush=True)
     await stopping.wait()
+    heartbeat.cancel()
     await store.stop()
+
+
+async def _heartbeat(nc: NatsClient, settings: Settings, detail: str) -> None:
+    """The container HEALTHCHECK's file, touched only while connected: lookups are served."""
+    path = health_path()
+    while True:
+        if nc.is_connected:
+            await asyncio.to_thread(write_health, path, detail)
+        await asyncio.sleep(min(settings.heartbeat_s, 5.0))

@@ -142,3 +142,4 @@ def test_cli_lookup_through_the_service(nats_server: str, served: tuple[str, str
     assert result.exit_code == 0, result.output
     with Arena.open(wide_path) as arena:
         assert json.loads(result.output)["row"] == arena.table("wide")[7].astype(np.float32).tolist()
+
