@@ -4,6 +4,8 @@ Sources, all over the same table (one Engram layer's table, float32 rows of 64 v
 random ids every call, batch sizes 1, 64, 4096 and 65536:
   dram   numpy.take from an in-process array (the limit)
   arena  EngramClient.local: the client's whole path over the read-only mapping of the arena
+         (uint32 ids, as every source gets; arena-i64: the same with int64 ids, which pay
+         for a sign check; the int64 conversion is inside that call's time)
   nats   EngramClient.remote through a real engram_store process and nats-server, replies
          written into a shared scratch mapping ("shm") or sent in 1 MiB chunks ("chunks")
   redis  one key per row, MGET: what a user would build instead (a row subset, said in the JSON)
@@ -47,6 +49,9 @@ WINDOWS_MS = (0.05, 0.5, 5.0)
 DIM = 64
 HEADS = 8
 BIN = Path(sys.executable).parent
+ID_DTYPE = np.uint32
+"""Row ids as every source gets them: unsigned 32-bit ids are the local client's fast path
+(no sign check); ``arena-i64`` measures the same lookups with int64 ids."""
 
 
 def hasher_config(rows_per_head: int) -> HasherConfig:
@@ -108,12 +113,12 @@ def measure(
     """Latency of each call on fresh random ids, the calls taking turns so that load from other
     processes on this machine falls on all of them alike, until the budget is spent."""
     for call in calls.values():
-        call(rng.integers(0, id_high, batch))  # first call: connections, scratch files
+        call(rng.integers(0, id_high, batch, dtype=ID_DTYPE))  # first call: connections, scratch files
     times: dict[str, list[float]] = {name: [] for name in calls}
     spent = 0.0
     while (spent < budget_s * len(calls) and len(times[next(iter(calls))]) < 20_000) or len(times[next(iter(calls))]) < 5:
         for name, call in calls.items():
-            ids = rng.integers(0, id_high, batch)
+            ids = rng.integers(0, id_high, batch, dtype=ID_DTYPE)
             t0 = time.perf_counter()
             call(ids)
             dt = time.perf_counter() - t0
@@ -210,7 +215,7 @@ def main(
             row = {"source": source, "batch": batch, **extra, **figures, "gbps": figures["rows_per_s"] * table.row_bytes / 1e9}
             rows.append(row)
             print(
-                f"{source:6} {str(extra.get('reply', '')):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
+                f"{source:9} {str(extra.get('reply', '')):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
                 f"{row['gbps']:7.3f} GB/s  p50 {row['p50_ms']:8.4f} ms  p99 {row['p99_ms']:8.4f} ms",
                 flush=True,
             )
@@ -220,11 +225,15 @@ def main(
         with EngramClient.local(arena_path) as local:
             for batch in BATCHES:
                 figures = measure(
-                    {"dram": lambda ids: np.take(dram, ids, axis=0), "arena": lambda ids: local.lookup(table.name, ids)},
+                    {
+                        "dram": lambda ids: np.take(dram, ids, axis=0),
+                        "arena": lambda ids: local.lookup(table.name, ids),
+                        "arena-i64": lambda ids: local.lookup(table.name, ids.astype(np.int64)),
+                    },
                     batch, table.rows, budget_s, rng,
                 )
-                record("dram", batch, figures["dram"])
-                record("arena", batch, figures["arena"])
+                for source in ("dram", "arena", "arena-i64"):
+                    record(source, batch, figures[source])
             del dram
             prefetch += prefetch_overlap(local, "arena", rounds, rng)
 
@@ -276,6 +285,7 @@ def main(
 
     goals = {
         "arena_vs_dram": {str(b): of("arena", b)["rows_per_s"] / of("dram", b)["rows_per_s"] for b in BATCHES},
+        "arena_i64_vs_dram": {str(b): of("arena-i64", b)["rows_per_s"] / of("dram", b)["rows_per_s"] for b in BATCHES},
         "nats_shm_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
         "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
         "nats_shm_vs_redis_65536": of("nats", 65536, "shm")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
