@@ -4,8 +4,7 @@ Sources, all over the same table (one Engram layer's table, float32 rows of 64 v
 random ids every call, batch sizes 1, 64, 4096 and 65536:
   dram   numpy.take from an in-process array (the limit)
   arena  EngramClient.local: the client's whole path over the read-only mapping of the arena
-         (uint32 ids, as every source gets; arena-i64: the same with int64 ids, which pay
-         for a sign check; the int64 conversion is inside that call's time)
+         (with uint32 ids, and with int64 ids, which pay for a sign check; dram gets the same)
   nats   EngramClient.remote through a real engram_store process and nats-server, replies
          written into a shared scratch mapping ("shm") or sent in 1 MiB chunks ("chunks")
   redis  one key per row, MGET: what a user would build instead (a row subset, said in the JSON)
@@ -50,8 +49,8 @@ DIM = 64
 HEADS = 8
 BIN = Path(sys.executable).parent
 ID_DTYPE = np.uint32
-"""Row ids as every source gets them: unsigned 32-bit ids are the local client's fast path
-(no sign check); ``arena-i64`` measures the same lookups with int64 ids."""
+"""Row ids as the sources get them: unsigned 32-bit ids are the local client's fast path (no
+sign check); dram and arena are measured with int64 ids too."""
 
 
 def hasher_config(rows_per_head: int) -> HasherConfig:
@@ -108,17 +107,18 @@ def running(args: list[str], env: dict[str, str] | None = None, port: int | None
 
 
 def measure(
-    calls: dict[str, Callable[[np.ndarray], object]], batch: int, id_high: int, budget_s: float, rng: np.random.Generator
+    calls: dict[str, Callable[[np.ndarray], object]], batch: int, id_high: int, budget_s: float, rng: np.random.Generator,
+    id_dtype: type[np.integer] = ID_DTYPE,
 ) -> dict[str, dict[str, float]]:
     """Latency of each call on fresh random ids, the calls taking turns so that load from other
     processes on this machine falls on all of them alike, until the budget is spent."""
     for call in calls.values():
-        call(rng.integers(0, id_high, batch, dtype=ID_DTYPE))  # first call: connections, scratch files
+        call(rng.integers(0, id_high, batch, dtype=id_dtype))  # first call: connections, scratch files
     times: dict[str, list[float]] = {name: [] for name in calls}
     spent = 0.0
     while (spent < budget_s * len(calls) and len(times[next(iter(calls))]) < 20_000) or len(times[next(iter(calls))]) < 5:
         for name, call in calls.items():
-            ids = rng.integers(0, id_high, batch, dtype=ID_DTYPE)
+            ids = rng.integers(0, id_high, batch, dtype=id_dtype)
             t0 = time.perf_counter()
             call(ids)
             dt = time.perf_counter() - t0
@@ -215,7 +215,7 @@ def main(
             row = {"source": source, "batch": batch, **extra, **figures, "gbps": figures["rows_per_s"] * table.row_bytes / 1e9}
             rows.append(row)
             print(
-                f"{source:9} {str(extra.get('reply', '')):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
+                f"{source:6} {str(extra.get('reply', extra.get('ids', ''))):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
                 f"{row['gbps']:7.3f} GB/s  p50 {row['p50_ms']:8.4f} ms  p99 {row['p99_ms']:8.4f} ms",
                 flush=True,
             )
@@ -224,16 +224,14 @@ def main(
             dram = np.array(arena.table(table.name))  # a private copy in this process's memory
         with EngramClient.local(arena_path) as local:
             for batch in BATCHES:
-                figures = measure(
-                    {
-                        "dram": lambda ids: np.take(dram, ids, axis=0),
-                        "arena": lambda ids: local.lookup(table.name, ids),
-                        "arena-i64": lambda ids: local.lookup(table.name, ids.astype(np.int64)),
-                    },
-                    batch, table.rows, budget_s, rng,
-                )
-                for source in ("dram", "arena", "arena-i64"):
-                    record(source, batch, figures[source])
+                for id_dtype in (np.uint32, np.int64):
+                    figures = measure(
+                        {"dram": lambda ids: np.take(dram, ids, axis=0), "arena": lambda ids: local.lookup(table.name, ids)},
+                        batch, table.rows, budget_s, rng, id_dtype,
+                    )
+                    ids = np.dtype(id_dtype).name
+                    record("dram", batch, figures["dram"], ids=ids)
+                    record("arena", batch, figures["arena"], ids=ids)
             del dram
             prefetch += prefetch_overlap(local, "arena", rounds, rng)
 
@@ -280,14 +278,20 @@ def main(
             f"stall p50 {p['stall_p50_ms']:7.4f} ms  p99 {p['stall_p99_ms']:7.4f} ms  (fetch alone {p['fetch_ms']:.3f} ms)"
         )
 
-    def of(source: str, batch: int, reply: str | None = None) -> dict:
-        return next(r for r in rows if r["source"] == source and r["batch"] == batch and r.get("reply") == reply)
+    def of(source: str, batch: int, reply: str | None = None, ids: str | None = None) -> dict:
+        return next(
+            r for r in rows
+            if r["source"] == source and r["batch"] == batch and r.get("reply") == reply and r.get("ids", ids) == ids
+        )
 
     goals = {
-        "arena_vs_dram": {str(b): of("arena", b)["rows_per_s"] / of("dram", b)["rows_per_s"] for b in BATCHES},
-        "arena_i64_vs_dram": {str(b): of("arena-i64", b)["rows_per_s"] / of("dram", b)["rows_per_s"] for b in BATCHES},
-        "nats_shm_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
-        "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
+        f"arena_vs_dram_{ids}_ids": {
+            str(b): of("arena", b, ids=ids)["rows_per_s"] / of("dram", b, ids=ids)["rows_per_s"] for b in BATCHES
+        }
+        for ids in ("uint32", "int64")
+    } | {
+        "nats_shm_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
+        "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
         "nats_shm_vs_redis_65536": of("nats", 65536, "shm")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
         "nats_chunks_vs_redis_65536": of("nats", 65536, "chunks")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
     }

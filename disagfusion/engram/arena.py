@@ -41,6 +41,7 @@ ALIGN = 2 * 1024 * 1024
 _PREAMBLE = struct.Struct("<8sIIQQ")
 DEFAULT_DIR = Path("/dev/shm/disagfusion-engram")
 _MAX = np.maximum.reduce
+_SMALL_BATCH = 16
 
 # numpy has no bfloat16: its rows are held as uint16 and reinterpreted by torch.
 _NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -247,7 +248,12 @@ class Arena:
             if flat.size:
                 raise LookupRequestError(f"row ids must be integers, not {dtype}")
             flat = flat.astype(np.int64)
-        elif flat.size:
+        elif flat.size <= _SMALL_BATCH:
+            # For a few ids plain Python beats a numpy reduction, and batch-1 lookups are common.
+            values = flat.tolist()
+            if values and (min(values) < 0 or max(values) >= view.shape[0]):
+                self._raise_out_of_range(name, flat)
+        else:
             # Seen as unsigned, a negative id is huge, so one max() checks both bounds.
             wide = flat if dtype.itemsize == 8 else flat.astype(np.int64)
             if _MAX(wide.view(np.uint64)) >= view.shape[0]:
