@@ -95,6 +95,7 @@ class RemoteRows:
             self._stop_loop()
             raise
         self.descriptor = descriptor
+        self._subject = wire.lookup_subject(descriptor.name)
         self.directory = ArenaDirectory.model_validate_json(descriptor.directory_json)
         self._scratch = _ScratchFile(descriptor.scratch_dir) if reply == "shm" else None
         self._scratch_lock = threading.Lock()
@@ -145,9 +146,9 @@ class RemoteRows:
 
     async def _single(self, payload: bytes) -> None:
         try:
-            msg = await self._nc.request(wire.LOOKUP_SUBJECT, payload, timeout=self.timeout_s)
+            msg = await self._nc.request(self._subject, payload, timeout=self.timeout_s)
         except NoRespondersError:
-            raise EngramServiceError(f"no engram_store service answers on {wire.LOOKUP_SUBJECT}") from None
+            raise EngramServiceError(f"no engram_store service answers on {self._subject}") from None
         except NatsTimeoutError:
             raise EngramServiceError(f"engram_store did not answer within {self.timeout_s} s") from None
         _raise_for_status(msg.headers or {})
@@ -158,7 +159,7 @@ class RemoteRows:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         try:
-            await self._nc.publish(wire.LOOKUP_SUBJECT, payload, reply=inbox)
+            await self._nc.publish(self._subject, payload, reply=inbox)
             received, count = 0, 1
             while received < count:
                 try:
@@ -167,7 +168,7 @@ class RemoteRows:
                     raise EngramServiceError(f"engram_store did not answer within {self.timeout_s} s") from None
                 headers = msg.headers or {}
                 if headers.get("Status") == "503":
-                    raise EngramServiceError(f"no engram_store service answers on {wire.LOOKUP_SUBJECT}")
+                    raise EngramServiceError(f"no engram_store service answers on {self._subject}")
                 _raise_for_status(headers)
                 index, count = (int(x) for x in headers[wire.CHUNK].split("/"))
                 start = index * int(headers[wire.CHUNK_ROWS]) * info.row_bytes

@@ -1,12 +1,13 @@
 """The engram_store service: maps its arenas, publishes one descriptor per arena in the
-DF_ENGRAM_ARENAS key-value bucket, and answers lookups on df.engram.lookup (a queue group, so
-replicas share the load). Every request is checked before a byte is read: unknown tables,
+DF_ENGRAM_ARENAS key-value bucket, and answers lookups on df.engram.lookup.<arena> (a queue
+group, so replicas share the load). Every request is checked before a byte is read: unknown tables,
 out-of-range ids, malformed messages and scratch files outside the scratch directory get an
 error reply naming the problem."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import mmap
@@ -102,12 +103,6 @@ class EngramStore:
         if len(set(names)) != len(names):
             raise SystemExit(f"arena names (file stems) must be unique, got {names}")
         self.arenas = {name: Arena.open(o.reader_path, verify=True) for name, o in zip(names, self.owned, strict=True)}
-        self.table_arena: dict[str, Arena] = {}
-        for name, arena in self.arenas.items():
-            for info in arena.directory.tables:
-                if info.name in self.table_arena:
-                    raise SystemExit(f"table {info.name!r} is in two arenas; table names must be unique")
-                self.table_arena[info.name] = arena
         settings.engram_scratch_dir.mkdir(parents=True, exist_ok=True)
         self.scratch = ScratchMaps(settings.engram_scratch_dir)
         self.nc: NatsClient | None = None
@@ -134,34 +129,32 @@ class EngramStore:
             kv = await js.create_key_value(bucket=wire.ARENAS_BUCKET, history=1)
         for name, descriptor in self.descriptors().items():
             await kv.put(name, pack(descriptor))
-        await nc.subscribe(wire.LOOKUP_SUBJECT, queue=wire.SERVICE_QUEUE, cb=self.handle)
-        await nc.flush()  # the server knows the subscription before anyone is told we serve
-        log.info("serving tables %s from arenas %s", sorted(self.table_arena), sorted(self.arenas))
+        for name, arena in self.arenas.items():
+            await nc.subscribe(wire.lookup_subject(name), queue=wire.SERVICE_QUEUE, cb=functools.partial(self.handle, arena))
+            log.info("serving arena %s (tables %s) on %s", name, [t.name for t in arena.directory.tables], wire.lookup_subject(name))
+        await nc.flush()  # the server knows the subscriptions before anyone is told we serve
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, arena: Arena, msg: Msg) -> None:
         if not msg.reply:
             log.warning("dropped a lookup without a reply subject")
             return
         try:
-            await self._answer(msg)
+            await self._answer(arena, msg)
         except (DecodeError, LookupRequestError) as exc:
             await self._error(msg.reply, str(exc))
         except Exception as exc:  # a reply beats a client waiting out its timeout
             log.exception("lookup failed")
             await self._error(msg.reply, f"engram_store failed: {type(exc).__name__}: {exc}")
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, arena: Arena, msg: Msg) -> None:
         assert self.nc is not None
         request = unpack(wire.LookupRequest, msg.data)
-        arena = self.table_arena.get(request.table)
-        if arena is None:
-            raise LookupRequestError(f"no table {request.table!r} (tables: {', '.join(sorted(self.table_arena))})")
+        info = arena.info(request.table)  # an unknown table is refused before the ids are read
         if len(request.ids) % 8:
             raise LookupRequestError(f"ids must be little-endian int64: {len(request.ids)} bytes is not a multiple of 8")
         ids = np.frombuffer(request.ids, dtype="<i8")
         if ids.size > wire.MAX_IDS_PER_REQUEST:
             raise LookupRequestError(f"{ids.size} ids in one request; at most {wire.MAX_IDS_PER_REQUEST}")
-        info = arena.info(request.table)
         shape = {wire.DTYPE: info.dtype, wire.SHAPE: f"{ids.size},{info.dim}"}
         if request.reply == "shm":
             if request.shm_path is None:
