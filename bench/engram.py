@@ -188,6 +188,10 @@ def main(
     quick: bool = typer.Option(False, help="64 MiB table and short runs (under 2 minutes)"),
     rows_per_head: int = typer.Option(0, help="override the table size (rows per head; 16 heads)"),
     redis_rows: int = typer.Option(1_000_000, help="rows loaded into Redis (a prefix of the table)"),
+    dram_huge_pages: bool = typer.Option(
+        True, help="let numpy back the dram copy with transparent huge pages (its default); --no-dram-huge-pages "
+        "gives it 4 KiB pages, like an arena on a tmpfs without shmem huge pages",
+    ),
 ) -> None:
     torch.set_num_threads(1)  # the encoder's compute and the prefetch thread share the cores
     rows_per_head = rows_per_head or (16_384 if quick else 1_048_576)
@@ -203,7 +207,12 @@ def main(
     rng = np.random.default_rng(0)
     print(f"# Engram store bench on {platform.node()} ({os.cpu_count()} cpus, {platform.machine()}), python {platform.python_version()}")
     print(f"# table {table.name}: {table.rows} rows x {DIM} float32 = {table.nbytes / 2**30:.2f} GiB")
-    print(f"# reproduce: PYTHONPATH=$PWD python bench/engram.py{' --quick' if quick else ''}")
+    thp = {name: Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip() for name in ("enabled", "shmem_enabled")}
+    print(f"# transparent huge pages: {thp}; dram copy {'may use' if dram_huge_pages else 'without'} huge pages")
+    print(
+        f"# reproduce: PYTHONPATH=$PWD python bench/engram.py{' --quick' if quick else ''}"
+        f"{'' if dram_huge_pages else ' --no-dram-huge-pages'}"
+    )
     t0 = time.perf_counter()
     try:
         build(arena_path, specs, random_filler(specs, seed=0), layout)
@@ -220,6 +229,9 @@ def main(
                 flush=True,
             )
 
+        # numpy madvises large arrays for transparent huge pages; a tmpfs arena gets them only
+        # where /sys/kernel/mm/transparent_hugepage/shmem_enabled allows.
+        np._core.multiarray._set_madvise_hugepage(dram_huge_pages)
         with Arena.open(arena_path) as arena:
             dram = np.array(arena.table(table.name))  # a private copy in this process's memory
         with EngramClient.local(arena_path) as local:
@@ -300,6 +312,8 @@ def main(
     summary = {
         "bench": "engram",
         "quick": quick,
+        "dram_huge_pages": dram_huge_pages,
+        "transparent_hugepage": thp,
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "table_bytes": table.nbytes,
