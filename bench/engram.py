@@ -4,6 +4,7 @@ Sources, all over the same table (one Engram layer's table, float32 rows of 64 v
 random ids every call, batch sizes 1, 64, 4096 and 65536:
   dram   numpy.take from an in-process array (the limit)
   arena  EngramClient.local: the client's whole path over the read-only mapping of the arena
+         (with uint32 ids, and with int64 ids, which pay for a sign check; dram gets the same)
   nats   EngramClient.remote through a real engram_store process and nats-server, replies
          written into a shared scratch mapping ("shm") or sent in 1 MiB chunks ("chunks")
   redis  one key per row, MGET: what a user would build instead (a row subset, said in the JSON)
@@ -47,6 +48,9 @@ WINDOWS_MS = (0.05, 0.5, 5.0)
 DIM = 64
 HEADS = 8
 BIN = Path(sys.executable).parent
+ID_DTYPE = np.uint32
+"""Row ids as the sources get them: unsigned 32-bit ids are the local client's fast path (no
+sign check); dram and arena are measured with int64 ids too."""
 
 
 def hasher_config(rows_per_head: int) -> HasherConfig:
@@ -103,17 +107,18 @@ def running(args: list[str], env: dict[str, str] | None = None, port: int | None
 
 
 def measure(
-    calls: dict[str, Callable[[np.ndarray], object]], batch: int, id_high: int, budget_s: float, rng: np.random.Generator
+    calls: dict[str, Callable[[np.ndarray], object]], batch: int, id_high: int, budget_s: float, rng: np.random.Generator,
+    id_dtype: type[np.integer] = ID_DTYPE,
 ) -> dict[str, dict[str, float]]:
     """Latency of each call on fresh random ids, the calls taking turns so that load from other
     processes on this machine falls on all of them alike, until the budget is spent."""
     for call in calls.values():
-        call(rng.integers(0, id_high, batch))  # first call: connections, scratch files
+        call(rng.integers(0, id_high, batch, dtype=id_dtype))  # first call: connections, scratch files
     times: dict[str, list[float]] = {name: [] for name in calls}
     spent = 0.0
     while (spent < budget_s * len(calls) and len(times[next(iter(calls))]) < 20_000) or len(times[next(iter(calls))]) < 5:
         for name, call in calls.items():
-            ids = rng.integers(0, id_high, batch)
+            ids = rng.integers(0, id_high, batch, dtype=id_dtype)
             t0 = time.perf_counter()
             call(ids)
             dt = time.perf_counter() - t0
@@ -183,6 +188,10 @@ def main(
     quick: bool = typer.Option(False, help="64 MiB table and short runs (under 2 minutes)"),
     rows_per_head: int = typer.Option(0, help="override the table size (rows per head; 16 heads)"),
     redis_rows: int = typer.Option(1_000_000, help="rows loaded into Redis (a prefix of the table)"),
+    dram_huge_pages: bool = typer.Option(
+        True, help="let numpy back the dram copy with transparent huge pages (its default); --no-dram-huge-pages "
+        "gives it 4 KiB pages, like an arena on a tmpfs without shmem huge pages",
+    ),
 ) -> None:
     torch.set_num_threads(1)  # the encoder's compute and the prefetch thread share the cores
     rows_per_head = rows_per_head or (16_384 if quick else 1_048_576)
@@ -198,7 +207,12 @@ def main(
     rng = np.random.default_rng(0)
     print(f"# Engram store bench on {platform.node()} ({os.cpu_count()} cpus, {platform.machine()}), python {platform.python_version()}")
     print(f"# table {table.name}: {table.rows} rows x {DIM} float32 = {table.nbytes / 2**30:.2f} GiB")
-    print(f"# reproduce: PYTHONPATH=$PWD python bench/engram.py{' --quick' if quick else ''}")
+    thp = {name: Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip() for name in ("enabled", "shmem_enabled")}
+    print(f"# transparent huge pages: {thp}; dram copy {'may use' if dram_huge_pages else 'without'} huge pages")
+    print(
+        f"# reproduce: PYTHONPATH=$PWD python bench/engram.py{' --quick' if quick else ''}"
+        f"{'' if dram_huge_pages else ' --no-dram-huge-pages'}"
+    )
     t0 = time.perf_counter()
     try:
         build(arena_path, specs, random_filler(specs, seed=0), layout)
@@ -210,21 +224,26 @@ def main(
             row = {"source": source, "batch": batch, **extra, **figures, "gbps": figures["rows_per_s"] * table.row_bytes / 1e9}
             rows.append(row)
             print(
-                f"{source:6} {str(extra.get('reply', '')):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
+                f"{source:6} {str(extra.get('reply', extra.get('ids', ''))):6} batch {batch:6}: {row['rows_per_s']:>14,.0f} rows/s "
                 f"{row['gbps']:7.3f} GB/s  p50 {row['p50_ms']:8.4f} ms  p99 {row['p99_ms']:8.4f} ms",
                 flush=True,
             )
 
+        # numpy madvises large arrays for transparent huge pages; a tmpfs arena gets them only
+        # where /sys/kernel/mm/transparent_hugepage/shmem_enabled allows.
+        np._core.multiarray._set_madvise_hugepage(dram_huge_pages)
         with Arena.open(arena_path) as arena:
             dram = np.array(arena.table(table.name))  # a private copy in this process's memory
         with EngramClient.local(arena_path) as local:
             for batch in BATCHES:
-                figures = measure(
-                    {"dram": lambda ids: np.take(dram, ids, axis=0), "arena": lambda ids: local.lookup(table.name, ids)},
-                    batch, table.rows, budget_s, rng,
-                )
-                record("dram", batch, figures["dram"])
-                record("arena", batch, figures["arena"])
+                for id_dtype in (np.uint32, np.int64):
+                    figures = measure(
+                        {"dram": lambda ids: np.take(dram, ids, axis=0), "arena": lambda ids: local.lookup(table.name, ids)},
+                        batch, table.rows, budget_s, rng, id_dtype,
+                    )
+                    ids = np.dtype(id_dtype).name
+                    record("dram", batch, figures["dram"], ids=ids)
+                    record("arena", batch, figures["arena"], ids=ids)
             del dram
             prefetch += prefetch_overlap(local, "arena", rounds, rng)
 
@@ -271,13 +290,20 @@ def main(
             f"stall p50 {p['stall_p50_ms']:7.4f} ms  p99 {p['stall_p99_ms']:7.4f} ms  (fetch alone {p['fetch_ms']:.3f} ms)"
         )
 
-    def of(source: str, batch: int, reply: str | None = None) -> dict:
-        return next(r for r in rows if r["source"] == source and r["batch"] == batch and r.get("reply") == reply)
+    def of(source: str, batch: int, reply: str | None = None, ids: str | None = None) -> dict:
+        return next(
+            r for r in rows
+            if r["source"] == source and r["batch"] == batch and r.get("reply") == reply and r.get("ids", ids) == ids
+        )
 
     goals = {
-        "arena_vs_dram": {str(b): of("arena", b)["rows_per_s"] / of("dram", b)["rows_per_s"] for b in BATCHES},
-        "nats_shm_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
-        "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536)["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
+        f"arena_vs_dram_{ids}_ids": {
+            str(b): of("arena", b, ids=ids)["rows_per_s"] / of("dram", b, ids=ids)["rows_per_s"] for b in BATCHES
+        }
+        for ids in ("uint32", "int64")
+    } | {
+        "nats_shm_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
+        "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
         "nats_shm_vs_redis_65536": of("nats", 65536, "shm")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
         "nats_chunks_vs_redis_65536": of("nats", 65536, "chunks")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
     }
@@ -286,6 +312,8 @@ def main(
     summary = {
         "bench": "engram",
         "quick": quick,
+        "dram_huge_pages": dram_huge_pages,
+        "transparent_hugepage": thp,
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "table_bytes": table.nbytes,

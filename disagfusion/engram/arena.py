@@ -33,15 +33,16 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.engram.hashing import NgramHasher
+from disagfusion.engram.spec import RowDType
 
 MAGIC = b"DFENGRM\0"
 FORMAT_VERSION = 1
 ALIGN = 2 * 1024 * 1024
 _PREAMBLE = struct.Struct("<8sIIQQ")
 DEFAULT_DIR = Path("/dev/shm/disagfusion-engram")
+_MAX = np.maximum.reduce
 _SMALL_BATCH = 16
 
-RowDType = Literal["float32", "float16", "bfloat16", "int64"]
 # numpy has no bfloat16: its rows are held as uint16 and reinterpreted by torch.
 _NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -227,23 +228,44 @@ class Arena:
             raise LookupRequestError(f"no table {name!r} (tables: {', '.join(self._infos)})") from None
 
     def gather(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``ids`` (any shape, flattened) of table ``name`` as [n, dim]. Every id is checked
-        against the table's bounds first: nothing reads outside a table."""
-        info = self.info(name)
-        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if flat.size <= _SMALL_BATCH:
+        """Rows ``ids`` (an integer array of any shape, flattened) of table ``name`` as [n, dim].
+        Nothing reads outside a table, and an id < 0 or >= rows is an error.
+
+        Unsigned ids of up to 32 bits are the fast path: they cannot be negative, and numpy's
+        own bounds check (mode="raise") rejects the rest, so the gather is one ``ndarray.take``.
+        Other ids pay for one reduction that checks both bounds first."""
+        view = self._views.get(name)
+        if view is None:
+            view = self.table(name)
+        flat = ids.reshape(-1)
+        dtype = flat.dtype
+        if out is None and dtype.kind == "u" and dtype.itemsize <= 4:
+            try:
+                return view.take(flat, axis=0, mode="raise")
+            except IndexError:
+                self._raise_out_of_range(name, flat)
+        if dtype.kind not in "iu":
+            if flat.size:
+                raise LookupRequestError(f"row ids must be integers, not {dtype}")
+            flat = flat.astype(np.int64)
+        elif flat.size <= _SMALL_BATCH:
             # For a few ids plain Python beats a numpy reduction, and batch-1 lookups are common.
             values = flat.tolist()
-            out_of_range = bool(values) and (min(values) < 0 or max(values) >= info.rows)
+            if values and (min(values) < 0 or max(values) >= view.shape[0]):
+                self._raise_out_of_range(name, flat)
         else:
             # Seen as unsigned, a negative id is huge, so one max() checks both bounds.
-            out_of_range = int(flat.view(np.uint64).max()) >= info.rows
-        if out_of_range:
-            bad = int(flat[(flat < 0) | (flat >= info.rows)][0])
-            raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{info.rows - 1})")
-        # mode="clip" skips numpy's own per-element bounds branch (the check above holds); the
-        # method skips numpy.take's Python-level dispatch, which costs more than a 1-row gather.
-        return self.table(name).take(flat, axis=0, out=out, mode="clip")
+            wide = flat if dtype.itemsize == 8 else flat.astype(np.int64)
+            if _MAX(wide.view(np.uint64)) >= view.shape[0]:
+                self._raise_out_of_range(name, flat)
+        # mode="clip" skips numpy's per-element bounds branch (checked above) and, unlike
+        # "raise", writes straight into ``out`` rather than through a buffer.
+        return view.take(flat, axis=0, out=out, mode="clip")
+
+    def _raise_out_of_range(self, name: str, flat: np.ndarray) -> None:
+        rows = self._infos[name].rows
+        bad = flat[(flat < 0) | (flat >= rows)][0]
+        raise LookupRequestError(f"row id {bad} is out of range for table {name!r} (rows 0..{rows - 1})")
 
     def verify(self) -> None:
         for info in self.directory.tables:

@@ -28,6 +28,8 @@ from disagfusion.engram.arena import (
     build_arena,
     plan,
 )
+from disagfusion.engram.hashing import CompressionMap, Tokenizer
+from disagfusion.engram.spec import BYT5, EngramArenaSpec
 
 Filler = Callable[[ArenaBuilder], None]
 """Writes the rows of every table into a builder's views."""
@@ -175,6 +177,40 @@ def arena_copy_filler(path: str) -> Filler:
                 builder.table(info.name)[...] = source.table(info.name)
 
     return fill
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """``byt5`` (the presets' tokenizer) or a tokenizer directory."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    return ByT5Tokenizer() if name == BYT5 else AutoTokenizer.from_pretrained(name)
+
+
+def from_spec(spec: EngramArenaSpec) -> tuple[list[TableSpec], Filler, EngramLayout]:
+    """Tables, filler and Engram layout of a fresh arena: seeded random rows, and the
+    tokenizer's compression map when the spec names a tokenizer."""
+    compression = CompressionMap.from_tokenizer(load_tokenizer(spec.tokenizer)) if spec.tokenizer else None
+    if compression is not None:
+        compressed_vocab, pad_id = compression.compressed_vocab_size, int(compression.lookup[spec.pad_id])
+    elif spec.compressed_vocab is None:
+        raise ArenaError("an Engram arena needs a tokenizer or a compressed vocabulary size")
+    else:
+        compressed_vocab, pad_id = spec.compressed_vocab, spec.pad_id
+    config = HasherConfig(
+        compressed_vocab_size=compressed_vocab, engram_vocab_size=spec.engram_vocab, max_ngram_size=spec.max_ngram,
+        n_head_per_ngram=spec.heads, layer_ids=spec.layers, pad_id=pad_id, seed=spec.seed,
+    )
+    specs, layout = engram_specs(config, dim=spec.dim, dtype=spec.dtype)
+    random_rows = random_filler(specs, spec.seed, spec.scale)
+    if compression is None:
+        return specs, random_rows, layout
+    specs.append(TableSpec(name="compression", dtype="int64", rows=len(compression.lookup), dim=1))
+
+    def fill(builder: ArenaBuilder) -> None:
+        random_rows(builder)
+        builder.table("compression")[:, 0] = compression.lookup
+
+    return specs, fill, layout.model_copy(update={"compression_table": "compression"})
 
 
 def from_source(source: str) -> tuple[list[TableSpec], Filler, EngramLayout | None]:

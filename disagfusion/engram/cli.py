@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disagfusion.engram.arena import Arena, ArenaError, HasherConfig, LookupRequestError, TableSpec
-from disagfusion.engram.build import build, engram_specs, from_source, random_filler
+from disagfusion.engram.arena import Arena, ArenaError, LookupRequestError, TableSpec
+from disagfusion.engram.build import build, from_source, from_spec, random_filler
 from disagfusion.engram.client import EngramClient, EngramServiceError
-from disagfusion.engram.hashing import CompressionMap
+from disagfusion.engram.spec import EngramArenaSpec
 
 engram_app = typer.Typer(help="Engram arenas: build one, show its tables, look rows up.", no_args_is_help=True)
 console = Console()
@@ -37,7 +37,7 @@ def build_command(
     dim: int = typer.Option(64, help="Engram: values per head row"),
     dtype: str = typer.Option("float32", help="Engram / random tables: float32, float16 or bfloat16"),
     compressed_vocab: int = typer.Option(None, help="Engram: compressed vocabulary size (or use --tokenizer)"),
-    tokenizer: str = typer.Option(None, help="Engram: tokenizer directory; stores its compression map"),
+    tokenizer: str = typer.Option(None, help="Engram: tokenizer directory (or byt5); stores its compression map"),
     pad_id: int = typer.Option(0, help="Engram: pad token id (a tokenizer id when --tokenizer is given)"),
     seed: int = typer.Option(0, help="hash seed and random-init seed"),
 ) -> None:
@@ -46,7 +46,12 @@ def build_command(
         if source:
             specs, fill, layout = from_source(source)
         elif engram_vocab:
-            specs, fill, layout = _engram_build(engram_vocab, max_ngram, heads, layers, dim, dtype, compressed_vocab, tokenizer, pad_id, seed)
+            specs, fill, layout = from_spec(
+                EngramArenaSpec(
+                    engram_vocab=_ints(engram_vocab), max_ngram=max_ngram, heads=heads, layers=_ints(layers), dim=dim,
+                    dtype=dtype, tokenizer=tokenizer, compressed_vocab=compressed_vocab, pad_id=pad_id, seed=seed,
+                )
+            )
         elif table:
             specs = [_table_spec(t) for t in table]
             fill, layout = random_filler(specs, seed), None
@@ -64,35 +69,6 @@ def _table_spec(text: str) -> TableSpec:
     if m is None:
         raise typer.BadParameter(f"--table {text!r}: expected NAME:ROWSxDIM[:DTYPE]")
     return TableSpec(name=m.group(1), rows=int(m.group(2)), dim=int(m.group(3)), dtype=m.group(4) or "float32")
-
-
-def _engram_build(
-    engram_vocab: str, max_ngram: int, heads: int, layers: str, dim: int, dtype: str,
-    compressed_vocab: int | None, tokenizer: str | None, pad_id: int, seed: int,
-):  # noqa: ANN202 - the triple from_source returns
-    compression = None
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        compression = CompressionMap.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer))
-        compressed_vocab, pad_id = compression.compressed_vocab_size, int(compression.lookup[pad_id])
-    if compressed_vocab is None:
-        raise typer.BadParameter("Engram tables need --compressed-vocab or --tokenizer")
-    config = HasherConfig(
-        compressed_vocab_size=compressed_vocab, engram_vocab_size=_ints(engram_vocab), max_ngram_size=max_ngram,
-        n_head_per_ngram=heads, layer_ids=_ints(layers), pad_id=pad_id, seed=seed,
-    )
-    specs, layout = engram_specs(config, dim=dim, dtype=dtype)
-    random_rows = random_filler(specs, seed)
-    if compression is None:
-        return specs, random_rows, layout
-    specs.append(TableSpec(name="compression", dtype="int64", rows=len(compression.lookup), dim=1))
-
-    def fill(builder) -> None:  # noqa: ANN001
-        random_rows(builder)
-        builder.table("compression")[:, 0] = compression.lookup
-
-    return specs, fill, layout.model_copy(update={"compression_table": "compression"})
 
 
 @engram_app.command("info")

@@ -44,20 +44,6 @@ class RowSource(Protocol):
     def close(self) -> None: ...
 
 
-class LocalRows:
-    """Gathers from a read-only mapping of the arena, in this process."""
-
-    def __init__(self, path: str, verify: bool = True) -> None:
-        self.arena = Arena.open(path, verify=verify)
-        self.directory = self.arena.directory
-
-    def gather(self, table: str, ids: np.ndarray) -> np.ndarray:
-        return self.arena.gather(table, ids)
-
-    def close(self) -> None:
-        self.arena.close()
-
-
 class _ScratchFile:
     """A file in the service's scratch directory that the service writes a reply's rows into;
     it only grows, and stays mapped here."""
@@ -109,6 +95,7 @@ class RemoteRows:
             self._stop_loop()
             raise
         self.descriptor = descriptor
+        self._subject = wire.lookup_subject(descriptor.name)
         self.directory = ArenaDirectory.model_validate_json(descriptor.directory_json)
         self._scratch = _ScratchFile(descriptor.scratch_dir) if reply == "shm" else None
         self._scratch_lock = threading.Lock()
@@ -159,9 +146,9 @@ class RemoteRows:
 
     async def _single(self, payload: bytes) -> None:
         try:
-            msg = await self._nc.request(wire.LOOKUP_SUBJECT, payload, timeout=self.timeout_s)
+            msg = await self._nc.request(self._subject, payload, timeout=self.timeout_s)
         except NoRespondersError:
-            raise EngramServiceError(f"no engram_store service answers on {wire.LOOKUP_SUBJECT}") from None
+            raise EngramServiceError(f"no engram_store service answers on {self._subject}") from None
         except NatsTimeoutError:
             raise EngramServiceError(f"engram_store did not answer within {self.timeout_s} s") from None
         _raise_for_status(msg.headers or {})
@@ -172,7 +159,7 @@ class RemoteRows:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         try:
-            await self._nc.publish(wire.LOOKUP_SUBJECT, payload, reply=inbox)
+            await self._nc.publish(self._subject, payload, reply=inbox)
             received, count = 0, 1
             while received < count:
                 try:
@@ -181,7 +168,7 @@ class RemoteRows:
                     raise EngramServiceError(f"engram_store did not answer within {self.timeout_s} s") from None
                 headers = msg.headers or {}
                 if headers.get("Status") == "503":
-                    raise EngramServiceError(f"no engram_store service answers on {wire.LOOKUP_SUBJECT}")
+                    raise EngramServiceError(f"no engram_store service answers on {self._subject}")
                 _raise_for_status(headers)
                 index, count = (int(x) for x in headers[wire.CHUNK].split("/"))
                 start = index * int(headers[wire.CHUNK_ROWS]) * info.row_bytes
@@ -223,6 +210,7 @@ class EngramClient:
 
     def __init__(self, rows: RowSource, compression: CompressionMap | None = None) -> None:
         self.rows = rows
+        self._gather = rows.gather  # bound once: lookups of a row or two are common and cheap
         self.directory = rows.directory
         self.layout = rows.directory.engram
         self.hasher: NgramHasher | None = self.layout.hasher.build() if self.layout else None
@@ -232,7 +220,7 @@ class EngramClient:
 
     @classmethod
     def local(cls, path: str, compression: CompressionMap | None = None, verify: bool = True) -> EngramClient:
-        return cls(LocalRows(path, verify=verify), compression)
+        return cls(Arena.open(path, verify=verify), compression)
 
     @classmethod
     def remote(
@@ -247,10 +235,11 @@ class EngramClient:
 
     def lookup(self, table: str, ids: np.ndarray | list[int]) -> np.ndarray:
         """Rows as an array of shape ``ids.shape + (dim,)`` in the table's dtype (bfloat16 rows
-        as their uint16 bit patterns: numpy has no bfloat16; ``as_tensor`` reinterprets them)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        rows = self.rows.gather(table, ids)
-        return rows.reshape(*ids.shape, rows.shape[-1]) if ids.ndim != 1 else rows
+        as their uint16 bit patterns: numpy has no bfloat16; ``as_tensor`` reinterprets them).
+        Unsigned ids of up to 32 bits take the fastest path through a local arena."""
+        ids = np.asarray(ids)
+        rows = self._gather(table, ids)
+        return rows if ids.ndim == 1 else rows.reshape(*ids.shape, rows.shape[-1])
 
     def as_tensor(self, table: str, rows: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(rows)

@@ -159,6 +159,13 @@ def attach_engram(
         int(layer): int(block)
         for layer, block in (pair.split(":") for pair in settings.engram_blocks.split(",") if pair.strip())
     } or {layer: layer for layer in client.hasher.layer_ids}
+    beyond = {layer: block for layer, block in blocks.items() if not 0 <= block < len(encoder.encoder.block)}
+    if beyond:
+        client.close()
+        raise LookupRequestError(
+            f"DF_ENGRAM_BLOCKS sends Engram layers to blocks {beyond}; this encoder has "
+            f"{len(encoder.encoder.block)} blocks (0..{len(encoder.encoder.block) - 1})"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(client.hasher.seed)
         engram = EngramAugmentation(client, encoder.config.d_model, blocks)

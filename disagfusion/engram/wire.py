@@ -1,6 +1,6 @@
 """The Engram lookup protocol on NATS (docs/engram.md says the same for other languages).
 
-A request is a msgpack ``LookupRequest`` on ``df.engram.lookup``. The rows come back as raw
+A request is a msgpack ``LookupRequest`` on ``df.engram.lookup.<arena name>``. The rows come back as raw
 bytes (row-major [n, dim], little-endian, the table's dtype) described by NATS headers, either
 in chunks that each fit the server's max_payload ("chunks") or written by the service straight
 into a scratch file under the shared scratch directory that the client named ("shm"; same host).
@@ -14,8 +14,15 @@ from pydantic import Field
 
 from disagfusion.protocol import Message
 
-LOOKUP_SUBJECT = "df.engram.lookup"
+LOOKUP_PREFIX = "df.engram.lookup"
 SERVICE_QUEUE = "engram_store"
+
+
+def lookup_subject(arena: str) -> str:
+    """One subject per arena (``df.engram.lookup.<arena name>``): services on one NATS may serve
+    arenas with the same table names (every arena built from a spec has ``compression``), and
+    a lookup must reach a service holding the arena the client read the descriptor of."""
+    return f"{LOOKUP_PREFIX}.{arena}"
 ARENAS_BUCKET = "DF_ENGRAM_ARENAS"
 MAX_IDS_PER_REQUEST = 65536
 """512 KiB of ids: a request always fits NATS's default 1 MiB max_payload."""

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoTokenizer, T5EncoderModel
 
 from disagfusion.config import Settings
+from disagfusion.engram.module import attach_engram
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
@@ -109,7 +110,11 @@ class PixArtEncoder(PixArtStage):
         super().__init__(directory, settings)
         text_encoder = T5EncoderModel.from_pretrained(self.directory / "text_encoder", dtype=self.dtype)
         tokenizer = AutoTokenizer.from_pretrained(self.directory / "tokenizer")
-        self.pipe = self._partial_pipeline(tokenizer=tokenizer, text_encoder=text_encoder.to(self.device).eval())
+        text_encoder = text_encoder.to(self.device).eval()
+        # With DF_ENGRAM_ARENA set, Engram layers join the text encoder; their rows are
+        # prefetched the moment the tokenized prompt reaches it (a forward pre-hook).
+        self.engram = attach_engram(text_encoder, settings, self.directory / "text_encoder", tokenizer)
+        self.pipe = self._partial_pipeline(tokenizer=tokenizer, text_encoder=text_encoder)
 
     @torch.no_grad()
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:

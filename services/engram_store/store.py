@@ -1,12 +1,13 @@
 """The engram_store service: maps its arenas, publishes one descriptor per arena in the
-DF_ENGRAM_ARENAS key-value bucket, and answers lookups on df.engram.lookup (a queue group, so
-replicas share the load). Every request is checked before a byte is read: unknown tables,
+DF_ENGRAM_ARENAS key-value bucket, and answers lookups on df.engram.lookup.<arena> (a queue
+group, so replicas share the load). Every request is checked before a byte is read: unknown tables,
 out-of-range ids, malformed messages and scratch files outside the scratch directory get an
 error reply naming the problem."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import mmap
@@ -16,16 +17,18 @@ import socket
 from collections import OrderedDict
 from pathlib import Path
 
-import nats
 import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 
+from disagfusion.bus import connect
 from disagfusion.config import Settings
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, Location, numpy_dtype
-from disagfusion.engram.build import OwnedArena, build, from_source
+from disagfusion.engram.build import OwnedArena, build, from_source, from_spec
+from disagfusion.engram.spec import EngramArenaSpec
+from disagfusion.health import health_path, write_health
 from disagfusion.protocol import DecodeError, pack, unpack
 
 log = logging.getLogger("engram_store")
@@ -34,13 +37,19 @@ _HEADER_ROOM = 4096
 _SCRATCH_MAPS = 64
 
 
-def open_arena(entry: str) -> OwnedArena:
-    """``LOCATION`` maps a built arena; ``LOCATION<=SOURCE`` builds LOCATION from SOURCE first."""
+def open_arena(entry: str, spec: EngramArenaSpec) -> OwnedArena:
+    """``LOCATION`` maps a built arena, or builds one from ``spec`` where there is none yet (a
+    missing file, or a ``numa:`` location); ``LOCATION<=SOURCE`` builds LOCATION from SOURCE."""
     if "<=" in entry:
         location, source = (part.strip() for part in entry.split("<=", 1))
         specs, fill, engram = from_source(source)
         return build(location, specs, fill, engram)
     loc = Location.parse(entry)
+    if loc.kind == "numa" or (loc.kind == "file" and not Path(loc.path).exists()):
+        # Seeded rows: replicas that race to build the same file build the same bytes, and the
+        # file appears under its name only once sealed.
+        log.info("building arena %s from DF_ENGRAM_SPEC %s", entry, spec.model_dump_json())
+        return build(entry, *from_spec(spec))
     with Arena.open(entry, verify=False, populate=False) as arena:
         return OwnedArena(location=entry, reader_path=loc.path, directory=arena.directory)
 
@@ -89,17 +98,11 @@ class EngramStore:
         if not entries:
             raise SystemExit("engram_store needs at least one arena (--arena or DF_ENGRAM_ARENAS)")
         self.settings = settings
-        self.owned = [open_arena(entry) for entry in entries]
+        self.owned = [open_arena(entry, settings.engram_spec) for entry in entries]
         names = [arena_name(o) for o in self.owned]
         if len(set(names)) != len(names):
             raise SystemExit(f"arena names (file stems) must be unique, got {names}")
         self.arenas = {name: Arena.open(o.reader_path, verify=True) for name, o in zip(names, self.owned, strict=True)}
-        self.table_arena: dict[str, Arena] = {}
-        for name, arena in self.arenas.items():
-            for info in arena.directory.tables:
-                if info.name in self.table_arena:
-                    raise SystemExit(f"table {info.name!r} is in two arenas; table names must be unique")
-                self.table_arena[info.name] = arena
         settings.engram_scratch_dir.mkdir(parents=True, exist_ok=True)
         self.scratch = ScratchMaps(settings.engram_scratch_dir)
         self.nc: NatsClient | None = None
@@ -126,34 +129,32 @@ class EngramStore:
             kv = await js.create_key_value(bucket=wire.ARENAS_BUCKET, history=1)
         for name, descriptor in self.descriptors().items():
             await kv.put(name, pack(descriptor))
-        await nc.subscribe(wire.LOOKUP_SUBJECT, queue=wire.SERVICE_QUEUE, cb=self.handle)
-        await nc.flush()  # the server knows the subscription before anyone is told we serve
-        log.info("serving tables %s from arenas %s", sorted(self.table_arena), sorted(self.arenas))
+        for name, arena in self.arenas.items():
+            await nc.subscribe(wire.lookup_subject(name), queue=wire.SERVICE_QUEUE, cb=functools.partial(self.handle, arena))
+            log.info("serving arena %s (tables %s) on %s", name, [t.name for t in arena.directory.tables], wire.lookup_subject(name))
+        await nc.flush()  # the server knows the subscriptions before anyone is told we serve
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, arena: Arena, msg: Msg) -> None:
         if not msg.reply:
             log.warning("dropped a lookup without a reply subject")
             return
         try:
-            await self._answer(msg)
+            await self._answer(arena, msg)
         except (DecodeError, LookupRequestError) as exc:
             await self._error(msg.reply, str(exc))
         except Exception as exc:  # a reply beats a client waiting out its timeout
             log.exception("lookup failed")
             await self._error(msg.reply, f"engram_store failed: {type(exc).__name__}: {exc}")
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, arena: Arena, msg: Msg) -> None:
         assert self.nc is not None
         request = unpack(wire.LookupRequest, msg.data)
-        arena = self.table_arena.get(request.table)
-        if arena is None:
-            raise LookupRequestError(f"no table {request.table!r} (tables: {', '.join(sorted(self.table_arena))})")
+        info = arena.info(request.table)  # an unknown table is refused before the ids are read
         if len(request.ids) % 8:
             raise LookupRequestError(f"ids must be little-endian int64: {len(request.ids)} bytes is not a multiple of 8")
         ids = np.frombuffer(request.ids, dtype="<i8")
         if ids.size > wire.MAX_IDS_PER_REQUEST:
             raise LookupRequestError(f"{ids.size} ids in one request; at most {wire.MAX_IDS_PER_REQUEST}")
-        info = arena.info(request.table)
         shape = {wire.DTYPE: info.dtype, wire.SHAPE: f"{ids.size},{info.dim}"}
         if request.reply == "shm":
             if request.shm_path is None:
@@ -199,8 +200,19 @@ async def serve(settings: Settings, entries: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    nc = await nats.connect(settings.nats_url, name="engram_store")
-    await store.start(nc)
+    bus = await connect(settings, "engram_store")
+    await store.start(bus.nc)
+    heartbeat = asyncio.create_task(_heartbeat(bus.nc, settings, f"engram_store serving {', '.join(store.arenas)}"))
     print("engram_store ready", flush=True)
     await stopping.wait()
+    heartbeat.cancel()
     await store.stop()
+
+
+async def _heartbeat(nc: NatsClient, settings: Settings, detail: str) -> None:
+    """The container HEALTHCHECK's file, touched only while connected: lookups are served."""
+    path = health_path()
+    while True:
+        if nc.is_connected:
+            await asyncio.to_thread(write_health, path, detail)
+        await asyncio.sleep(min(settings.heartbeat_s, 5.0))

@@ -27,9 +27,13 @@ def shm_arena_path() -> Iterator[str]:
     path.unlink(missing_ok=True)
 
 
-def start_engram_store(nats_url: str, arenas: list[str], scratch_dir: str) -> subprocess.Popen:
+def start_engram_store(
+    nats_url: str, arenas: list[str], scratch_dir: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python -m services.engram_store`` as its own process, returned once it serves."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "DF_NATS_URL": nats_url, "DF_ENGRAM_SCRATCH_DIR": scratch_dir}
+    env = {
+        **os.environ, "PYTHONPATH": os.getcwd(), "DF_NATS_URL": nats_url, "DF_ENGRAM_SCRATCH_DIR": scratch_dir, **(env or {})
+    }
     args = [sys.executable, "-m", "services.engram_store"] + [f"--arena={a}" for a in arenas]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

@@ -97,6 +97,19 @@ def test_out_of_range_and_unknown_tables_are_refused(shm_arena_path: str) -> Non
             client.lookup("engram.layer0", many)
         with pytest.raises(LookupRequestError, match="no table 'nope'"):
             client.lookup("nope", [0])
+        # Every integer dtype is checked: uint32 by numpy's own bound, the rest by the check.
+        table = client.rows.table("engram.layer0")
+        for dtype in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64):
+            np.testing.assert_array_equal(client.lookup("engram.layer0", np.array([2, 1], dtype)), table[[2, 1]])
+        with pytest.raises(LookupRequestError, match=f"row id {rows} is out of range"):
+            client.lookup("engram.layer0", np.array([1, rows], np.uint32))
+        with pytest.raises(LookupRequestError, match="row id -2 is out of range"):
+            client.lookup("engram.layer0", np.array([1, -2], np.int32))
+        with pytest.raises(LookupRequestError, match=f"row id {2**64 - 1} is out of range"):
+            client.lookup("engram.layer0", np.array([2**64 - 1], np.uint64))  # -1 once cast to intp
+        with pytest.raises(LookupRequestError, match="row ids must be integers, not float64"):
+            client.lookup("engram.layer0", [1.5])
+        assert client.lookup("engram.layer0", []).shape == (0, 6)
         # A failed prefetch raises in wait(), not silently.
         handle = client.prefetch(np.array([[0, 1, 999]]))
         with pytest.raises(ValueError, match="token id 999 is outside the tokenizer's 80 ids"):

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import msgpack
 import nats
 import numpy as np
 import pytest
+import torch
 
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, TableSpec
 from disagfusion.engram.build import build, random_filler
 from disagfusion.engram.client import EngramClient, EngramServiceError
+from disagfusion.engram.spec import EngramArenaSpec
+from disagfusion.health import health_age
 from disagfusion.protocol import unpack
 from tests.engram.conftest import new_arena_path, start_engram_store, stop_engram_store
 from tests.engram.test_client import engram_arena, expected_embeddings
@@ -71,10 +75,10 @@ def test_service_refuses_bad_ids_and_tables(nats_server: str, served: tuple[str,
         assert client.lookup("wide", [0]).shape == (1, 32)
 
 
-async def raw_request(nats_url: str, payload: bytes) -> dict[str, str]:
+async def raw_request(nats_url: str, arena: str, payload: bytes) -> dict[str, str]:
     nc = await nats.connect(nats_url)
     try:
-        msg = await nc.request(wire.LOOKUP_SUBJECT, payload, timeout=10)
+        msg = await nc.request(wire.lookup_subject(arena), payload, timeout=10)
         return msg.headers or {}
     finally:
         await nc.close()
@@ -96,7 +100,7 @@ async def raw_request(nats_url: str, payload: bytes) -> dict[str, str]:
 )
 def test_malformed_requests_get_error_replies(nats_server: str, served: tuple[str, str], request_map, error: str) -> None:  # noqa: ANN001
     payload = b"\xc1garbage" if request_map is None else msgpack.packb(request_map, use_bin_type=True)
-    headers = asyncio.run(raw_request(nats_server, payload))
+    headers = asyncio.run(raw_request(nats_server, Path(served[1]).stem, payload))
     assert headers[wire.STATUS] == "error"
     assert error in headers[wire.ERROR]
 
@@ -142,3 +146,33 @@ def test_cli_lookup_through_the_service(nats_server: str, served: tuple[str, str
     assert result.exit_code == 0, result.output
     with Arena.open(wide_path) as arena:
         assert json.loads(result.output)["row"] == arena.table("wide")[7].astype(np.float32).tolist()
+
+
+def test_a_missing_arena_is_built_from_the_spec_and_health_is_reported(
+    nats_server: str, served: tuple[str, str], shm_arena_path: str, scratch_dir: str, tmp_path: Path
+) -> None:
+    """What compose runs: ``python -m services.engram_store`` with settings only. The store of
+    ``served`` runs beside it with its own (80-row) ``compression`` table: each arena has its
+    own lookup subject, so the lookups below reach the right one."""
+    health = tmp_path / "health"
+    spec = EngramArenaSpec(engram_vocab=[101, 103], heads=2, dim=4, seed=11)
+    env = {"DF_ENGRAM_ARENAS": shm_arena_path, "DF_ENGRAM_SPEC": spec.model_dump_json(), "DF_HEALTH_FILE": str(health)}
+    proc = start_engram_store(nats_server, [], scratch_dir, env)
+    try:
+        with Arena.open(shm_arena_path) as arena:  # built, sealed and checksummed
+            directory = arena.directory
+            assert directory.engram is not None and directory.engram.compression_table == "compression"
+            assert directory.engram.hasher.seed == 11 and directory.engram.hasher.n_head_per_ngram == 2
+        deadline = time.monotonic() + 10
+        while health_age(health) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.read_text().startswith(f"engram_store serving {Path(shm_arena_path).stem}")
+        tokens = np.array([[104, 105, 33, 0]])  # ByT5 ids (bytes + 3) of "eb" and "!", then the pad
+        with EngramClient.remote(nats_server, arena=Path(shm_arena_path).stem) as remote, EngramClient.local(
+            shm_arena_path
+        ) as local:
+            got, want = remote.wait(remote.prefetch(tokens)), local.wait(local.prefetch(tokens))
+        assert got.keys() == want.keys() == {0}
+        assert torch.equal(got[0], want[0]) and got[0].shape == (1, 4, 4, 4)
+    finally:
+        stop_engram_store(proc)
