@@ -67,12 +67,19 @@ def interpolate(value: str, environ: dict[str, str] | os._Environ = os.environ) 
     return _VARIABLE.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
+def active_profiles() -> set[str]:
+    """Compose profiles switched on, read from COMPOSE_PROFILES as docker compose reads it."""
+    return {p.strip() for p in os.environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+
+
 def load_services(compose_file: Path = COMPOSE_FILE) -> dict[str, ServiceSpec]:
-    """The application services of a compose file (everything but nats and redis)."""
+    """The application services of a compose file (everything but nats and redis), leaving out
+    services of profiles that are not active, as docker compose does."""
     doc = yaml.safe_load(compose_file.read_text())
+    profiles = active_profiles()
     services = {}
     for name, svc in doc["services"].items():
-        if name in INFRASTRUCTURE:
+        if name in INFRASTRUCTURE or (svc.get("profiles") and not profiles & set(svc["profiles"])):
             continue
         env = svc.get("environment") or {}
         if isinstance(env, list):  # compose also allows ["KEY=value", ...]

@@ -1,40 +1,24 @@
-"""Engram in the deployment: compose.yaml plus an engram_store service run with a plain
-``python -m`` command (it builds its missing arena from settings and reports health), and an
-encoder reading rows from it over NATS. The image equals the one computed in-process with
-the arena mapped locally."""
+"""Engram in the deployment: compose.yaml's engram_store service (profile "engram") run by the
+embedded launcher with its plain ``python -m`` command (it builds its missing arena from
+settings and reports health), and an encoder reading rows from it over NATS. The image
+equals the one computed in-process with the arena mapped locally."""
 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from disagfusion.client import Client
 from disagfusion.config import Settings
-from disagfusion.launcher import COMPOSE_FILE, Launcher
+from disagfusion.launcher import Launcher
 from disagfusion.models import load_stage_model
 from disagfusion.protocol import STAGES, JobSpec
-
-REPO = COMPOSE_FILE.parent
-
-
-def compose_with_engram(path: Path, arena: Path, scratch: Path) -> None:
-    doc = yaml.safe_load(COMPOSE_FILE.read_text())
-    stage = {k: v for k, v in doc["services"]["encoder"].items() if k not in ("command", "environment")}
-    environment = dict(doc["services"]["encoder"]["environment"])
-    doc["services"]["engram_store"] = stage | {
-        "command": ["python", "-m", "services.engram_store"],
-        "environment": environment | {"DF_ENGRAM_ARENAS": str(arena), "DF_ENGRAM_SCRATCH_DIR": str(scratch)},
-    }
-    doc["services"]["encoder"]["environment"] = environment | {"DF_ENGRAM_ARENA": f"nats:{arena.stem}"}
-    path.write_text(yaml.safe_dump(doc))
 
 
 def in_process_image(models_dir: Path, arena: Path | None, spec: JobSpec) -> np.ndarray:
@@ -47,17 +31,22 @@ def in_process_image(models_dir: Path, arena: Path | None, spec: JobSpec) -> np.
 
 @pytest.mark.slow
 async def test_stack_with_engram_store_gives_the_in_process_image(
-    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    models_dir = tiny_models_dir
     arena = Path("/dev/shm") / f"df-engram-test-{uuid.uuid4().hex}.arena"
     scratch = Path("/dev/shm") / f"df-engram-test-scratch-{uuid.uuid4().hex}"
-    compose = tmp_path / "compose.yaml"
-    compose_with_engram(compose, arena, scratch)
-    # The services run from the compose file's folder; they import this checkout.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("DF_MODELS", "tiny")
+    for key, value in {
+        "COMPOSE_PROFILES": "engram",
+        "DF_ENGRAM_ARENAS": str(arena),
+        "DF_ENGRAM_SCRATCH_DIR": str(scratch),
+        "DF_ENGRAM_ARENA": f"nats:{arena.stem}",
+        "DF_MODELS": "tiny",
+    }.items():
+        monkeypatch.setenv(key, value)
     spec = JobSpec(prompt="a lighthouse at dusk", seed=3, steps=3, height=64, width=64, guidance=4.5)
-    launcher = Launcher(tmp_path / "stack", compose_file=compose, models_dir=models_dir)
+    launcher = Launcher(tmp_path / "stack", models_dir=models_dir)
+    assert "engram_store" in launcher.services
     try:
         launcher.up()  # waits until every service, engram_store included, reports health
         assert arena.exists()  # built by engram_store from DF_ENGRAM_SPEC's defaults
