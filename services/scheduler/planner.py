@@ -164,7 +164,9 @@ def search_static(
     def score(allocation: Allocation) -> tuple[tuple[float, float], PhaseReport]:
         result, _, truth = simulate(shifted, pool, Scheduled("static", [(0.0, allocation)]), profiles, settings, initial=allocation)
         metrics = phase_metrics("search", result.jobs, truth)
-        return (metrics.throughput, -metrics.p95_s), metrics
+        # Throughputs within 1% are a tie (the measured span jitters); then lower p95 wins.
+        bucket = math.floor(math.log(metrics.throughput) / math.log(1.01)) if metrics.throughput > 0 else -math.inf
+        return (bucket, -metrics.p95_s), metrics
 
     if len(pool.classes) == 1 and pool.total <= exhaustive_up_to:
         best = None
