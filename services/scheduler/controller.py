@@ -5,7 +5,6 @@ heterogeneous pool. Up at once, down only after a stabilisation window, pins win
 from __future__ import annotations
 
 import heapq
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -61,12 +60,16 @@ class Controller:
         allocation = empty_allocation()
         preference = {stage: self.pool.preference(stage) for stage in STAGES}
         ceiling = {stage: s.max_instances.get(stage, self.pool.total) for stage in STAGES}
+        count = {stage: 0 for stage in STAGES}
+        cap = {stage: 0.0 for stage in STAGES}
 
         def add(stage: str) -> bool:
             for c in preference[stage]:
                 if free[c.name] > 0:
                     free[c.name] -= 1
                     allocation[stage][c.name] = allocation[stage].get(c.name, 0) + 1
+                    count[stage] += 1
+                    cap[stage] += c.speed_for(stage)
                     return True
             return False
 
@@ -75,21 +78,18 @@ class Controller:
                 add(stage)
         free_stages = [stage for stage in STAGES if stage not in pins]
         for stage in free_stages:
-            while sum(allocation[stage].values()) < min(s.min_instances.get(stage, 0), ceiling[stage]) and add(stage):
+            while count[stage] < min(s.min_instances.get(stage, 0), ceiling[stage]) and add(stage):
                 pass
 
-        def ratio(stage: str) -> float:
-            return capacity(allocation, self.pool, stage) / needs[stage] if needs[stage] > 0 else math.inf
-
-        heap = [(ratio(stage), stage) for stage in free_stages if needs[stage] > 0]
+        heap = [(cap[stage] / needs[stage], stage) for stage in free_stages if needs[stage] > 0]
         heapq.heapify(heap)
         while heap:
             r, stage = heapq.heappop(heap)
             if r >= 1.0 and not s.fill_pool:
                 break
-            if sum(allocation[stage].values()) >= ceiling[stage] or not add(stage):
+            if count[stage] >= ceiling[stage] or not add(stage):
                 continue  # this stage cannot grow; the others still may
-            heapq.heappush(heap, (ratio(stage), stage))
+            heapq.heappush(heap, (cap[stage] / needs[stage], stage))
         return allocation
 
     def stabilise(self, now: float, raw: Allocation, pins: dict[str, int], fleet: FleetState) -> Allocation:

@@ -162,7 +162,8 @@ def search_static(
     shifted = [entry.model_copy(update={"t": entry.t - trace[0].t}) for entry in trace]
 
     def score(allocation: Allocation) -> tuple[tuple[float, float], PhaseReport]:
-        result, _, truth = simulate(shifted, pool, Scheduled("static", [(0.0, allocation)]), profiles, settings, initial=allocation)
+        static = Scheduled("static", [(0.0, allocation)])
+        result, _, truth = simulate(shifted, pool, static, profiles, settings, initial=allocation, observe=False)
         metrics = phase_metrics("search", result.jobs, truth)
         # Throughputs within 1% are a tie (the measured span jitters); then lower p95 wins.
         bucket = math.floor(math.log(metrics.throughput) / math.log(1.01)) if metrics.throughput > 0 else -math.inf

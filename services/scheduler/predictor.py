@@ -4,8 +4,8 @@ and refined online from the timing samples workers publish on ``df.metrics.<stag
 The model is linear in a few features per stage (see ``features``): a per-batch constant plus
 work terms that sum over the batch's jobs. Classifier-free guidance (guidance > 1) runs the DiT
 twice per step and encodes the negative prompt too, so it doubles those terms. Refinement is
-recursive least squares on the *relative* error (each sample weighted by 1/seconds), with a
-forgetting factor so the fit follows a drifting device, and the profile as the prior.
+Bayesian linear regression on the *relative* error (each sample weighted by 1/seconds), with
+the profile as the prior and a forgetting factor so the fit follows a drifting device.
 """
 
 from __future__ import annotations
@@ -91,14 +91,21 @@ def load_profiles(paths: Iterable[Path]) -> dict[str, CostProfile]:
 
 
 class _Fit:
-    """Recursive least squares for one (model, stage) on the relative error."""
+    """Bayesian linear regression for one (model, stage) on the relative error, with the profile
+    as the prior and exponential forgetting of old samples. The prior never decays, so a
+    direction the samples never excite (a phase of one job shape excites one) stays at the
+    profile's value instead of drifting: this is what keeps it stable where plain recursive
+    least squares with forgetting winds up."""
 
     def __init__(self, prior: np.ndarray, prior_rel_sd: float, noise_rel_sd: float, forgetting: float):
-        self.theta = prior.astype(float).copy()
-        scale = np.where(prior > 0, prior, max(float(prior.max()), 1e-3) * 1e-2)
-        # Covariance in units of the noise variance: a prior ±prior_rel_sd against samples ±noise_rel_sd.
-        self.p = np.diag((prior_rel_sd * scale / noise_rel_sd) ** 2)
+        self.prior = prior.astype(float)
+        scale = np.where(self.prior > 0, self.prior, max(float(self.prior.max()), 1e-3) * 1e-2)
+        self.prior_precision = np.diag(1.0 / (prior_rel_sd * scale) ** 2)
+        self.data_precision = np.zeros_like(self.prior_precision)
+        self.data_evidence = np.zeros_like(self.prior)
+        self.noise_precision = 1.0 / noise_rel_sd**2
         self.forgetting = forgetting
+        self.theta = self.prior.copy()
         self.rel_error: float | None = None
         self.samples = 0
 
@@ -109,11 +116,12 @@ class _Fit:
         predicted = self.predict(x)
         error = abs(predicted - seconds) / seconds
         self.rel_error = error if self.rel_error is None else (1 - error_alpha) * self.rel_error + error_alpha * error
-        z = x / seconds  # weight 1/seconds: minimise relative, not absolute, error
-        pz = self.p @ z
-        gain = pz / (self.forgetting + z @ pz)
-        self.theta = np.maximum(self.theta + gain * (1.0 - z @ self.theta), 0.0)
-        self.p = (self.p - np.outer(gain, pz)) / self.forgetting
+        z = x / seconds  # weight 1/seconds: fit the relative, not the absolute, error (target 1)
+        self.data_precision = self.forgetting * self.data_precision + self.noise_precision * np.outer(z, z)
+        self.data_evidence = self.forgetting * self.data_evidence + self.noise_precision * z
+        self.theta = np.linalg.solve(
+            self.prior_precision + self.data_precision, self.prior_precision @ self.prior + self.data_evidence
+        )
         self.samples += 1
 
 

@@ -93,6 +93,7 @@ class Simulation:
         pins: Sequence[tuple[float, dict[str, int]]] = (),
         redeliver_after_s: float = 30.0,
         max_time: float | None = None,
+        observe: bool = True,
     ):
         self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
         self.predictor = predictor
@@ -102,6 +103,9 @@ class Simulation:
         self.feedback = Feedback(predictor, settings.arrival_tau_s)
         self.redeliver_after_s = redeliver_after_s
         self.max_time = max_time
+        self.observe = observe
+        """False for policies that ignore observations (static ones): the search for the oracle
+        runs many simulations and need not feed the scheduler's predictor."""
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
         self._ids = itertools.count()
@@ -170,7 +174,8 @@ class Simulation:
 
     def _enqueue(self, stage: str, record: JobRecord) -> None:
         self.queues[stage].append(record)
-        self.feedback.on_enqueue(stage, record.spec)
+        if self.observe:
+            self.feedback.on_enqueue(stage, record.spec)
         self._dispatch(stage)
 
     # -- instances -----------------------------------------------------------------------
@@ -212,6 +217,22 @@ class Simulation:
         if instance.gone:
             return  # it died mid-batch; the batch was handed back
         batch, instance.batch = instance.batch, []
+        if self.observe:
+            self._report(instance, batch)
+        following = next_stage(instance.stage)
+        for record in batch:
+            if following is None:
+                record.done = self.now
+            else:
+                self._enqueue(following, record)
+        if instance.draining:
+            instance.gone = True
+        else:
+            self.idle[instance.stage].append(instance)
+            self._dispatch(instance.stage)
+
+    def _report(self, instance: Instance, batch: list[JobRecord]) -> None:
+        """What a worker publishes on df.metrics.<stage>, handed to the scheduler's predictor."""
         sample = TimingSample.model_construct(
             stage=instance.stage,
             model=batch[0].spec.model,
@@ -224,17 +245,6 @@ class Simulation:
         speed = instance.device.speed_for(instance.stage)
         self.predictor.observe(sample, speed)
         self.feedback.on_sample(sample, speed)
-        following = next_stage(instance.stage)
-        for record in batch:
-            if following is None:
-                record.done = self.now
-            else:
-                self._enqueue(following, record)
-        if instance.draining:
-            instance.gone = True
-        else:
-            self.idle[instance.stage].append(instance)
-            self._dispatch(instance.stage)
 
     def _ready(self, instance: Instance) -> None:
         if instance.gone:
