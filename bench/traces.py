@@ -1,6 +1,6 @@
 """Workload traces for the scheduler benchmarks: the four-phase shift of the elastic issue.
 
-1. many small images (DiT-bound, short jobs)       2. few large images (DiT and decoder heavy)
+1. many small images (DiT-bound, short jobs)       2. few large images, few steps (decoder-heavy)
 3. long video-like DiT jobs (frames > 1)           4. long prompts with few steps (encoder-bound)
 
 Each phase's arrival rate is ``load`` times what the pool could serve of that phase's mix with
@@ -37,7 +37,7 @@ def phase_specs() -> list[tuple[str, dict]]:
     """(phase label, JobSpec fields) of the four phases, in order."""
     return [
         ("1-small-images", dict(model=IMAGE_MODEL, height=512, width=512, steps=20, guidance=5.0, prompt=60)),
-        ("2-large-images", dict(model=IMAGE_MODEL, height=1536, width=1536, steps=30, guidance=5.0, prompt=60)),
+        ("2-large-images", dict(model=IMAGE_MODEL, height=2048, width=2048, steps=8, guidance=1.0, prompt=60)),
         ("3-video", dict(model=VIDEO_MODEL, height=480, width=832, frames=33, steps=30, guidance=5.0, prompt=120)),
         ("4-long-prompts", dict(model=IMAGE_MODEL, height=1024, width=1024, steps=4, guidance=0.0, prompt=2000)),
     ]
@@ -50,7 +50,7 @@ def phase_capacity(spec: JobSpec, pool: Pool, predictor: Predictor) -> float:
     return min(capacity(placed, pool, s) / costs[s] for s in STAGES)
 
 
-def four_phase_trace(pool: Pool, phase_s: float, load: float = 0.9, seed: int = 0) -> list[TraceEntry]:
+def four_phase_trace(pool: Pool, phase_s: float, load: float = 0.8, seed: int = 0) -> list[TraceEntry]:
     rng = random.Random(seed)
     predictor = Predictor(load_profiles([PROFILES_DIR]))
     entries: list[TraceEntry] = []
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--pool", default="slot:12")
     parser.add_argument("--phase-s", type=float, default=600.0)
-    parser.add_argument("--load", type=float, default=0.9)
+    parser.add_argument("--load", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     entries = four_phase_trace(parse_pool(args.pool), args.phase_s, args.load, args.seed)
