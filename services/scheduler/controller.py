@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from disagfusion.protocol import STAGES
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.feedback import Observation
-from services.scheduler.pool import Allocation, Pool, capacity, empty_allocation, per_class, per_stage
+from services.scheduler.pool import Allocation, Pool, capacity, empty_allocation, per_class
 
 
 @dataclass
@@ -135,6 +135,3 @@ class Controller:
         raw = self.place(self.need(obs, fleet), pins)
         return self.stabilise(obs.t, raw, pins, fleet)
 
-
-def describe(allocation: Allocation) -> str:
-    return " ".join(f"{stage}={n}" for stage, n in per_stage(allocation).items())

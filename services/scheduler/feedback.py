@@ -107,7 +107,6 @@ class Feedback:
         self._predicted = {s: _Smoothed(tau_s) for s in STAGES}
         self._seen_sample = {s: False for s in STAGES}
         self._last_t: float | None = None
-        self._arrival_costs = _Smoothed(tau_s)
         self._mean_job_costs: list[float] = [0.0] * len(STAGES)
 
     def on_enqueue(self, stage: str, job: JobSpec) -> None:
