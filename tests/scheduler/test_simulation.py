@@ -75,3 +75,15 @@ def test_measured_times_teach_the_scheduler_a_wrong_profile(profiles: dict[str, 
     job = [small_image(0)]
     assert abs(predictor.predict("denoise", job) / truth.predict("denoise", job) - 1) < 0.1
     assert set(STAGES) <= {e.stage for e in predictor.errors()}
+
+
+def test_a_pin_holds_in_the_running_fleet_until_released(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(small_image, 12.0, 0.0, 200.0)
+    pins = [(30.0, {"denoise": 3}), (100.0, {})]
+    start = {"encode": {"slot": 1}, "denoise": {"slot": 9}, "decode": {"slot": 1}}
+    result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=start, pins=pins)
+    during = [p.desired["denoise"] for p in result.timeline if 30.0 <= p.t < 100.0]
+    assert during and set(during) == {3}
+    assert all(p.running["denoise"] == 3 for p in result.timeline if 60.0 <= p.t < 100.0)  # drained down
+    assert max(p.desired["denoise"] for p in result.timeline if p.t >= 100.0) >= 8  # released: back to the need
+    assert all(not math.isnan(r.done) for r in result.jobs)
