@@ -39,6 +39,11 @@ class SchedulerSettings(BaseSettings):
     fill_pool: bool = True
     """Hand spare slots out in the demand ratio (a fixed fleet) rather than leaving them free
     (a cloud fleet paying per instance)."""
+    deadline_aware: bool = True
+    """Drain each queued job by its latency budget (``latency_budget`` × its service time) when
+    that is longer than the horizon, so a backlog of long video jobs does not take slots from
+    new short jobs with tight budgets."""
+    latency_budget: float = Field(default=5.0, gt=0)
     arrival_tau_s: float = Field(default=20.0, gt=0)
     """Time constant of the arrival-rate average: shorter follows shifts faster, longer is calmer."""
 

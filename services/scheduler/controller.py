@@ -47,7 +47,8 @@ class Controller:
                 ready = capacity(fleet.running, self.pool, stage)
                 # Work piles up at the current capacity until new instances pull: plan for it now.
                 wait = fleet.ready_in.get(stage) or s.startup_s.get(stage, 0.0)
-                backlog = obs.future_work(stage) + max(0.0, arriving - ready) * wait
+                queued = obs.due_work(stage) if s.deadline_aware else obs.future_work(stage)
+                backlog = queued + max(0.0, arriving - ready) * wait
                 need += backlog / s.horizon_s
             needs[stage] = need
         return needs

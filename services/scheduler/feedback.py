@@ -37,6 +37,9 @@ class StageView:
     """Predicted reference-device seconds of this stage's work entering the pipeline per second."""
     queued_work: dict[str, float] = field(default_factory=dict)
     """Predicted seconds, at this stage and every later one, of the jobs queued or in flight here."""
+    queued_due: dict[str, float] = field(default_factory=dict)
+    """The part of ``queued_work`` due within the drain horizon: a job whose latency budget is
+    longer than the horizon (a video) needs only horizon/budget of its work done by then."""
     measured_s: float | None = None
     """Measured seconds per job (smoothed), normalised to the reference device."""
     predicted_s: float | None = None
@@ -69,6 +72,11 @@ class Observation:
         upto = STAGES.index(stage)
         return sum(self.stages[u].queued_work.get(stage, 0.0) for u in STAGES[: upto + 1])
 
+    def due_work(self, stage: str) -> float:
+        """Of ``future_work``, what is due within the drain horizon."""
+        upto = STAGES.index(stage)
+        return sum(self.stages[u].queued_due.get(stage, 0.0) for u in STAGES[: upto + 1])
+
 
 def consumer_counts(view: StageView, info: ConsumerCounts) -> None:
     """Copy a JetStream consumer's counts into ``view`` (nats-py ``ConsumerInfo`` or alike)."""
@@ -92,10 +100,12 @@ class Feedback:
     """Fed with every task entering a stage queue (the scheduler sees ``df.work.>``), every timing
     sample (``df.metrics.<stage>``) and JetStream consumer counts; ``snapshot`` sums it up."""
 
-    def __init__(self, predictor: Predictor, tau_s: float = 20.0):
+    def __init__(self, predictor: Predictor, tau_s: float = 20.0, horizon_s: float = 60.0, latency_budget: float = 5.0):
         self._predictor = predictor
+        self._horizon_s, self._latency_budget = horizon_s, latency_budget
         self._queued: dict[str, dict[str, tuple[float, ...]]] = {s: {} for s in STAGES}
-        self._queued_sum: dict[str, list[float]] = {s: [0.0] * len(STAGES) for s in STAGES}
+        # Per stage: predicted seconds for each stage, then the due part of each (see queued_due).
+        self._queued_sum: dict[str, list[float]] = {s: [0.0] * 2 * len(STAGES) for s in STAGES}
         self._counts: dict[str, ConsumerCounts | None] = {s: None for s in STAGES}
         self._entered = {s: 0 for s in STAGES}
         self._entered_work = [0.0] * len(STAGES)
@@ -111,10 +121,14 @@ class Feedback:
 
     def on_enqueue(self, stage: str, job: JobSpec) -> None:
         costs = self._predictor.job_costs(job)
-        self._queued[stage][job.job_id] = costs
+        share = min(1.0, self._horizon_s / (self._latency_budget * sum(costs)))
+        entry = (*costs, *(c * share for c in costs))
+        self._queued[stage][job.job_id] = entry
         total = self._queued_sum[stage]
-        for i in range(STAGES.index(stage), len(STAGES)):
-            total[i] += costs[i]
+        n = len(STAGES)
+        for i in range(STAGES.index(stage), n):
+            total[i] += entry[i]
+            total[n + i] += entry[n + i]
         self._entered[stage] += 1
         if stage == STAGES[0]:
             for i, c in enumerate(costs):
@@ -127,14 +141,16 @@ class Feedback:
         queued, total = self._queued[sample.stage], self._queued_sum[sample.stage]
         first = STAGES.index(sample.stage)
         predicted = 0.0
+        n = len(STAGES)
         for job in sample.jobs:
-            costs = queued.pop(job.job_id, None)
-            if costs is not None:
-                for i in range(first, len(STAGES)):
-                    total[i] -= costs[i]
-                predicted += costs[first]
+            entry = queued.pop(job.job_id, None)
+            if entry is not None:
+                for i in range(first, n):
+                    total[i] -= entry[i]
+                    total[n + i] -= entry[n + i]
+                predicted += entry[first]
         if not queued:
-            total[:] = [0.0] * len(STAGES)
+            total[:] = [0.0] * 2 * n
         self._done[sample.stage] += len(sample.jobs)
         n = max(len(sample.jobs), 1)
         dt = 1.0 if self._seen_sample[sample.stage] else 0.0
@@ -163,8 +179,10 @@ class Feedback:
                 factor = view.backlog / tracked if info is not None else 1.0
                 sums = [x * factor for x in self._queued_sum[stage]]
             else:
-                sums = [view.backlog * c for c in self._mean_job_costs]
+                sums = [view.backlog * c for c in self._mean_job_costs] * 2
+            n = len(STAGES)
             view.queued_work = {s: max(sums[j], 0.0) for j, s in enumerate(STAGES) if j >= i}
+            view.queued_due = {s: max(sums[n + j], 0.0) for j, s in enumerate(STAGES) if j >= i}
             if dt > 0:
                 view.arrival_rate = self._rate[stage].add(self._entered[stage] / dt, dt)
                 view.throughput = self._throughput[stage].add(self._done[stage] / dt, dt)

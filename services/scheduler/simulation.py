@@ -100,7 +100,7 @@ class Simulation:
         self.truth = truth
         self.limits = limits or BatchLimits()
         self.noise, self.rng = noise, random.Random(seed)
-        self.feedback = Feedback(predictor, settings.arrival_tau_s)
+        self.feedback = Feedback(predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.redeliver_after_s = redeliver_after_s
         self.max_time = max_time
         self.observe = observe

@@ -13,11 +13,13 @@ POOL = parse_pool("slot:12")
 
 def observe(t: float, incoming: dict[str, float] | None = None, queued: dict[str, dict[str, float]] | None = None) -> Observation:
     """``incoming``: reference seconds of work per second per stage; ``queued``: at a stage, the
-    seconds of work its queue holds for itself and later stages."""
+    seconds of work its queue holds for itself and later stages, all of it due in the horizon."""
     views = {}
     for stage in STAGES:
         work = (queued or {}).get(stage, {})
-        views[stage] = StageView(stage=stage, incoming_work=(incoming or {}).get(stage, 0.0), queued_work=work, pending=1 if work else 0)
+        views[stage] = StageView(
+            stage=stage, incoming_work=(incoming or {}).get(stage, 0.0), queued_work=work, queued_due=work, pending=1 if work else 0
+        )
     return Observation(t=t, stages=views)
 
 

@@ -8,7 +8,7 @@ from disagfusion.protocol import TimingSample
 from services.scheduler.feedback import Feedback
 from services.scheduler.predictor import CostProfile, Predictor
 
-from .conftest import video
+from .conftest import small_image, video
 
 
 @dataclass
@@ -74,3 +74,17 @@ def test_arrival_rate_and_incoming_work(profiles: dict[str, CostProfile]) -> Non
     obs = feedback.snapshot(5.0, {})
     assert obs.stages["encode"].arrival_rate == pytest.approx(2.0)
     assert obs.stages["denoise"].incoming_work == pytest.approx(2.0 * predictor.job_costs(video(0))[1])
+
+
+def test_long_jobs_are_due_only_in_proportion_to_their_latency_budget(profiles: dict[str, CostProfile]) -> None:
+    predictor = Predictor(profiles)
+    feedback = Feedback(predictor, horizon_s=60.0, latency_budget=5.0)
+    feedback.on_enqueue("encode", video(0))
+    feedback.on_enqueue("encode", small_image(0))
+    obs = feedback.snapshot(0.0, {})
+    video_costs, image_costs = predictor.job_costs(video(0)), predictor.job_costs(small_image(0))
+    # The video may take 5x its ~81 s: only 60 / (5 * 81) of its DiT work is due within 60 s;
+    # the image's budget is shorter than the horizon, so all of it is due.
+    share = 60.0 / (5.0 * sum(video_costs))
+    assert obs.due_work("denoise") == pytest.approx(video_costs[1] * share + image_costs[1])
+    assert obs.future_work("denoise") == pytest.approx(video_costs[1] + image_costs[1])
