@@ -152,10 +152,10 @@ class Feedback:
         if not queued:
             total[:] = [0.0] * 2 * n
         self._done[sample.stage] += len(sample.jobs)
-        n = max(len(sample.jobs), 1)
-        dt = 1.0 if self._seen_sample[sample.stage] else 0.0
-        self._measured[sample.stage].add(sample.seconds * speed / n, dt)
-        self._predicted[sample.stage].add(predicted / n, dt)
+        jobs = max(len(sample.jobs), 1)
+        dt = 1.0 if self._seen_sample[sample.stage] else 0.0  # one step per sample
+        self._measured[sample.stage].add(sample.seconds * speed / jobs, dt)
+        self._predicted[sample.stage].add(predicted / jobs, dt)
         self._seen_sample[sample.stage] = True
 
     def on_consumer_info(self, stage: str, info: ConsumerCounts) -> None:
