@@ -68,7 +68,7 @@ class ModelProfile(BaseModel):
 
 
 class CostProfile(BaseModel):
-    """A cost profile file in deploy/profiles/: where its figures come from, on what device,
+    """A cost profile file in deploy/profiles/scheduler/: where its figures come from, on what device,
     and per model the coefficients of each stage."""
 
     source: str
