@@ -8,8 +8,8 @@ bytes on a VM (about 5 µs per 4 KiB page, see bench/RESULTS-transport.md), so i
 state a handoff touches no new page and makes no mapping call.
 
 The header's first word packs ``generation | pins | state``; every change is one aligned 8-byte
-store under a lock (a process-wide mutex plus an fcntl record lock on the word, which the kernel
-drops when a process dies), so a crash leaves a whole word behind. A ref's key carries the slot
+store under a lock (a process-wide mutex plus an open-file-description lock on the word, which
+the kernel drops when a process dies), so a crash leaves a whole word behind. A ref's key carries the slot
 and its generation: ``<slot file>:<generation>:<producer's key>``. ``put`` bumps the
 generation when it claims a free slot, so a stale ref fails with ``MissingBlobError`` and never
 reads a later tensor's bytes. ``get`` pins the slot and returns a tensor over the consumer's
@@ -59,8 +59,11 @@ _CLAIMED_AT_OFFSET = 8
 _PINS_BITS, _STATE_BITS = 16, 8
 
 _HEADER_LOCK = threading.Lock()
-"""fcntl record locks belong to a process, not a thread, and closing any descriptor of a file
-drops them all: header updates (and closing slot descriptors) are serialised in the process."""
+"""Serialises header updates within the process; the OFD lock below does so across processes."""
+_FLOCK = struct.Struct("hhqqi4x")
+"""struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid), for open-file-description
+locks: unlike classic fcntl locks, closing another descriptor of the file (a mapping's
+duplicate, a janitor's probe) does not drop them, and the kernel drops them when the process dies."""
 
 
 class MissingBlobError(LookupError):
@@ -103,11 +106,11 @@ class SlotHeader:
     @contextmanager
     def locked(self) -> Iterator[tuple[int, int, int]]:
         with _HEADER_LOCK:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, _WORD.size, 0)
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, _WORD.size, 0))
             try:
                 yield unpack_word(self.peek())
             finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, _WORD.size, 0)
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, _WORD.size, 0))
 
     def peek(self) -> int:
         return _WORD.unpack_from(self.header, 0)[0]
@@ -122,8 +125,7 @@ class SlotHeader:
         _CLAIMED_AT.pack_into(self.header, _CLAIMED_AT_OFFSET, when)
 
     def close(self) -> None:
-        with _HEADER_LOCK:
-            os.close(self.fd)
+        os.close(self.fd)
 
 
 class OwnSlot(SlotHeader):
