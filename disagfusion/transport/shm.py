@@ -144,21 +144,22 @@ class OwnSlot(SlotHeader):
         self.store(1, 0, WRITING)
         os.rename(tmp, path)
 
+    # Only the producer changes a free or a writing slot (readers back off from both), claims
+    # are serialised by ShmTransport._lock, and a writing slot belongs to the put that claimed
+    # it: these two need no header lock.
+
     def try_claim(self) -> int | None:
         """The new generation if the slot was free (it is now being written), else None."""
-        if unpack_word(self.peek())[2] != FREE:  # unlocked read: a cheap hint only
+        generation, _, state = unpack_word(self.peek())
+        if state != FREE:
             return None
-        with self.locked() as (generation, _, state):
-            if state != FREE:
-                return None
-            self.stamp(time.time())
-            self.store(generation + 1, 0, WRITING)
-            return generation + 1
+        self.stamp(time.time())
+        self.store(generation + 1, 0, WRITING)
+        return generation + 1
 
     def finish(self, generation: int, state: int) -> None:
         """WRITING -> READY once the bytes are in, or back to FREE if writing failed."""
-        with self.locked():
-            self.store(generation, 0, state)
+        self.store(generation, 0, state)
 
     def retire(self, claimed_before: float) -> bool:
         """Unlink the slot if it is free or was claimed before ``claimed_before``, so no new
