@@ -219,11 +219,11 @@ class ShmTransport:
         raw = tensor_bytes(tensor)
         slot, generation = self._claim(raw.nbytes)
         try:
-            digest = xxhash.xxh3_64()
+            data, digest = slot.data[: raw.nbytes], xxhash.xxh3_64()
             for start in range(0, raw.nbytes, HASH_CHUNK):
-                chunk = slot.data[start : start + HASH_CHUNK]
-                np.copyto(chunk[: raw.nbytes - start], raw[start : start + HASH_CHUNK])
-                digest.update(chunk[: raw.nbytes - start])
+                end = start + HASH_CHUNK
+                np.copyto(data[start:end], raw[start:end])
+                digest.update(data[start:end])
         except BaseException:
             slot.finish(generation, FREE)
             raise
