@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,9 @@ class SlotHeader:
     def __init__(self, fd: int, header: mmap.mmap):
         self.fd = fd
         self.header = header
+        # Closed when the last user lets go, so a thread still holding a dropped slot never
+        # locks a descriptor number that has been reused for another file.
+        self.close = weakref.finalize(self, os.close, fd)
 
     @contextmanager
     def locked(self) -> Iterator[tuple[int, int, int]]:
@@ -124,8 +128,6 @@ class SlotHeader:
     def stamp(self, when: float) -> None:
         _CLAIMED_AT.pack_into(self.header, _CLAIMED_AT_OFFSET, when)
 
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class OwnSlot(SlotHeader):
@@ -180,11 +182,13 @@ class PeerSlot(SlotHeader):
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            super().__init__(fd, mmap.mmap(fd, HEADER_BYTES))
-            self.data = mmap.mmap(fd, size - HEADER_BYTES, access=mmap.ACCESS_COPY, offset=HEADER_BYTES)
+            header = mmap.mmap(fd, HEADER_BYTES)
+            data = mmap.mmap(fd, size - HEADER_BYTES, access=mmap.ACCESS_COPY, offset=HEADER_BYTES)
         except BaseException:
             os.close(fd)
             raise
+        super().__init__(fd, header)
+        self.data = data
 
     def gone(self) -> bool:
         return os.fstat(self.fd).st_nlink == 0 or unpack_word(self.peek())[2] == RETIRED
@@ -351,8 +355,7 @@ class ShmTransport:
         with self._lock:
             for name, peer in list(self._peers.items()):
                 if peer.gone():
-                    del self._peers[name]
-                    peer.close()
+                    del self._peers[name]  # its descriptor closes once no thread uses it
         return removed
 
     @staticmethod
@@ -378,8 +381,5 @@ class ShmTransport:
         """Let go of every slot. Published tensors stay readable; the janitors remove them once
         consumed or stale, as this producer no longer holds their files."""
         with self._lock:
-            slots = [s for slots in self._own.values() for s in slots] + list(self._peers.values())
             self._own.clear()
             self._peers.clear()
-        for slot in slots:
-            slot.close()

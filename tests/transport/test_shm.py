@@ -3,7 +3,9 @@ put while any consumer pins it, and janitors clean up after crashed consumers an
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -168,3 +170,36 @@ def test_two_processes_hand_over_and_dead_producers_are_cleaned_up(tmp_path: Pat
     consumer.delete(unread)
     consumer.delete(second)
     assert ShmTransport(tmp_path).remove_expired(3600) == 2 and slot_files(tmp_path) == []
+
+
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from disagfusion.transport.shm import PeerSlot
+    with PeerSlot(Path(sys.argv[1])).locked():
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_process_killed_while_holding_a_slot_lock_blocks_nobody(tmp_path: Path) -> None:
+    shm = ShmTransport(tmp_path)
+    tensor = torch.arange(FLOATS, dtype=torch.float32)
+    ref = shm.put("k", tensor)
+    path = tmp_path / parse_key(ref.key)[0]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        probe = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the lock really is held
+                fcntl.fcntl(probe, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 8, 0))
+        finally:
+            os.close(probe)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert torch.equal(shm.get(ref), tensor)
