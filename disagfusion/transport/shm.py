@@ -378,8 +378,11 @@ class ShmTransport:
             header.close()
 
     def close(self) -> None:
-        """Let go of every slot. Published tensors stay readable; the janitors remove them once
-        consumed or stale, as this producer no longer holds their files."""
+        """Unlink the free slots and let go of the others: published tensors stay readable, and
+        the janitors remove them once consumed or stale, as this producer no longer holds them."""
         with self._lock:
+            for slots in self._own.values():
+                for slot in slots:
+                    slot.retire(claimed_before=-math.inf)  # only if free
             self._own.clear()
             self._peers.clear()

@@ -112,6 +112,17 @@ def test_pool_keeps_at_most_its_budget_of_free_slots(tmp_path: Path) -> None:
     assert len(slot_files(tmp_path)) == 2 + 1
 
 
+def test_close_unlinks_free_slots_and_keeps_unread_ones(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    consumed = producer.put("a", torch.ones(FLOATS))
+    consumer.get(consumed)
+    consumer.delete(consumed)
+    unread = producer.put("b", torch.ones(FLOATS))
+    producer.close()
+    assert slot_files(tmp_path) == [parse_key(unread.key)[0]]
+    assert torch.equal(consumer.get(unread), torch.ones(FLOATS))
+
+
 def test_unfreed_slots_are_reclaimed_after_the_ttl(tmp_path: Path, age_slot) -> None:
     shm = ShmTransport(tmp_path)
     crashed = shm.put("a", torch.ones(FLOATS))
