@@ -85,6 +85,7 @@ class Transports:
             self._backend(ref.transport).delete(ref)
 
     def close(self) -> None:
+        self.shm.close()
         if self._redis is not None:
             self._redis.close()
         if self._cuda_ipc is not None:

@@ -1,37 +1,202 @@
-"""Same-host handoff: one file per tensor in a tmpfs directory (/dev/shm), mapped by the reader.
+"""Same-host handoff through slot files in a tmpfs directory (/dev/shm) that both sides keep mapped.
 
-The producer writes the bytes once; the consumer maps the file copy-on-write, so the tensor it
-gets is backed by the page cache pages the producer wrote, with no copy. A tensor from ``get``
-is valid until its ``delete``.
+Each producer owns a set of slot files (``slot-<pid>-<id>-<n>``): one tensor's bytes after a
+one-page header. A slot is reused: ``put`` copies the tensor into a free slot of its size class
+(one copy into pages that are already mapped and warm), ``delete`` marks it free again, and a
+consumer maps each slot file once and keeps the mapping. Fresh pages cost more than copying the
+bytes on a VM (about 5 µs per 4 KiB page, see bench/RESULTS-transport.md), so in the steady
+state a handoff touches no new page and makes no mapping call.
 
-Large blobs are recycled: ``delete`` renames the file into a free pool (``.free-<bytes>-<id>``)
-instead of unlinking it, and a later ``put`` of the same size overwrites one. Allocating fresh
-tmpfs pages (and freeing them on unlink) costs more than copying the bytes themselves
-(bench/transport.py breaks a handoff into its parts); same-size handoffs are the common case,
-as every job of a shape hands over tensors of the same sizes. Renames are atomic, so
-producers and consumers in different processes share the pool without locks. The janitor
-removes pooled files like any blob, once unused for the TTL.
+The header's first word packs ``generation | pins | state``; every change is one aligned 8-byte
+store under a lock (a process-wide mutex plus an open-file-description lock on the word, which
+the kernel drops when a process dies), so a crash leaves a whole word behind. A ref's key carries the slot
+and its generation: ``<slot file>:<generation>:<producer's key>``. ``put`` bumps the
+generation when it claims a free slot, so a stale ref fails with ``MissingBlobError`` and never
+reads a later tensor's bytes. ``get`` pins the slot and returns a tensor over the consumer's
+copy-on-write mapping of it, without copying: writes into that tensor stay in the consumer. The
+slot is only freed once every pinning process has deleted it (a redelivered task read by two
+workers at once is safe), so a tensor from ``get`` is valid until its ``delete``.
+
+Liveness needs no pid: a producer holds a shared ``flock`` on each of its slot files for as long
+as it runs. The janitor (``remove_expired``, which every worker runs) unlinks a producer's slots
+that have gone unfreed for the TTL (a consumer crashed), and the files of dead producers once
+they are free or stale; an unlinked file stays valid for whoever still has it mapped.
 """
 
 from __future__ import annotations
 
+import fcntl
+import math
 import mmap
 import os
+import re
+import struct
+import threading
 import time
 import uuid
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+import xxhash
 
-from disagfusion.transport.ref import TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.transport.ref import DTYPE_NAMES, ChecksumError, TensorRef, tensor_bytes, tensor_from_buffer, verify
 
-FREE_PREFIX = ".free-"
-RECYCLE_MIN_BYTES = 1 << 20
-"""Below this, creating a file costs little and a pool is not worth its directory scans."""
+HEADER_BYTES = mmap.PAGESIZE
+"""The slot's data starts on the next page, so it can be mapped on its own."""
+SLOT_NAME = re.compile(r"slot-\d+-[0-9a-f]{12}-\d+")
+HASH_CHUNK = 1 << 20
+"""``put`` hashes each chunk right after copying it, while it is still in cache."""
+
+FREE, WRITING, READY, DELETED, RETIRED = range(5)
+"""Slot states. DELETED: deleted by one consumer, still pinned by another. RETIRED: unlinked."""
+_WORD = struct.Struct("<Q")
+_CLAIMED_AT = struct.Struct("<d")
+_CLAIMED_AT_OFFSET = 8
+_PINS_BITS, _STATE_BITS = 16, 8
+
+_HEADER_LOCK = threading.Lock()
+"""Serialises header updates within the process; the OFD lock below does so across processes."""
+_FLOCK = struct.Struct("hhqqi4x")
+"""struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid), for open-file-description
+locks: unlike classic fcntl locks, closing another descriptor of the file (a mapping's
+duplicate, a janitor's probe) does not drop them, and the kernel drops them when the process dies."""
 
 
 class MissingBlobError(LookupError):
     """The tensor a message points to is gone (expired, deleted or never written here)."""
+
+
+def pack_word(generation: int, pins: int, state: int) -> int:
+    return (generation << (_PINS_BITS + _STATE_BITS)) | (pins << _STATE_BITS) | state
+
+
+def unpack_word(word: int) -> tuple[int, int, int]:
+    return word >> (_PINS_BITS + _STATE_BITS), (word >> _STATE_BITS) & ((1 << _PINS_BITS) - 1), word & 0xFF
+
+
+def size_class(nbytes: int) -> int:
+    """Slot capacity for ``nbytes``: whole pages, rounded up to one of four steps per power of
+    two, so tensors of nearly the same size share slots and at most ~19% is unused."""
+    pages = max(1, -(-nbytes // mmap.PAGESIZE))
+    top = 1 << (pages - 1).bit_length()
+    step = max(1, top // 8)
+    return -(-pages // step) * step * mmap.PAGESIZE
+
+
+def parse_key(key: str) -> tuple[str, int]:
+    """(slot file name, generation) from a ref's key; MissingBlobError if it names no slot."""
+    name, _, rest = key.partition(":")
+    generation = rest.partition(":")[0]
+    if not SLOT_NAME.fullmatch(name) or not generation.isdigit():
+        raise MissingBlobError(f"tensor key {key!r} names no shm slot (expired or deleted)")
+    return name, int(generation)
+
+
+class SlotHeader:
+    """The header word of one slot file, read and changed through a shared mapping."""
+
+    def __init__(self, fd: int, header: mmap.mmap):
+        self.fd = fd
+        self.header = header
+        # Closed when the last user lets go, so a thread still holding a dropped slot never
+        # locks a descriptor number that has been reused for another file.
+        self.close = weakref.finalize(self, os.close, fd)
+
+    @contextmanager
+    def locked(self) -> Iterator[tuple[int, int, int]]:
+        with _HEADER_LOCK:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, _WORD.size, 0))
+            try:
+                yield unpack_word(self.peek())
+            finally:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, _WORD.size, 0))
+
+    def peek(self) -> int:
+        return _WORD.unpack_from(self.header, 0)[0]
+
+    def store(self, generation: int, pins: int, state: int) -> None:
+        _WORD.pack_into(self.header, 0, pack_word(generation, pins, state))
+
+    def claimed_at(self) -> float:
+        return _CLAIMED_AT.unpack_from(self.header, _CLAIMED_AT_OFFSET)[0]
+
+    def stamp(self, when: float) -> None:
+        _CLAIMED_AT.pack_into(self.header, _CLAIMED_AT_OFFSET, when)
+
+
+
+class OwnSlot(SlotHeader):
+    """A slot this process writes: the whole file mapped shared, its data as a byte array."""
+
+    def __init__(self, path: Path, capacity: int):
+        tmp = path.with_name(f".{path.name}.tmp")  # the janitor only looks at finished slot files
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
+        os.ftruncate(fd, HEADER_BYTES + capacity)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "my producer is alive" for as long as fd is open
+        mapping = mmap.mmap(fd, HEADER_BYTES + capacity)
+        super().__init__(fd, mapping)
+        self.path, self.capacity = path, capacity
+        self.data = np.frombuffer(mapping, dtype=np.uint8, offset=HEADER_BYTES)
+        self.stamp(time.time())
+        self.store(1, 0, WRITING)
+        os.rename(tmp, path)
+
+    # Only the producer changes a free or a writing slot (readers back off from both), claims
+    # are serialised by ShmTransport._lock, and a writing slot belongs to the put that claimed
+    # it: these two need no header lock.
+
+    def try_claim(self) -> int | None:
+        """The new generation if the slot was free (it is now being written), else None."""
+        generation, _, state = unpack_word(self.peek())
+        if state != FREE:
+            return None
+        self.stamp(time.time())
+        self.store(generation + 1, 0, WRITING)
+        return generation + 1
+
+    def finish(self, generation: int, state: int) -> None:
+        """WRITING -> READY once the bytes are in, or back to FREE if writing failed."""
+        self.store(generation, 0, state)
+
+    def retire(self, claimed_before: float) -> bool:
+        """Unlink the slot if it is free or was claimed before ``claimed_before``, so no new
+        ``get`` finds it; whoever has it mapped keeps valid bytes."""
+        with self.locked() as (generation, _, state):
+            if state != FREE and self.claimed_at() >= claimed_before:
+                return False
+            self.store(generation + 1, 0, RETIRED)
+            self.path.unlink(missing_ok=True)
+        self.close()
+        return True
+
+
+class PeerSlot(SlotHeader):
+    """A slot as a reader sees it: the header mapped shared, the data copy-on-write."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            header = mmap.mmap(fd, HEADER_BYTES)
+            data = mmap.mmap(fd, size - HEADER_BYTES, access=mmap.ACCESS_COPY, offset=HEADER_BYTES)
+        except BaseException:
+            os.close(fd)
+            raise
+        super().__init__(fd, header)
+        self.data = data
+
+    def gone(self) -> bool:
+        return os.fstat(self.fd).st_nlink == 0 or unpack_word(self.peek())[2] == RETIRED
+
+    def forget_own_writes(self, nbytes: int) -> None:
+        """Drop pages this process wrote into (copy-on-write made them private, so they no longer
+        show what the producer writes); the next read maps the shared pages again."""
+        self.data.madvise(mmap.MADV_DONTNEED, 0, min(len(self.data), -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE))
 
 
 class ShmTransport:
@@ -40,87 +205,184 @@ class ShmTransport:
     def __init__(self, directory: Path, pool_bytes: int = 1 << 30):
         self.directory = directory
         self.pool_bytes = pool_bytes
-        """At most this many bytes of deleted blobs are kept for reuse."""
+        """At most this many bytes of free slots are kept for reuse."""
         directory.mkdir(parents=True, exist_ok=True)
+        self._prefix = f"slot-{os.getpid()}-{uuid.uuid4().hex[:12]}-"
+        self._lock = threading.Lock()
+        self._created = 0
+        self._own: dict[int, list[OwnSlot]] = {}
+        """Capacity -> this producer's slots of that size class."""
+        self._peers: dict[str, PeerSlot] = {}
+        """Slot file name -> this process's mapping of it, kept so its pages stay mapped."""
+        self._pinned: Counter[tuple[str, int]] = Counter()
+        """(slot, generation) -> pins this process holds (its gets not yet deleted)."""
 
-    def _path(self, key: str) -> Path:
-        return self.directory / key
+    # ------------------------------------------------------------------ producer
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
         raw = tensor_bytes(tensor)
-        path = self._path(key)
-        tmp = path.with_name(path.name + ".tmp")
-        if not self._take_free(raw.nbytes, tmp):
-            with open(tmp, "wb") as f:
-                f.write(raw.data)
-        else:
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                data, written = raw.data.cast("B"), 0
-                while written < len(data):  # one call writes at most ~2 GiB
-                    written += os.pwrite(fd, data[written:], written)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)  # a reader never sees a half-written file
-        return describe(tensor, "shm", key, raw)
+        slot, generation = self._claim(raw.nbytes)
+        try:
+            data, digest = slot.data[: raw.nbytes], xxhash.xxh3_64()
+            for start in range(0, raw.nbytes, HASH_CHUNK):
+                end = start + HASH_CHUNK
+                np.copyto(data[start:end], raw[start:end])
+                digest.update(data[start:end])
+        except BaseException:
+            slot.finish(generation, FREE)
+            raise
+        slot.finish(generation, READY)
+        return TensorRef(
+            transport="shm",
+            key=f"{slot.path.name}:{generation}:{key}",
+            dtype=DTYPE_NAMES[tensor.dtype],
+            shape=list(tensor.shape),
+            nbytes=raw.nbytes,
+            checksum=digest.hexdigest(),
+        )
+
+    def _claim(self, nbytes: int) -> tuple[OwnSlot, int]:
+        capacity = size_class(nbytes)
+        with self._lock:
+            for slot in self._own.get(capacity, []):
+                generation = slot.try_claim()
+                if generation is not None:
+                    return slot, generation
+            self._trim_pool(self.pool_bytes - capacity)
+            slot = OwnSlot(self.directory / f"{self._prefix}{self._created}", capacity)
+            self._created += 1
+            self._own.setdefault(capacity, []).append(slot)
+            return slot, 1
+
+    def _trim_pool(self, keep_bytes: int) -> None:
+        """Unlink free slots, least recently claimed first, until at most ``keep_bytes`` are free."""
+        free = sorted((s for slots in self._own.values() for s in slots if unpack_word(s.peek())[2] == FREE),
+                      key=lambda s: s.claimed_at())
+        excess = sum(s.capacity for s in free) - max(0, keep_bytes)
+        for slot in free:
+            if excess <= 0:
+                break
+            if slot.retire(claimed_before=-math.inf):  # only if still free
+                self._own[slot.capacity].remove(slot)
+                excess -= slot.capacity
+
+    # ------------------------------------------------------------------ consumer
 
     def get(self, ref: TensorRef) -> torch.Tensor:
+        name, generation = parse_key(ref.key)
+        peer = self._peer(name, ref.key)
+        with self._lock:
+            holds = self._pinned[name, generation] > 0
+        with peer.locked() as (current, pins, state):
+            # A deleted slot that another consumer still pins is only readable to the pinners.
+            if current != generation or not (state == READY or state == DELETED and holds):
+                raise MissingBlobError(f"tensor {ref.key!r} is not in {self.directory} (expired or deleted)")
+            peer.store(current, pins + 1, state)
+        with self._lock:
+            self._pinned[name, generation] += 1
+        view = memoryview(peer.data)[: ref.nbytes]
         try:
-            with open(self._path(ref.key), "rb") as f:
-                if ref.nbytes == 0:
-                    view = memoryview(b"")
-                else:
-                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                    # Map every page now, in one call, rather than one fault per page later.
-                    mapped.madvise(mmap.MADV_WILLNEED)
-                    view = memoryview(mapped)
-        except FileNotFoundError:
-            raise MissingBlobError(f"tensor {ref.key!r} is not in {self.directory} (expired or deleted)") from None
-        verify(ref, view)
+            try:
+                verify(ref, view)
+            except ChecksumError:
+                peer.forget_own_writes(ref.nbytes)
+                verify(ref, view)
+        except BaseException:
+            self._release(ref, deleting=False)
+            raise
         return tensor_from_buffer(view, ref.dtype, ref.shape)
 
+    def _peer(self, name: str, key: str) -> PeerSlot:
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is None:
+                try:
+                    peer = self._peers[name] = PeerSlot(self.directory / name)
+                except FileNotFoundError:
+                    raise MissingBlobError(f"tensor {key!r} is not in {self.directory} (expired or deleted)") from None
+            return peer
+
     def delete(self, ref: TensorRef) -> None:
-        path = self._path(ref.key)
-        if ref.nbytes >= RECYCLE_MIN_BYTES and sum(self._free_sizes().values()) + ref.nbytes <= self.pool_bytes:
-            try:
-                os.rename(path, self.directory / f"{FREE_PREFIX}{ref.nbytes}-{uuid.uuid4().hex}")
-            except FileNotFoundError:
-                pass
+        """Release this process's pin and mark the tensor deleted: no new ``get`` finds it, and
+        the slot is free for reuse once no process pins it."""
+        self._release(ref, deleting=True)
+
+    def _release(self, ref: TensorRef, deleting: bool) -> None:
+        try:
+            name, generation = parse_key(ref.key)
+            peer = self._peer(name, ref.key)
+        except MissingBlobError:
             return
-        path.unlink(missing_ok=True)
+        with self._lock:
+            held = self._pinned.pop((name, generation), 0)
+            if held > 1:
+                self._pinned[name, generation] = held - 1
+        with peer.locked() as (current, pins, state):
+            if current != generation or state not in (READY, DELETED):
+                return
+            pins -= min(pins, 1 if held else 0)  # a delete without a get drops nobody else's pin
+            if deleting or state == DELETED:
+                state = DELETED if pins else FREE
+            peer.store(current, pins, state)
 
-    def _free_sizes(self) -> dict[str, int]:
-        """Pooled file name -> its size (read from the name: no stat per file)."""
-        sizes = {}
-        for name in os.listdir(self.directory):
-            if name.startswith(FREE_PREFIX):
-                sizes[name] = int(name[len(FREE_PREFIX) :].split("-", 1)[0])
-        return sizes
-
-    def _take_free(self, nbytes: int, destination: Path) -> bool:
-        """Move a pooled file of exactly ``nbytes`` to ``destination``; False if there is none."""
-        if nbytes < RECYCLE_MIN_BYTES:
-            return False
-        for name, size in self._free_sizes().items():
-            if size != nbytes:
-                continue
-            try:
-                os.rename(self.directory / name, destination)
-                return True
-            except FileNotFoundError:
-                continue  # another producer took it first
-        return False
+    # ------------------------------------------------------------------ janitor
 
     def remove_expired(self, ttl_s: float) -> int:
-        """Delete blobs older than ``ttl_s``: leftovers of crashed producers or abandoned jobs,
-        and pooled files nobody reused."""
+        """Unlink slots nobody freed within ``ttl_s`` of being written (a consumer crashed or the
+        job was abandoned), free slots unused that long, and the slot files of dead producers
+        once they are free or stale. Other files older than ``ttl_s`` go too."""
         cutoff = time.time() - ttl_s
         removed = 0
-        for path in self.directory.iterdir():
+        with self._lock:
+            own = {slot.path.name for slots in self._own.values() for slot in slots}
+            for slots in self._own.values():
+                for slot in [s for s in slots if s.claimed_at() < cutoff and unpack_word(s.peek())[2] != WRITING]:
+                    if slot.retire(claimed_before=cutoff):
+                        slots.remove(slot)
+                        removed += 1
+        for name in os.listdir(self.directory):
+            if name in own:
+                continue
+            path = self.directory / name
             try:
-                if path.stat().st_mtime < cutoff:
+                if SLOT_NAME.fullmatch(name):
+                    removed += self._remove_if_orphaned(path, cutoff)
+                elif path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass  # another worker's janitor got there first
+        with self._lock:
+            for name, peer in list(self._peers.items()):
+                if peer.gone():
+                    del self._peers[name]  # its descriptor closes once no thread uses it
         return removed
+
+    @staticmethod
+    def _remove_if_orphaned(path: Path, cutoff: float) -> int:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # its producer is alive and looks after it
+            return 0
+        header = SlotHeader(fd, mmap.mmap(fd, HEADER_BYTES))
+        try:
+            with header.locked() as (generation, _, state):
+                if state in (READY, DELETED) and header.claimed_at() >= cutoff:
+                    return 0  # a consumer may still come for it
+                header.store(generation + 1, 0, RETIRED)
+                path.unlink(missing_ok=True)
+                return 1
+        finally:
+            header.close()
+
+    def close(self) -> None:
+        """Unlink the free slots and let go of the others: published tensors stay readable, and
+        the janitors remove them once consumed or stale, as this producer no longer holds them."""
+        with self._lock:
+            for slots in self._own.values():
+                for slot in slots:
+                    slot.retire(claimed_before=-math.inf)  # only if free
+            self._own.clear()
+            self._peers.clear()

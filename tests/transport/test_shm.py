@@ -1,53 +1,216 @@
-"""The shm transport recycles the files of deleted large blobs, within its pool budget."""
+"""The shm transport reuses slots safely: a stale ref never reads a later tensor, a slot stays
+put while any consumer pins it, and janitors clean up after crashed consumers and dead producers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
-import time
+import struct
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
-from disagfusion.transport.shm import FREE_PREFIX, RECYCLE_MIN_BYTES, ShmTransport
+from disagfusion.transport.ref import TensorRef
+from disagfusion.transport.shm import MissingBlobError, ShmTransport, parse_key, size_class
 
-FLOATS = RECYCLE_MIN_BYTES // 4
-
-
-def pooled(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith(FREE_PREFIX))
+ROOT = Path(__file__).resolve().parents[2]
+FLOATS = 300_000  # 1.2 MB
 
 
-def test_deleted_blob_is_reused_by_the_next_put_of_its_size(tmp_path: Path) -> None:
+def slot_files(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("slot-"))
+
+
+def test_deleted_slot_is_reused_and_the_stale_ref_fails(tmp_path: Path) -> None:
     shm = ShmTransport(tmp_path)
-    first = shm.put("a", torch.zeros(FLOATS))
-    inode = (tmp_path / "a").stat().st_ino
+    first = shm.put("job1.encode.x", torch.zeros(FLOATS))
     shm.delete(first)
-    [name] = pooled(tmp_path)
-    assert name.startswith(f"{FREE_PREFIX}{RECYCLE_MIN_BYTES}-") and not (tmp_path / "a").exists()
-    other_size = shm.put("b", torch.ones(FLOATS + 1))  # a different size leaves the pool alone
-    assert len(pooled(tmp_path)) == 1 and (tmp_path / "b").stat().st_ino != inode
     tensor = torch.arange(FLOATS, dtype=torch.float32)
-    second = shm.put("c", tensor)
-    assert pooled(tmp_path) == [] and (tmp_path / "c").stat().st_ino == inode
+    second = shm.put("job2.encode.x", tensor)
+    (name1, gen1), (name2, gen2) = parse_key(first.key), parse_key(second.key)
+    assert name1 == name2 and gen2 == gen1 + 1 and slot_files(tmp_path) == [name1]
+    assert second.key.endswith(":job2.encode.x")
+    with pytest.raises(MissingBlobError, match="expired or deleted"):
+        shm.get(first)  # same slot, older generation
     assert torch.equal(shm.get(second), tensor)  # every byte was overwritten
-    shm.delete(other_size)
-    assert len(pooled(tmp_path)) == 1
+    other_size = shm.put("job3.encode.x", torch.ones(4 * FLOATS))
+    assert parse_key(other_size.key)[0] != name1
 
 
-def test_small_blobs_and_blobs_beyond_the_budget_are_unlinked(tmp_path: Path) -> None:
-    shm = ShmTransport(tmp_path, pool_bytes=RECYCLE_MIN_BYTES)
-    small = shm.put("small", torch.zeros(16))
-    shm.delete(small)
-    refs = [shm.put(f"big{i}", torch.zeros(FLOATS)) for i in range(2)]
+def test_keys_that_name_no_slot_are_missing(tmp_path: Path) -> None:
+    shm = ShmTransport(tmp_path)
+    ref = shm.put("k", torch.ones(3))
+    for key in ["../etc/passwd:1:k", "slot-1-abcdefabcdef-0:x:k", ref.key.replace(":1:", ":7:")]:
+        with pytest.raises(MissingBlobError):
+            shm.get(ref.model_copy(update={"key": key}))
+        shm.delete(ref.model_copy(update={"key": key}))  # a no-op, not an error
+    assert torch.equal(shm.get(ref), torch.ones(3))
+
+
+def test_slot_stays_while_another_consumer_pins_it(tmp_path: Path) -> None:
+    producer, reader_a, reader_b = ShmTransport(tmp_path), ShmTransport(tmp_path), ShmTransport(tmp_path)
+    tensor = torch.arange(FLOATS, dtype=torch.float32)
+    ref = producer.put("k", tensor)
+    held = reader_a.get(ref)
+    reader_b.get(ref)
+    reader_b.delete(ref)  # a redelivered copy of the task finished first
+    with pytest.raises(MissingBlobError):
+        ShmTransport(tmp_path).get(ref)  # deleted: nobody new may read it
+    newer = producer.put("k2", torch.zeros(FLOATS))
+    assert parse_key(newer.key)[0] != parse_key(ref.key)[0]  # the pinned slot was not reused
+    assert torch.equal(held, tensor)
+    reader_a.delete(ref)
+    reused = producer.put("k3", torch.zeros(FLOATS))
+    assert parse_key(reused.key)[0] == parse_key(ref.key)[0]
+
+
+def test_writes_into_a_tensor_from_get_stay_with_the_consumer(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    ref = producer.put("k", torch.ones(FLOATS))
+    got = consumer.get(ref)
+    got.mul_(3)  # in place, as a model may do
+    other = ShmTransport(tmp_path)
+    assert torch.equal(other.get(ref), torch.ones(FLOATS))
+    other.delete(ref)
+    consumer.delete(ref)
+    tensor = torch.arange(FLOATS, dtype=torch.float32)
+    again = producer.put("k", tensor)
+    assert parse_key(again.key)[0] == parse_key(ref.key)[0]
+    assert torch.equal(consumer.get(again), tensor)  # not the consumer's stale private pages
+
+
+def test_threads_put_get_and_delete_concurrently(tmp_path: Path) -> None:
+    shm = ShmTransport(tmp_path)
+
+    def handoffs(worker: int) -> int:
+        for i in range(40):
+            tensor = torch.full((1000 * (1 + (worker + i) % 3),), float(worker * 1000 + i))
+            ref = shm.put(f"w{worker}.{i}", tensor)
+            assert torch.equal(shm.get(ref), tensor)
+            shm.delete(ref)
+            with pytest.raises(MissingBlobError):
+                shm.get(ref)
+        return worker
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(handoffs, range(8))) == list(range(8))
+    assert len(slot_files(tmp_path)) <= 8 * 3  # slots were reused, not one per handoff
+
+
+def test_pool_keeps_at_most_its_budget_of_free_slots(tmp_path: Path) -> None:
+    one, other = size_class(4 * FLOATS), size_class(8 * FLOATS)
+    shm = ShmTransport(tmp_path, pool_bytes=2 * one + other)
+    refs = [shm.put(f"k{i}", torch.zeros(FLOATS)) for i in range(3)]
     for ref in refs:
         shm.delete(ref)
-    assert len(pooled(tmp_path)) == 1 and not [n for n in os.listdir(tmp_path) if not n.startswith(FREE_PREFIX)]
+    shm.put("other", torch.zeros(2 * FLOATS))  # a new slot must fit in the budget with the free ones
+    assert len(slot_files(tmp_path)) == 2 + 1
 
 
-def test_janitor_removes_pooled_files_left_unused(tmp_path: Path) -> None:
+def test_close_unlinks_free_slots_and_keeps_unread_ones(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    consumed = producer.put("a", torch.ones(FLOATS))
+    consumer.get(consumed)
+    consumer.delete(consumed)
+    unread = producer.put("b", torch.ones(FLOATS))
+    producer.close()
+    assert slot_files(tmp_path) == [parse_key(unread.key)[0]]
+    assert torch.equal(consumer.get(unread), torch.ones(FLOATS))
+
+
+def test_unfreed_slots_are_reclaimed_after_the_ttl(tmp_path: Path, age_slot) -> None:
     shm = ShmTransport(tmp_path)
-    shm.delete(shm.put("a", torch.zeros(FLOATS)))
-    [name] = pooled(tmp_path)
-    past = time.time() - 7200
-    os.utime(tmp_path / name, (past, past))
-    assert shm.remove_expired(3600) == 1 and pooled(tmp_path) == []
+    crashed = shm.put("a", torch.ones(FLOATS))
+    ShmTransport(tmp_path).get(crashed)  # a consumer that never deletes (it crashed)
+    fresh = shm.put("b", torch.ones(FLOATS))
+    age_slot(tmp_path, crashed, 7200)
+    assert ShmTransport(tmp_path).remove_expired(3600) == 0  # only the producer reclaims a live producer's slots
+    assert shm.remove_expired(3600) == 1
+    assert slot_files(tmp_path) == [parse_key(fresh.key)[0]]
+    with pytest.raises(MissingBlobError):
+        ShmTransport(tmp_path).get(crashed)
+
+
+PRODUCER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from disagfusion.transport.shm import ShmTransport
+    shm = ShmTransport(Path(sys.argv[1]))
+    for line in sys.stdin:
+        size = int(line)
+        print(shm.put("k", torch.arange(size, dtype=torch.float32)).model_dump_json(), flush=True)
+    """
+)
+
+
+def test_two_processes_hand_over_and_dead_producers_are_cleaned_up(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", PRODUCER, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+
+    def put(size: int) -> TensorRef:
+        child.stdin.write(f"{size}\n")
+        child.stdin.flush()
+        return TensorRef.model_validate_json(child.stdout.readline())
+
+    try:
+        consumer = ShmTransport(tmp_path)
+        first = put(FLOATS)
+        assert torch.equal(consumer.get(first), torch.arange(FLOATS, dtype=torch.float32))
+        consumer.delete(first)
+        second = put(FLOATS)
+        assert parse_key(second.key) == (parse_key(first.key)[0], parse_key(first.key)[1] + 1)
+        unread = put(2 * FLOATS)
+        freed = put(3 * FLOATS)
+        consumer.get(freed)
+        consumer.delete(freed)
+        assert consumer.remove_expired(3600) == 0  # the producer is alive: its slots are its own
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    # The producer is gone: its free slot goes, the ones still waiting for a consumer stay readable.
+    assert ShmTransport(tmp_path).remove_expired(3600) == 1
+    assert len(slot_files(tmp_path)) == 2
+    assert torch.equal(consumer.get(unread), torch.arange(2 * FLOATS, dtype=torch.float32))
+    consumer.delete(unread)
+    consumer.delete(second)
+    assert ShmTransport(tmp_path).remove_expired(3600) == 2 and slot_files(tmp_path) == []
+
+
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from disagfusion.transport.shm import PeerSlot
+    with PeerSlot(Path(sys.argv[1])).locked():
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_process_killed_while_holding_a_slot_lock_blocks_nobody(tmp_path: Path) -> None:
+    shm = ShmTransport(tmp_path)
+    tensor = torch.arange(FLOATS, dtype=torch.float32)
+    ref = shm.put("k", tensor)
+    path = tmp_path / parse_key(ref.key)[0]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        probe = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the lock really is held
+                fcntl.fcntl(probe, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 8, 0))
+        finally:
+            os.close(probe)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert torch.equal(shm.get(ref), tensor)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from disagfusion.config import Settings
 from disagfusion.transport import ChecksumError, MissingBlobError, Transports
 from disagfusion.transport.redis import KEY_PREFIX
 from disagfusion.transport.ref import tensor_bytes
+from disagfusion.transport.shm import HEADER_BYTES, parse_key
 
 TENSORS = {
     "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
@@ -59,10 +58,11 @@ def test_corrupted_blob_is_detected(transports: Transports) -> None:
     tensor = torch.arange(1000, dtype=torch.float32)
     ref = transports.put("job.test.corrupt", tensor)
     if ref.transport == "shm":
-        path = transports.shm.directory / ref.key
-        raw = bytearray(path.read_bytes())
-        raw[17] ^= 0x01
-        path.write_bytes(bytes(raw))
+        with open(transports.shm.directory / parse_key(ref.key)[0], "r+b") as f:
+            f.seek(HEADER_BYTES + 17)
+            byte = f.read(1)[0]
+            f.seek(HEADER_BYTES + 17)
+            f.write(bytes([byte ^ 0x01]))
     else:
         key = KEY_PREFIX + ref.key
         transports.redis.client.setrange(key, 17, bytes([transports.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
@@ -77,11 +77,13 @@ def test_deleted_blob_is_reported(transports: Transports) -> None:
         transports.get(ref)
 
 
-def test_janitor_removes_only_expired_blobs(tmp_path: Path) -> None:
+def test_janitor_removes_only_expired_blobs(tmp_path: Path, age_slot) -> None:
     t = Transports(Settings(inline_max_bytes=0, shm_dir=tmp_path))
     old = t.put("old", torch.ones(4))
-    t.put("new", torch.ones(4))
-    past = time.time() - 7200
-    os.utime(tmp_path / old.key, (past, past))
+    new = t.put("new", torch.ones(4))
+    age_slot(tmp_path, old, 7200)
     assert t.shm.remove_expired(3600) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [parse_key(new.key)[0]]
+    assert torch.equal(t.get(new), torch.ones(4))
+    with pytest.raises(MissingBlobError, match="expired or deleted"):
+        t.get(old)
