@@ -208,6 +208,7 @@ class Launcher:
         procs = [p for ps in state.services.values() for p in ps]
         _terminate([p.pid for p in procs], timeout)
         _terminate([state.redis.pid, state.nats.pid], 10.0)
+        shutil.rmtree(self._own_shm_dir(), ignore_errors=True)  # with every worker gone, no blob is needed
         self.state_file.unlink()
 
     # ----------------------------------------------------------------- scaling
@@ -259,8 +260,7 @@ class Launcher:
         env = {**os.environ, **self.services[service].environment}
         env["DF_NATS_URL"] = state.nats_url
         env["DF_REDIS_URL"] = state.redis_url
-        stack_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
-        env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", f"/dev/shm/disagfusion-{stack_id}")
+        env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", str(self._own_shm_dir()))
         if self.models_dir is not None:
             env["DF_MODELS_DIR"] = str(self.models_dir)
         elif "DF_MODELS_DIR" in os.environ:
@@ -269,6 +269,12 @@ class Launcher:
             env.pop("DF_MODELS_DIR", None)  # the container path means nothing here: use the default
         env["PYTHONUNBUFFERED"] = "1"
         return env
+
+    def _own_shm_dir(self) -> Path:
+        """Tensor handoff files of this stack, unless DF_SHM_DIR names a directory to use:
+        one per data directory, so stacks side by side never share blobs."""
+        stack_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
+        return Path(f"/dev/shm/disagfusion-{stack_id}")
 
     def _spawn_service(self, state: StackState, service: str, index: int) -> Proc:
         command = list(self.services[service].command)
