@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from compose_support import COMPOSE_FILE, HOSTNET_OVERRIDE, ComposeStack, compos
 from disagfusion.cli import app
 from disagfusion.client import Client
 from disagfusion.config import Settings
+from disagfusion.bus import consumer_name
 from disagfusion.launcher import Launcher, load_services
 from disagfusion.protocol import RESULTS_STREAM, JobSpec, Result, TimingSample, metrics_subject, results_subject, unpack
 
@@ -67,6 +69,19 @@ def nats_clients(stack: ComposeStack, service: str) -> set[str]:
     with urllib.request.urlopen(f"{stack.nats_monitor_url}/connz?limit=1024", timeout=5) as answer:
         connections = json.load(answer)["connections"]
     return {c["name"] for c in connections if c.get("name", "").startswith(f"{service}@")}
+
+
+def dit_tasks_held(stack: ComposeStack) -> int:
+    """Denoise tasks delivered and not yet acked, from the monitoring endpoint /jsz."""
+    with urllib.request.urlopen(f"{stack.nats_monitor_url}/jsz?consumers=true", timeout=5) as answer:
+        accounts = json.load(answer)["account_details"]
+    return sum(
+        consumer["num_ack_pending"]
+        for account in accounts
+        for stream in account.get("stream_detail", [])
+        for consumer in stream.get("consumer_detail", [])
+        if consumer["name"] == consumer_name("denoise", "tiny")
+    )
 
 
 def specs_for(label: str, count: int, steps: int) -> list[JobSpec]:
@@ -204,13 +219,20 @@ def test_scale_down_under_load_drains_the_surplus(stack: ComposeStack) -> None:
 
 def test_killed_dit_comes_back_and_the_batch_completes(stack: ComposeStack) -> None:
     before = nats_clients(stack, "dit")
+    held_at_kill: list[int] = []
 
     def kill_and_restart() -> None:
+        deadline = time.monotonic() + 30
+        while dit_tasks_held(stack) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         stack.docker.compose.kill(services=["dit"])
+        held_at_kill.append(dit_tasks_held(stack))
         stack.docker.compose.up(services=["dit"], detach=True, wait=True, wait_timeout=300, pull="never", quiet=True)
 
     batch = Batch(Settings(nats_url=stack.nats_url), specs_for("killed", 20, steps=12))
     asyncio.run(batch.run(when_some_done=kill_and_restart))
+    # the killed worker held tasks it never acked: they came back only through redelivery
+    assert held_at_kill[0] > 0
     batch.assert_each_job_done_once()
     after = nats_clients(stack, "dit")
     assert after and not (after & before), "dit was not restarted"
