@@ -9,14 +9,14 @@ test-compose` exports DF_NATS_IMAGE / DF_REDIS_IMAGE pointing at the local stand
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from python_on_whales import DockerClient
 
-from compose_support import HOSTNET_OVERRIDE, PROJECT_IMAGE, ComposeStack, compose_client, engine_problem, free_port
+from compose_support import PROJECT_IMAGE, ComposeStack, compose_up, engine_problem
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,39 +35,8 @@ def compose_stack(tmp_path: Path) -> Iterator[Callable[..., ComposeStack]]:
             infra = compose_stack(services=["nats", "redis"])
             stack = compose_stack(scales={"dit": 3})   # whole stack: needs the project image
     """
-    started: list[ComposeStack] = []
-
-    def up(
-        services: list[str] | None = None, scales: dict[str, int] | None = None, wait_timeout: int = 180
-    ) -> ComposeStack:
-        nats_port, monitor_port, redis_port = free_port(), free_port(), free_port()
-        env_file = tmp_path / f"stack{len(started)}.env"
-        env_file.write_text(
-            f"DF_NATS_PORT={nats_port}\nDF_NATS_MONITOR_PORT={monitor_port}\nDF_REDIS_PORT={redis_port}\n"
-        )
-        project = f"dftest-{uuid.uuid4().hex[:10]}"
-        stack = ComposeStack(
-            docker=compose_client(HOSTNET_OVERRIDE, project=project, env_file=env_file),
-            project=project,
-            nats_url=f"nats://127.0.0.1:{nats_port}",
-            nats_monitor_url=f"http://127.0.0.1:{monitor_port}",
-            redis_url=f"redis://127.0.0.1:{redis_port}/0",
-        )
-        started.append(stack)  # before `up`, so a stack that fails half-way is removed too
-        stack.docker.compose.up(
-            services=services,
-            scales=scales or {},
-            detach=True,
-            wait=True,
-            wait_timeout=wait_timeout,
-            pull="never",
-            quiet=True,
-        )
-        return stack
-
-    yield up
-    for stack in started:
-        stack.docker.compose.down(volumes=True, remove_orphans=True, timeout=30, quiet=True)
+    with ExitStack() as stacks:
+        yield lambda **options: stacks.enter_context(compose_up(tmp_path, **options))
 
 
 @pytest.fixture(scope="session")
