@@ -4,7 +4,7 @@ Each producer owns a set of slot files (``slot-<pid>-<id>-<n>``): one tensor's b
 one-page header. A slot is reused: ``put`` copies the tensor into a free slot of its size class
 (one copy into pages that are already mapped and warm), ``delete`` marks it free again, and a
 consumer maps each slot file once and keeps the mapping. Fresh pages cost more than copying the
-bytes on a VM (about 5 µs per 4 KiB page, see bench/RESULTS-transport.md), so in the steady
+bytes on a VM (about 5 µs per 4 KiB page, see bench/RESULTS.md), so in the steady
 state a handoff touches no new page and makes no mapping call.
 
 The header's first word packs ``generation | pins | state``; every change is one aligned 8-byte
