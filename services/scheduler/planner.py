@@ -1,0 +1,235 @@
+"""The planner: run a trace through the simulation with a policy and report what it would
+deploy and the throughput and latency to expect; and the oracle, the best static allocation of
+each phase found by search, that the policies are measured against."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from disagfusion.protocol import STAGES
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.controller import Controller
+from services.scheduler.policies import Policy, Scheduled, make_policy
+from services.scheduler.pool import Allocation, Pool, empty_allocation, fit_to_pool, per_stage
+from services.scheduler.predictor import CostProfile, Predictor
+from services.scheduler.simulation import JobRecord, SimResult, Simulation
+from services.scheduler.trace import TraceEntry
+
+SLO_FACTOR = 5.0
+"""A job meets its SLO when its latency is within this many times its unloaded service time."""
+
+
+class PhaseReport(BaseModel):
+    phase: str
+    jobs: int
+    completed: int
+    throughput: float
+    """Jobs per second: the phase's completed jobs over first arrival to last completion."""
+    p50_s: float
+    p95_s: float
+    slo: float
+    """Fraction of the phase's jobs within SLO_FACTOR × their unloaded service time."""
+
+
+class StageDeployment(BaseModel):
+    stage: str
+    peak: dict[str, int]
+    """Most instances per device class at any tick: what to provision."""
+    mean: float
+    """Time-averaged instances serving."""
+
+
+class PlanReport(BaseModel):
+    policy: str
+    pool: str
+    jobs: int
+    simulated_s: float
+    deployment: list[StageDeployment]
+    phases: list[PhaseReport]
+    overall: PhaseReport
+    instance_starts: int
+    predictor_error: dict[str, float | None]
+    """Per model/stage, the predictor's running relative error at the end."""
+
+
+def ideal_latency(truth: Predictor, record: JobRecord) -> float:
+    return sum(truth.job_costs(record.spec))
+
+
+def phase_metrics(name: str, records: Sequence[JobRecord], truth: Predictor, slo_factor: float = SLO_FACTOR) -> PhaseReport:
+    done = [r for r in records if not math.isnan(r.done)]
+    if not records:
+        return PhaseReport(phase=name, jobs=0, completed=0, throughput=0.0, p50_s=0.0, p95_s=0.0, slo=0.0)
+    latencies = np.array([r.done - r.arrived for r in done]) if done else np.array([math.inf])
+    span = (max(r.done for r in done) - min(r.arrived for r in records)) if done else math.inf
+    met = sum(1 for r in done if r.done - r.arrived <= slo_factor * ideal_latency(truth, r))
+    return PhaseReport(
+        phase=name,
+        jobs=len(records),
+        completed=len(done),
+        throughput=len(done) / span if span > 0 else 0.0,
+        p50_s=float(np.percentile(latencies, 50)),
+        p95_s=float(np.percentile(latencies, 95)),
+        slo=met / len(records),
+    )
+
+
+def phases_of(trace: Sequence[TraceEntry]) -> list[tuple[str, float, float]]:
+    """(label, first arrival, last arrival) of each phase, in trace order."""
+    spans: dict[str, list[float]] = {}
+    for entry in trace:
+        span = spans.setdefault(entry.phase or "all", [entry.t, entry.t])
+        span[1] = entry.t
+    return [(name, a, b) for name, (a, b) in spans.items()]
+
+
+def report(policy: str, pool_text: str, result: SimResult, truth: Predictor, predictor: Predictor) -> PlanReport:
+    by_phase: dict[str, list[JobRecord]] = {}
+    for record in result.jobs:
+        by_phase.setdefault(record.phase or "all", []).append(record)
+    deployment = []
+    for stage in STAGES:
+        peak: dict[str, int] = {}
+        for _, allocation in result.allocations:
+            for name, n in allocation.get(stage, {}).items():
+                peak[name] = max(peak.get(name, 0), n)
+        points = result.timeline
+        area = sum((b.t - a.t) * a.running[stage] for a, b in zip(points, points[1:]))
+        mean = area / (points[-1].t - points[0].t) if len(points) > 1 and points[-1].t > points[0].t else 0.0
+        deployment.append(StageDeployment(stage=stage, peak=peak, mean=mean))
+    return PlanReport(
+        policy=policy,
+        pool=pool_text,
+        jobs=len(result.jobs),
+        simulated_s=result.end,
+        deployment=deployment,
+        phases=[phase_metrics(name, records, truth) for name, records in by_phase.items()],
+        overall=phase_metrics("all", result.jobs, truth),
+        instance_starts=result.instance_starts,
+        predictor_error={f"{e.model}/{e.stage}": e.rel_error for e in predictor.errors()},
+    )
+
+
+def even_split(pool: Pool) -> Allocation:
+    """A naive starting fleet: the pool shared equally among the stages each class may host."""
+    allocation = empty_allocation()
+    for c in pool.classes:
+        for k, stage in enumerate(c.stages):
+            n = c.count // len(c.stages) + (1 if k < c.count % len(c.stages) else 0)
+            if n:
+                allocation[stage][c.name] = n
+    return allocation
+
+
+def simulate(
+    trace: Sequence[TraceEntry],
+    pool: Pool,
+    policy: Policy,
+    profiles: dict[str, CostProfile],
+    settings: SchedulerSettings,
+    initial: Allocation | None = None,
+    truth_profiles: dict[str, CostProfile] | None = None,
+    **options,
+) -> tuple[SimResult, Predictor, Predictor]:
+    predictor = Predictor(profiles)
+    truth = Predictor(truth_profiles or profiles)
+    sim = Simulation(trace, pool, policy, predictor, settings, truth=truth, initial=initial, **options)
+    return sim.run(), predictor, truth
+
+
+def _compositions(total: int) -> list[tuple[int, int, int]]:
+    """Every way to give each of the three stages at least one of ``total`` slots, all used."""
+    return [(a, b, total - a - b) for a in range(1, total - 1) for b in range(1, total - a)]
+
+
+def search_static(
+    trace: Sequence[TraceEntry],
+    pool: Pool,
+    profiles: dict[str, CostProfile],
+    settings: SchedulerSettings,
+    exhaustive_up_to: int = 24,
+    rounds: int = 6,
+) -> tuple[Allocation, PhaseReport]:
+    """The static allocation with the best throughput on ``trace`` (then best p95), every
+    instance ready from the start. Small single-class pools: every composition. Otherwise: start
+    from the demand ratio the controller's placement gives, then hill-climb moving slots between
+    stages (in halving steps), each candidate judged by simulation."""
+    shifted = [entry.model_copy(update={"t": entry.t - trace[0].t}) for entry in trace]
+
+    def score(allocation: Allocation) -> tuple[tuple[float, float], PhaseReport]:
+        static = Scheduled("static", [(0.0, allocation)])
+        result, _, truth = simulate(shifted, pool, static, profiles, settings, initial=allocation, observe=False)
+        metrics = phase_metrics("search", result.jobs, truth)
+        # Throughputs within 1% are a tie (the measured span jitters); then lower p95 wins.
+        bucket = math.floor(math.log(metrics.throughput) / math.log(1.01)) if metrics.throughput > 0 else -math.inf
+        return (bucket, -metrics.p95_s), metrics
+
+    if len(pool.classes) == 1 and pool.total <= exhaustive_up_to:
+        best = None
+        for counts in _compositions(pool.total):
+            allocation = fit_to_pool(dict(zip(STAGES, counts)), pool)
+            key, metrics = score(allocation)
+            if best is None or key > best[0]:
+                best = (key, allocation, metrics)
+        assert best is not None
+        return best[1], best[2]
+
+    truth = Predictor(profiles)
+    span = max(shifted[-1].t, 1.0)
+    work = {stage: 0.0 for stage in STAGES}
+    for entry in shifted:
+        for stage, cost in zip(STAGES, truth.job_costs(entry.spec)):
+            work[stage] += cost / span
+    placer = Controller(pool, settings.model_copy(update={"fill_pool": True}))
+    current = placer.place(work, {})
+    best_key, best_metrics = score(current)
+    step = max(1, pool.total // 16)
+    for _ in range(rounds):
+        improved = False
+        counts = per_stage(current)
+        for src, dst in itertools.permutations(STAGES, 2):
+            if counts[src] - step < 1:
+                continue
+            moved = dict(counts)
+            moved[src] -= step
+            moved[dst] += step
+            candidate = fit_to_pool(moved, pool, order=sorted(STAGES, key=lambda s: len(pool.preference(s))))
+            key, metrics = score(candidate)
+            if key > best_key:
+                best_key, best_metrics, current, improved = key, metrics, candidate, True
+                break
+        if not improved:
+            if step == 1:
+                break
+            step = max(1, step // 2)
+    return current, best_metrics
+
+
+def oracle_schedule(
+    trace: Sequence[TraceEntry], pool: Pool, profiles: dict[str, CostProfile], settings: SchedulerSettings
+) -> list[tuple[float, Allocation]]:
+    """The best static allocation of each phase, switched to when the phase begins."""
+    schedule = []
+    for name, start, _ in phases_of(trace):
+        allocation, _ = search_static([e for e in trace if (e.phase or "all") == name], pool, profiles, settings)
+        schedule.append((start, allocation))
+    return schedule
+
+
+def plan(
+    trace: Sequence[TraceEntry],
+    pool: Pool,
+    profiles: dict[str, CostProfile],
+    settings: SchedulerSettings,
+    pool_text: str = "",
+    policy: str = "hybrid",
+) -> PlanReport:
+    """What the scheduler would deploy for ``trace`` on ``pool`` and what it would achieve."""
+    chosen = make_policy(policy, pool, settings, static=even_split(pool) if policy == "static" else None)
+    result, predictor, truth = simulate(trace, pool, chosen, profiles, settings, initial=even_split(pool))
+    return report(policy, pool_text, result, truth, predictor)

@@ -1,0 +1,329 @@
+"""A discrete-event simulation of the three-stage pipeline, in simulated time (no sleeping):
+per-stage queues, instances on device classes that start up before they pull, batches whose
+service time comes from a cost profile, instances that drain (finish their batch) when scaled
+down, and a scheduler tick that runs the very same Feedback, Predictor and Policy code the
+live scheduler runs."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from disagfusion.protocol import STAGES, JobSpec, TimingSample, next_stage
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.controller import FleetState
+from services.scheduler.feedback import Feedback
+from services.scheduler.policies import Policy
+from services.scheduler.pool import Allocation, DeviceClass, Pool, empty_allocation
+from services.scheduler.predictor import Predictor, prompt_tokens
+from services.scheduler.trace import TraceEntry
+
+
+@dataclass
+class BatchLimits:
+    """How much one instance pulls at once (jobs share a batch only with the same shape)."""
+
+    jobs: dict[str, int] = field(default_factory=lambda: {"encode": 16, "denoise": 8, "decode": 8})
+    mpx: float = 4.0
+    """DiT and decoder batches hold at most this many megapixel-frames (a video is alone)."""
+
+
+@dataclass
+class JobRecord:
+    spec: JobSpec
+    arrived: float
+    phase: str | None
+    done: float = math.nan
+
+
+@dataclass(eq=False)
+class Instance:
+    id: int
+    stage: str
+    device: DeviceClass
+    ready_at: float
+    starting: bool = True
+    batch: list[JobRecord] = field(default_factory=list)
+    batch_seconds: float = 0.0
+    draining: bool = False
+    gone: bool = False
+
+
+@dataclass
+class TimelinePoint:
+    t: float
+    running: dict[str, int]
+    desired: dict[str, int]
+
+
+@dataclass
+class SimResult:
+    jobs: list[JobRecord]
+    timeline: list[TimelinePoint]
+    allocations: list[tuple[float, Allocation]]
+    """The policy's decision at every tick."""
+    end: float
+    instance_starts: int
+    redelivered: int
+
+
+class Simulation:
+    """``truth`` gives the service times (a separate Predictor, never refined; built from another
+    profile it shows the scheduler learning). ``kills`` are (time, stage) instance deaths;
+    ``pins`` are (time, {stage: n}) changes of the pinned counts (an empty dict releases)."""
+
+    def __init__(
+        self,
+        trace: Sequence[TraceEntry],
+        pool: Pool,
+        policy: Policy,
+        predictor: Predictor,
+        settings: SchedulerSettings,
+        truth: Predictor,
+        initial: Allocation | None = None,
+        limits: BatchLimits | None = None,
+        noise: float = 0.05,
+        seed: int = 0,
+        kills: Sequence[tuple[float, str]] = (),
+        pins: Sequence[tuple[float, dict[str, int]]] = (),
+        redeliver_after_s: float = 30.0,
+        max_time: float | None = None,
+        observe: bool = True,
+    ):
+        self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
+        self.predictor = predictor
+        self.truth = truth
+        self.limits = limits or BatchLimits()
+        self.noise, self.rng = noise, random.Random(seed)
+        self.feedback = Feedback(predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
+        self.redeliver_after_s = redeliver_after_s
+        self.max_time = max_time
+        self.observe = observe
+        """False for policies that ignore observations (static ones): the search for the oracle
+        runs many simulations and need not feed the scheduler's predictor."""
+        self._events: list[tuple[float, int, str, object]] = []
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+        self.queues: dict[str, deque[JobRecord]] = {s: deque() for s in STAGES}
+        self.instances: list[Instance] = []
+        self.idle: dict[str, list[Instance]] = {s: [] for s in STAGES}
+        self.jobs: list[JobRecord] = []
+        self.timeline: list[TimelinePoint] = []
+        self.allocations: list[tuple[float, Allocation]] = []
+        self.pins: dict[str, int] = {}
+        self.instance_starts = 0
+        self.redelivered = 0
+        self.now = 0.0
+        self._truth_cache: dict[tuple, float] = {}
+        for t, stage in kills:
+            self._push(t, "kill", stage)
+        for t, pinned in pins:
+            self._push(t, "pin", pinned)
+        self._apply(initial or empty_allocation(), startup=False)
+
+    # -- events --------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, payload))
+
+    def run(self) -> SimResult:
+        arrivals = iter(self.trace)
+        upcoming = next(arrivals, None)
+        last_arrival = self.trace[-1].t if self.trace else 0.0
+        self._push(0.0, "tick", None)
+        while True:
+            next_event = self._events[0][0] if self._events else math.inf
+            if upcoming is not None and upcoming.t <= next_event:
+                self.now = upcoming.t
+                self._arrive(upcoming)
+                upcoming = next(arrivals, None)
+                continue
+            if not self._events:
+                break
+            t, _, kind, payload = heapq.heappop(self._events)
+            self.now = t
+            if kind == "tick":
+                self._tick()
+                busy = upcoming is not None or any(self.queues.values()) or any(i.batch for i in self.instances)
+                over = self.max_time is not None and t >= self.max_time
+                if (busy or t < last_arrival) and not over:
+                    self._push(t + self.settings.tick_s, "tick", None)
+            elif kind == "done":
+                self._finish(payload)  # type: ignore[arg-type]
+            elif kind == "ready":
+                self._ready(payload)  # type: ignore[arg-type]
+            elif kind == "redeliver":
+                stage, records = payload  # type: ignore[misc]
+                self.queues[stage].extendleft(reversed(records))
+                self._dispatch(stage)
+            elif kind == "kill":
+                self._kill(payload)  # type: ignore[arg-type]
+            elif kind == "pin":
+                self.pins = dict(payload)  # type: ignore[arg-type]
+        return SimResult(self.jobs, self.timeline, self.allocations, self.now, self.instance_starts, self.redelivered)
+
+    def _arrive(self, entry: TraceEntry) -> None:
+        record = JobRecord(entry.spec, entry.t, entry.phase)
+        self.jobs.append(record)
+        self._enqueue(STAGES[0], record)
+
+    def _enqueue(self, stage: str, record: JobRecord) -> None:
+        self.queues[stage].append(record)
+        if self.observe:
+            self.feedback.on_enqueue(stage, record.spec)
+        self._dispatch(stage)
+
+    # -- instances -----------------------------------------------------------------------
+
+    def _service_time(self, stage: str, batch: list[JobRecord], device: DeviceClass) -> float:
+        specs = [r.spec for r in batch]
+        key = (stage, len(batch), specs[0].shape_key, prompt_tokens(specs[0].prompt))
+        base = self._truth_cache.get(key) if len(batch) == 1 else None
+        if base is None:
+            base = self.truth.predict(stage, specs)
+            if len(batch) == 1:
+                self._truth_cache[key] = base
+        jitter = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise else 1.0
+        return base * jitter / device.speed_for(stage)
+
+    def _take_batch(self, stage: str, idle_count: int) -> list[JobRecord]:
+        queue = self.queues[stage]
+        first = queue.popleft()
+        batch = [first]
+        # Share what waits among the idle instances instead of one instance taking it all.
+        limit = min(self.limits.jobs[stage], max(1, math.ceil((len(queue) + 1) / idle_count)))
+        key = first.spec.shape_key
+        unit = first.spec.height * first.spec.width * first.spec.frames / 1e6
+        if stage != "encode":
+            limit = min(limit, max(1, int(self.limits.mpx // unit)))
+        while queue and len(batch) < limit and queue[0].spec.shape_key == key:
+            batch.append(queue.popleft())
+        return batch
+
+    def _dispatch(self, stage: str) -> None:
+        idle, queue = self.idle[stage], self.queues[stage]
+        while idle and queue:
+            instance = idle.pop()
+            instance.batch = self._take_batch(stage, len(idle) + 1)
+            instance.batch_seconds = self._service_time(stage, instance.batch, instance.device)
+            self._push(self.now + instance.batch_seconds, "done", instance)
+
+    def _finish(self, instance: Instance) -> None:
+        if instance.gone:
+            return  # it died mid-batch; the batch was handed back
+        batch, instance.batch = instance.batch, []
+        if self.observe:
+            self._report(instance, batch)
+        following = next_stage(instance.stage)
+        for record in batch:
+            if following is None:
+                record.done = self.now
+            else:
+                self._enqueue(following, record)
+        if instance.draining:
+            instance.gone = True
+        else:
+            self.idle[instance.stage].append(instance)
+            self._dispatch(instance.stage)
+
+    def _report(self, instance: Instance, batch: list[JobRecord]) -> None:
+        """What a worker publishes on df.metrics.<stage>, handed to the scheduler's predictor."""
+        sample = TimingSample.model_construct(
+            stage=instance.stage,
+            model=batch[0].spec.model,
+            worker=f"sim-{instance.id}",
+            batch=len(batch),
+            seconds=instance.batch_seconds,
+            jobs=[r.spec for r in batch],
+            t=self.now,
+        )
+        speed = instance.device.speed_for(instance.stage)
+        self.predictor.observe(sample, speed)
+        self.feedback.on_sample(sample, speed)
+
+    def _ready(self, instance: Instance) -> None:
+        if instance.gone:
+            return
+        instance.starting = False
+        self.idle[instance.stage].append(instance)
+        self._dispatch(instance.stage)
+
+    def _kill(self, stage: str) -> None:
+        """An instance dies: its batch goes back to the queue once JetStream's AckWait expires."""
+        alive = [i for i in self.instances if i.stage == stage and not i.gone and not i.starting]
+        if not alive:
+            return
+        victim = max(alive, key=lambda i: len(i.batch))
+        victim.gone = True
+        if victim in self.idle[stage]:
+            self.idle[stage].remove(victim)
+        if victim.batch:
+            self.redelivered += len(victim.batch)
+            self._push(self.now + self.redeliver_after_s, "redeliver", (stage, victim.batch))
+            victim.batch = []
+
+    # -- the scheduler tick ----------------------------------------------------------------
+
+    def fleet(self) -> FleetState:
+        running, starting = empty_allocation(), empty_allocation()
+        ready_in: dict[str, float] = {}
+        for i in self.instances:
+            if i.gone or i.draining:
+                continue
+            target = starting if i.starting else running
+            target[i.stage][i.device.name] = target[i.stage].get(i.device.name, 0) + 1
+            if i.starting:
+                ready_in[i.stage] = max(ready_in.get(i.stage, 0.0), i.ready_at - self.now)
+        return FleetState(running, starting, ready_in)
+
+    def _tick(self) -> None:
+        self.instances = [i for i in self.instances if not i.gone]
+        for stage in STAGES:
+            in_flight = sum(len(i.batch) for i in self.instances if i.stage == stage)
+            self.feedback.on_consumer_info(stage, _Counts(len(self.queues[stage]), in_flight, len(self.idle[stage])))
+        fleet = self.fleet()
+        running = {s: sum(fleet.running[s].values()) for s in STAGES}
+        obs = self.feedback.snapshot(self.now, running)
+        desired = self.policy.decide(obs, fleet, self.pins)
+        self.allocations.append((self.now, desired))
+        self._apply(desired, startup=True)
+        self.timeline.append(
+            TimelinePoint(self.now, running, {s: sum(desired.get(s, {}).values()) for s in STAGES})
+        )
+
+    def _apply(self, desired: Allocation, startup: bool) -> None:
+        """Reconcile like a Deployment controller: start what is missing, drain what is extra
+        (starting ones are cancelled first, then idle ones; busy ones finish their batch)."""
+        for stage in STAGES:
+            for c in self.pool.classes:
+                want = desired.get(stage, {}).get(c.name, 0)
+                mine = [i for i in self.instances if i.stage == stage and i.device.name == c.name and not i.gone and not i.draining]
+                for _ in range(want - len(mine)):
+                    wait = self.settings.startup_s.get(stage, 0.0) if startup else 0.0
+                    instance = Instance(next(self._ids), stage, c, self.now + wait)
+                    self.instances.append(instance)
+                    self.instance_starts += 1
+                    self._push(self.now + wait, "ready", instance)
+                extra = len(mine) - want
+                if extra <= 0:
+                    continue
+                order = sorted(mine, key=lambda i: (not i.starting, bool(i.batch), -i.ready_at))
+                for instance in order[:extra]:
+                    if instance.starting or not instance.batch:
+                        instance.gone = True
+                        if instance in self.idle[stage]:
+                            self.idle[stage].remove(instance)
+                    else:
+                        instance.draining = True
+
+
+@dataclass
+class _Counts:
+    num_pending: int
+    num_ack_pending: int
+    num_waiting: int

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from disagfusion.protocol import TimingSample
+from services.scheduler.predictor import CostProfile, ModelProfile, Predictor, features, load_profiles
+
+from .conftest import small_image, video
+
+
+def test_published_profile_reproduces_the_sglang_wan_figures(profiles: dict[str, CostProfile]) -> None:
+    predictor = Predictor(profiles)
+    job = video(0).model_copy(update={"frames": 81, "steps": 50})
+    encode, denoise, decode = predictor.job_costs(job)
+    assert encode == pytest.approx(2.3, rel=0.01)
+    assert denoise == pytest.approx(312.8, rel=0.01)
+    assert decode == pytest.approx(7.1, rel=0.01)
+    assert profiles["image-placeholder"].kind == "placeholder"
+
+
+def test_guidance_above_one_doubles_dit_work() -> None:
+    with_cfg = features("denoise", [small_image(0, guidance=5.0)])
+    without = features("denoise", [small_image(0, guidance=1.0)])
+    assert with_cfg[1:] == pytest.approx(2 * without[1:])
+    assert with_cfg[0] == without[0] == 1.0  # the per-batch constant does not double
+
+
+def test_a_batch_sums_job_work_but_pays_the_batch_constant_once() -> None:
+    assert features("decode", [small_image(0), small_image(1)]).tolist() == pytest.approx(
+        [1.0, 2.0, 2 * 512 * 512 / 1e6]
+    )
+
+
+def test_unknown_feature_in_a_profile_is_refused(tmp_path) -> None:
+    (tmp_path / "bad.yaml").write_text("source: x\ndevice: h100\nmodels:\n  m:\n    denoise: {pixels: 1.0}\n")
+    predictor = Predictor(load_profiles([tmp_path]))
+    with pytest.raises(ValueError, match="unknown features"):
+        predictor.predict("denoise", [small_image(0).model_copy(update={"model": "m"})])
+
+
+def test_refinement_from_samples_reduces_the_error(profiles: dict[str, CostProfile]) -> None:
+    # The device really is 1.8x slower per step-megapixel than the profile says, plus 0.15 s a batch.
+    prior = profiles["image-placeholder"].models["image"]
+    truth = Predictor(
+        {"t": CostProfile(source="test", device="x", models={"image": ModelProfile(
+            encode=prior.encode, decode=prior.decode, denoise={"batch": 0.15, "step_mpx": prior.denoise["step_mpx"] * 1.8}
+        )})}
+    )
+    predictor = Predictor(profiles)
+    rng = random.Random(1)
+
+    def job(n: int):
+        side = rng.choice([256, 512, 768, 1024])
+        return small_image(n).model_copy(update={"height": side, "width": side, "steps": rng.choice([4, 20, 30])})
+
+    held_out = [[job(10_000 + n)] for n in range(20)]
+
+    def error() -> float:
+        return sum(abs(predictor.predict("denoise", b) - truth.predict("denoise", b)) / truth.predict("denoise", b) for b in held_out) / len(held_out)
+
+    before = error()
+    for n in range(60):
+        batch = [job(n)]
+        seconds = truth.predict("denoise", batch) * rng.lognormvariate(0.0, 0.03)
+        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=seconds, jobs=batch))
+    after = error()
+    assert before > 0.3
+    assert after < 0.08 < before
+    (row,) = [e for e in predictor.errors() if e.stage == "denoise"]
+    assert row.samples == 60 and row.rel_error is not None and row.rel_error < 0.1
+
+
+def test_samples_from_a_slower_device_are_normalised(profiles: dict[str, CostProfile]) -> None:
+    predictor = Predictor(profiles)
+    batch = [small_image(0)]
+    reference = predictor.predict("denoise", batch)
+    for _ in range(30):
+        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=reference / 0.5, jobs=batch), speed=0.5)
+    assert predictor.predict("denoise", batch) == pytest.approx(reference, rel=0.02)

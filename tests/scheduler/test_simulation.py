@@ -1,0 +1,89 @@
+"""The discrete-event simulation running the real controller: deaths, drains, start-up."""
+
+from __future__ import annotations
+
+import math
+
+from disagfusion.protocol import STAGES
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.controller import Controller
+from services.scheduler.planner import simulate
+from services.scheduler.policies import Scheduled
+from services.scheduler.pool import parse_pool
+from services.scheduler.predictor import CostProfile
+
+from .conftest import small_image, steady, video
+
+POOL = parse_pool("slot:12")
+START = {"encode": {"slot": 1}, "denoise": {"slot": 4}, "decode": {"slot": 1}}
+
+
+def test_a_dead_instance_is_replaced_and_its_jobs_redelivered(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(small_image, 10.0, 0.0, 120.0)
+    result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=START, kills=[(40.0, "denoise")])
+    assert result.redelivered >= 1
+    assert all(not math.isnan(r.done) for r in result.jobs) and len(result.jobs) == len(trace)
+    before = next(p for p in result.timeline if p.t >= 35.0).running["denoise"]
+    dip = next(p for p in result.timeline if p.t >= 40.0).running["denoise"]
+    assert dip == before - 1
+    # The controller still wants as many; the actuator starts a replacement that serves after start-up.
+    later = next(p for p in result.timeline if p.t >= 40.0 + settings.startup_s["denoise"] + settings.tick_s)
+    assert later.running["denoise"] >= before
+
+
+def test_scaling_down_drains_and_loses_nothing(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(video, 0.12, 0.0, 200.0)
+    many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
+    few = {"encode": {"slot": 1}, "denoise": {"slot": 2}, "decode": {"slot": 1}}
+    policy = Scheduled("step-down", [(0.0, many), (60.0, few)])  # shrinks while batches run
+    result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many)
+    assert len(result.jobs) == len(trace)
+    assert all(not math.isnan(r.done) for r in result.jobs)
+    assert result.redelivered == 0
+    assert result.timeline[-1].running == {"encode": 1, "denoise": 2, "decode": 1}
+
+
+def test_new_instances_serve_only_after_their_startup(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(small_image, 15.0, 0.0, 90.0)
+    start = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
+    result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=start)
+    asked = next(p.t for p in result.timeline if p.desired["denoise"] > 1)
+    served = next(p.t for p in result.timeline if p.running["denoise"] > 1)
+    assert served - asked >= settings.startup_s["denoise"]
+
+
+def test_the_simulation_is_deterministic_and_uses_simulated_time(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(video, 0.05, 0.0, 600.0)  # ten minutes of video jobs, simulated in moments
+
+    def latencies() -> list[float]:
+        result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=START)
+        return [r.done - r.arrived for r in result.jobs]
+
+    first = latencies()
+    assert first == latencies()
+    assert min(first) > sum(stage for stage in (2.3, 76.0, 2.9)) * 0.8  # a video takes its DiT time
+
+
+def test_measured_times_teach_the_scheduler_a_wrong_profile(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    # The real device is 3x slower at the DiT than the profile the scheduler starts from.
+    slower = {
+        name: profile.model_copy(update={"models": {m: p.model_copy(update={"denoise": {k: 3 * v for k, v in p.denoise.items()}}) for m, p in profile.models.items()}})
+        for name, profile in profiles.items()
+    }
+    trace = steady(small_image, 5.0, 0.0, 120.0)
+    result, predictor, truth = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=START, truth_profiles=slower)
+    job = [small_image(0)]
+    assert abs(predictor.predict("denoise", job) / truth.predict("denoise", job) - 1) < 0.1
+    assert set(STAGES) <= {e.stage for e in predictor.errors()}
+
+
+def test_a_pin_holds_in_the_running_fleet_until_released(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    trace = steady(small_image, 12.0, 0.0, 200.0)
+    pins = [(30.0, {"denoise": 3}), (100.0, {})]
+    start = {"encode": {"slot": 1}, "denoise": {"slot": 9}, "decode": {"slot": 1}}
+    result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=start, pins=pins)
+    during = [p.desired["denoise"] for p in result.timeline if 30.0 <= p.t < 100.0]
+    assert during and set(during) == {3}
+    assert all(p.running["denoise"] == 3 for p in result.timeline if 60.0 <= p.t < 100.0)  # drained down
+    assert max(p.desired["denoise"] for p in result.timeline if p.t >= 100.0) >= 8  # released: back to the need
+    assert all(not math.isnan(r.done) for r in result.jobs)
