@@ -259,6 +259,7 @@ class Launcher:
         env = {**os.environ, **self.services[service].environment}
         env["DF_NATS_URL"] = state.nats_url
         env["DF_REDIS_URL"] = state.redis_url
+        env["DF_STACK_DIR"] = str(self.data_dir)  # so a service (the scheduler) can scale this stack
         stack_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
         env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", f"/dev/shm/disagfusion-{stack_id}")
         if self.models_dir is not None:
