@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from disagfusion import bus
 from disagfusion.config import Settings
 from disagfusion.engram.cli import engram_app
 from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
-from disagfusion.protocol import STAGES, JobSpec, ProgressEvent, Result
+from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, ProgressEvent, Result
+from disagfusion.scheduler_state import SchedulerStatus, read_status, update_pins
+from disagfusion.status import StageStatus, stage_status
 
 app = typer.Typer(help="DisagFusion: diffusion models served as a disaggregated pipeline.", no_args_is_help=True)
 app.add_typer(engram_app, name="engram")
@@ -106,24 +110,117 @@ def _deployment(data_dir: Path, compose_files: list[Path], project: str | None, 
         _fail(str(exc))
 
 
+async def _scheduler(settings: Settings) -> SchedulerStatus | None:
+    """The scheduler's published view, if one runs (it published within a few ticks)."""
+    stack = await bus.connect(settings, "disagfusion-cli")
+    try:
+        status = await read_status(stack.js)
+    finally:
+        await stack.close()
+    return status if status is not None and status.fresh() else None
+
+
+async def _pin(settings: Settings, pin: dict[str, int], release: list[str] | None) -> dict[str, int]:
+    stack = await bus.connect(settings, "disagfusion-cli")
+    try:
+        return await update_pins(stack.js, pin, release)
+    finally:
+        await stack.close()
+
+
 @app.command("scale")
 def scale_services(
-    replicas: Annotated[list[str], typer.Argument(help="SERVICE=COUNT pairs, e.g. dit=3 encoder=1")],
+    replicas: Annotated[list[str], typer.Argument(help="SERVICE=COUNT pairs, e.g. dit=3 encoder=1; with --release, SERVICE names")] = [],
+    release: Annotated[bool, typer.Option("--release", help="Hand the named services (all when none are named) back to the scheduler.")] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     compose_file: ComposeFiles = [],
     project_name: ProjectName = None,
     env_file: EnvFiles = [],
 ) -> None:
     """Set the replicas of each named service, on the embedded stack or docker compose.
-    Scaling down drains: a stopped replica finishes what it holds; nothing is lost."""
+    Scaling down drains: a stopped replica finishes what it holds; nothing is lost.
+    While a scheduler runs, a stage service's count is pinned: the scheduler keeps it until
+    ``disagfusion scale --release SERVICE`` (or ``--release`` for every pin)."""
     deployment = _deployment(data_dir, compose_file, project_name, env_file)
+    settings = deployment.client_settings()
+    scheduler = asyncio.run(_scheduler(settings))
+    if release:
+        if scheduler is None:
+            _fail("no scheduler is running, so there is no pin to release")
+        pins = asyncio.run(_pin(settings, {}, replicas))
+        console.print(f"released; pins now: {pins or 'none'}")
+        return
     wanted = _parse_scales(replicas)
-    with console.status(f"scaling {deployment.kind} deployment: {wanted}"):
+    stage_services = set(SERVICE_OF_STAGE.values())
+    pinned = {name: n for name, n in wanted.items() if name in stage_services} if scheduler else {}
+    if pinned:
+        pins = asyncio.run(_pin(settings, pinned, None))
+        console.print(f"pinned {pinned} (the {scheduler.policy} scheduler keeps them until --release); pins now: {pins}")
+    direct = {name: n for name, n in wanted.items() if name not in pinned or scheduler.actuator == "dry-run"}
+    if not direct:
+        console.print(f"the scheduler's {scheduler.actuator} actuator applies it within {scheduler.tick_s:g} s")
+        return
+    with console.status(f"scaling {deployment.kind} deployment: {direct}"):
         try:
-            deployment.scale(wanted)
+            deployment.scale(direct)
         except DeploymentError as exc:
             _fail(str(exc))
     console.print(", ".join(f"{name}: {count}" for name, count in deployment.running().items()))
+
+
+class StatusReport(BaseModel):
+    deployment: str
+    nats_url: str
+    running: dict[str, int]
+    stages: list[StageStatus]
+    scheduler: SchedulerStatus | None = None
+
+
+def _status_report(deployment: Deployment) -> StatusReport:
+    settings = deployment.client_settings()
+
+    async def read() -> tuple[list[StageStatus], SchedulerStatus | None]:
+        return await stage_status(settings), await _scheduler(settings)
+
+    try:
+        rows, scheduler = asyncio.run(read())
+    except Exception as exc:
+        _fail(f"cannot read queue state from {settings.nats_url}: {exc}")
+    return StatusReport(deployment=deployment.kind, nats_url=settings.nats_url, running=deployment.running(),
+                        stages=rows, scheduler=scheduler)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _status_table(report: StatusReport) -> Table:
+    scheduler = report.scheduler
+    columns = ["stage", "model", "replicas", "backlog", "in flight", "waiting pulls"]
+    if scheduler is not None:
+        columns += ["desired", "arrivals/s", "done/s", "predicted s", "measured s", "predictor error"]
+    title = f"{report.deployment} deployment, NATS {report.nats_url}"
+    caption = None
+    if scheduler is not None:
+        caption = (f"scheduler: {scheduler.policy} policy, {scheduler.actuator} actuator, pool {scheduler.pool}; "
+                   f"{scheduler.throughput:.3g} results/s, latency p50 {_seconds(scheduler.p50_s)} s, "
+                   f"p95 {_seconds(scheduler.p95_s)} s; pins {scheduler.pins or 'none'}")
+        if scheduler.last_error:
+            caption += f"; last actuator error: {scheduler.last_error}"
+    table = Table(*columns, title=title, caption=caption)
+    views = {s.stage: s for s in scheduler.stages} if scheduler else {}
+    for row in report.stages:
+        cells = [row.stage, row.model, str(report.running.get(row.service, "-")), str(row.backlog), str(row.in_flight),
+                 str(row.waiting)]
+        if scheduler is not None:
+            view = views.get(row.stage)
+            cells += ["-"] * 6 if view is None else [
+                f"{view.desired}{' (pinned)' if view.pinned else ''}", f"{view.arrival_rate:.3g}",
+                f"{view.throughput:.3g}", _seconds(view.predicted_s), _seconds(view.measured_s),
+                "-" if view.predictor_error is None else f"{view.predictor_error:.1%}",
+            ]
+        table.add_row(*cells)
+    return table
 
 
 @app.command()
@@ -132,24 +229,39 @@ def status(
     compose_file: ComposeFiles = [],
     project_name: ProjectName = None,
     env_file: EnvFiles = [],
+    watch: Annotated[float | None, typer.Option("--watch", help="Redraw every this many seconds until Ctrl-C.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
-    """Replicas and JetStream backlog per stage."""
-    from disagfusion.status import stage_status
-
+    """Replicas and JetStream backlog per stage, and the scheduler's view when one runs:
+    instances desired vs running, arrivals and throughput, predicted vs measured service time,
+    the predictor's running error and end-to-end latency."""
     deployment = _deployment(data_dir, compose_file, project_name, env_file)
-    settings = deployment.client_settings()
-    running = deployment.running()
-    try:
-        rows = asyncio.run(stage_status(settings))
-    except Exception as exc:
-        _fail(f"cannot read queue state from {settings.nats_url}: {exc}")
-    table = Table("stage", "model", "replicas", "backlog", "in flight", "waiting pulls",
-                  title=f"{deployment.kind} deployment, NATS {settings.nats_url}")
-    for row in rows:
-        table.add_row(
-            row.stage, row.model, str(running.get(row.service, "-")), str(row.backlog), str(row.in_flight), str(row.waiting)
-        )
-    console.print(table)
+    if json_output:
+        typer.echo(_status_report(deployment).model_dump_json(indent=2))
+        return
+    if watch is None:
+        console.print(_status_table(_status_report(deployment)))
+        return
+    with Live(_status_table(_status_report(deployment)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(_status_table(_status_report(deployment)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def plan(ctx: typer.Context) -> None:
+    """Size a fleet for a trace by running the scheduler in simulation (``disagfusion plan
+    --help`` lists the options: --trace, --pool, --policy, --profile, --json)."""
+    # The planner belongs to the scheduler service; disagfusion/ must not import services/ at
+    # import time, so it is loaded (and given the arguments) only when asked for.
+    from services.scheduler.plan_cli import plan_command
+
+    planner = typer.Typer(add_completion=False)
+    planner.command()(plan_command)
+    typer.main.get_command(planner)(ctx.args, prog_name="disagfusion plan", standalone_mode=True)
 
 
 @app.command("init-model")

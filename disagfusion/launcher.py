@@ -260,6 +260,7 @@ class Launcher:
         env = {**os.environ, **self.services[service].environment}
         env["DF_NATS_URL"] = state.nats_url
         env["DF_REDIS_URL"] = state.redis_url
+        env["DF_STACK_DIR"] = str(self.data_dir)  # so a service (the scheduler) can scale this stack
         env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", str(self._own_shm_dir()))
         if self.models_dir is not None:
             env["DF_MODELS_DIR"] = str(self.models_dir)

@@ -1,0 +1,57 @@
+"""Actuators over a ``disagfusion.deployment.Deployment``: the embedded stack (local processes)
+and docker compose, and the choice among every actuator by ``DF_SCHED_ACTUATOR``.
+
+A deployment's calls block (process start-up, ``docker compose up --wait``, draining a stopped
+replica) so they run in a thread; scale-down drains, as both deployments send SIGTERM and wait."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from disagfusion.deployment import ComposeDeployment, Deployment, LocalDeployment
+from disagfusion.launcher import Launcher
+from services.scheduler.actuators import Actuator, DryRunActuator, KubernetesActuator
+
+
+class DeploymentActuator:
+    """Scales only the services it is asked about, and only those whose count changes."""
+
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+
+    async def apply(self, desired: dict[str, int]) -> None:
+        running = await self.running()
+        changed = {name: n for name, n in desired.items() if running.get(name) != n}
+        if changed:
+            await asyncio.to_thread(self.deployment.scale, changed)
+
+    async def running(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.deployment.running)
+
+
+class LocalActuator(DeploymentActuator):
+    """The embedded stack whose state lives in ``data_dir`` (``disagfusion up --data-dir``)."""
+
+    def __init__(self, data_dir: Path):
+        super().__init__(LocalDeployment(Launcher(data_dir)))
+
+
+class ComposeActuator(DeploymentActuator):
+    """A docker compose project. In a container it needs the docker CLI and the engine's socket
+    (mount /var/run/docker.sock) and the compose files at the paths it is given."""
+
+    def __init__(self, compose_files: list[Path], project: str | None = None):
+        super().__init__(ComposeDeployment(compose_files, project))
+
+
+def make_actuator(kind: str, *, data_dir: Path, compose_files: list[Path], project: str | None, namespace: str) -> Actuator:
+    if kind == "dry-run":
+        return DryRunActuator()
+    if kind == "local":
+        return LocalActuator(data_dir)
+    if kind == "compose":
+        return ComposeActuator(compose_files, project)
+    if kind == "kubernetes":
+        return KubernetesActuator.from_environment(namespace)
+    raise ValueError(f"unknown actuator {kind!r}: dry-run, local, compose or kubernetes")

@@ -1,0 +1,282 @@
+"""The scheduler as a service: each tick it reads the queues (JetStream consumer info per stage),
+folds in what it heard since the last tick (tasks entering stage queues on ``df.work.>``,
+timing samples on ``df.metrics.>``, results on ``df.results.>``, all core subscriptions, which
+JetStream's published messages reach too), asks its policy for an allocation, applies it
+through an actuator and publishes its view to the ``DF_SCHEDULER`` KV bucket. Operator pins
+(``disagfusion scale``) in the same bucket win until released."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from pydantic import AliasChoices, Field
+
+from disagfusion import bus
+from disagfusion.config import Settings
+from disagfusion.health import health_path, write_health
+from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, WORK_STREAM, DecodeError, Result, StageTask, TimingSample, unpack
+from disagfusion.scheduler_state import SchedulerStatus, StageState, read_pins, scheduler_bucket, STATUS_KEY
+from services.scheduler.actuators import Actuator
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.controller import FleetState
+from services.scheduler.deploy_actuators import make_actuator
+from services.scheduler.feedback import Feedback, Observation
+from services.scheduler.model_profiles import live_profiles
+from services.scheduler.policies import Policy, make_policy
+from services.scheduler.pool import Allocation, Pool, deployment_replicas, empty_allocation, parse_pool, per_stage
+from services.scheduler.predictor import Predictor
+
+log = logging.getLogger(__name__)
+STAGE_OF_SERVICE = {service: stage for stage, service in SERVICE_OF_STAGE.items()}
+
+
+class LiveSettings(SchedulerSettings):
+    stack_dir: Path = Field(default=Path(".df"), validation_alias=AliasChoices("DF_SCHED_STACK_DIR", "DF_STACK_DIR"))
+    """The embedded stack the local actuator scales (the launcher sets DF_STACK_DIR)."""
+    compose_files: list[Path] = Field(default_factory=lambda: [Path("compose.yaml")])
+    compose_project: str | None = None
+    latency_window_s: float = Field(default=120.0, gt=0)
+    """Results this recent make the published throughput and latency percentiles."""
+
+
+@dataclass
+class _Counts:
+    """Consumer counts summed over the models of one stage."""
+
+    num_pending: int = 0
+    num_ack_pending: int = 0
+    num_waiting: int = 0
+
+
+class LatencyWindow:
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._results: deque[tuple[float, float]] = deque()
+
+    def add(self, result: Result) -> None:
+        if result.submitted_at is not None:
+            self._results.append((result.finished_at, result.finished_at - result.submitted_at))
+
+    def summary(self, now: float) -> tuple[int, float, float | None, float | None]:
+        """(results, results per second, p50, p95) over the window."""
+        while self._results and self._results[0][0] < now - self.window_s:
+            self._results.popleft()
+        latencies = sorted(latency for _, latency in self._results)
+        if not latencies:
+            return 0, 0.0, None, None
+
+        def quantile(q: float) -> float:
+            return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]
+
+        return len(latencies), len(latencies) / self.window_s, quantile(0.5), quantile(0.95)
+
+
+def workload_names(allocation: Allocation, pool: Pool, template: str) -> dict[str, int]:
+    """Replicas per workload the actuator knows: compose services, or Deployments per class."""
+    return deployment_replicas(allocation, pool, template)
+
+
+def fleet_of(running: dict[str, int], pool: Pool, template: str) -> Allocation:
+    """The actuator's running workloads as an allocation (stage → class → instances)."""
+    allocation = empty_allocation()
+    for stage in STAGES:
+        for c in pool.classes:
+            if stage in c.stages:
+                name = template.format(service=SERVICE_OF_STAGE[stage], device=c.name, stage=stage)
+                if running.get(name):
+                    allocation[stage][c.name] = running[name]
+    return allocation
+
+
+class LiveScheduler:
+    def __init__(self, settings: LiveSettings, runtime: Settings, actuator: Actuator, policy: Policy | None = None):
+        self.settings, self.runtime, self.actuator = settings, runtime, actuator
+        self.pool = parse_pool(settings.pool)
+        self.models = [m.strip() for m in runtime.models.split(",") if m.strip()]
+        self.predictor = Predictor(live_profiles(settings.profiles_dir, runtime))
+        self.feedback = Feedback(self.predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
+        self.latency = LatencyWindow(settings.latency_window_s)
+        self.policy = policy
+        # Single-class pools name workloads by service alone: compose services, local processes.
+        self.template = settings.k8s_deployment if len(self.pool.classes) > 1 else "{service}"
+        self._applying: asyncio.Task | None = None
+        self._last_error: str | None = None
+        self._unknown_models: set[str] = set()
+
+    # ------------------------------------------------------------------ what it hears
+
+    def on_task(self, msg: Msg) -> None:
+        try:
+            task = unpack(StageTask, msg.data)
+        except DecodeError:
+            return  # the stage answers a bad task with an error result; nothing to plan for
+        try:
+            self.feedback.on_enqueue(task.stage, task.job)
+        except KeyError:
+            if task.job.model not in self._unknown_models:
+                self._unknown_models.add(task.job.model)
+                log.warning("no cost profile for model %s: its arrivals are not predicted", task.job.model)
+
+    def on_sample(self, msg: Msg) -> None:
+        try:
+            sample = unpack(TimingSample, msg.data)
+        except DecodeError:
+            return
+        self.feedback.on_sample(sample)
+        try:
+            self.predictor.observe(sample)
+        except KeyError:
+            pass  # no profile: on_task said so once
+
+    def on_result(self, msg: Msg) -> None:
+        try:
+            self.latency.add(unpack(Result, msg.data))
+        except DecodeError:
+            pass
+
+    # ------------------------------------------------------------------ each tick
+
+    async def consumer_counts(self, js) -> None:
+        for stage in STAGES:
+            total, found = _Counts(), False
+            for model in self.models:
+                try:
+                    info = await js.consumer_info(WORK_STREAM, bus.consumer_name(stage, model))
+                except NotFoundError:
+                    continue  # no worker of this stage has started yet
+                found = True
+                total.num_pending += info.num_pending
+                total.num_ack_pending += info.num_ack_pending
+                total.num_waiting += info.num_waiting
+            if found:
+                self.feedback.on_consumer_info(stage, total)
+
+    def _initial_policy(self, fleet: FleetState) -> Policy:
+        static = fleet.running if any(per_stage(fleet.running).values()) else None
+        if self.settings.policy == "static" and static is None:
+            static = {s: {self.pool.classes[0].name: self.settings.min_instances.get(s, 1)} for s in STAGES}
+        return make_policy(self.settings.policy, self.pool, self.settings, static)
+
+    async def tick(self, js, kv) -> SchedulerStatus:
+        now = time.time()
+        running = await self.actuator.running()
+        fleet = FleetState(running=fleet_of(running, self.pool, self.template))
+        await self.consumer_counts(js)
+        obs = self.feedback.snapshot(now, per_stage(fleet.running))
+        pins = await read_pins(kv)
+        stage_pins = {STAGE_OF_SERVICE[s]: n for s, n in pins.items() if s in STAGE_OF_SERVICE}
+        if self.policy is None:
+            self.policy = self._initial_policy(fleet)
+        allocation = self.policy.decide(obs, fleet, stage_pins)
+        desired = workload_names(allocation, self.pool, self.template)
+        if self._applying is None or self._applying.done():
+            # One change at a time: a scale-up waits for health and a scale-down drains, both
+            # longer than a tick; the next tick decides again from what then runs.
+            self._applying = asyncio.create_task(self._apply(desired))
+        status = self.status(now, obs, allocation, running, pins)
+        await kv.put(STATUS_KEY, status.model_dump_json().encode())
+        return status
+
+    async def _apply(self, desired: dict[str, int]) -> None:
+        try:
+            await self.actuator.apply(desired)
+            self._last_error = None
+        except Exception as exc:  # the deployment refused; keep scheduling and say so
+            log.exception("actuator failed to apply %s", desired)
+            self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def status(self, now: float, obs: Observation, allocation: Allocation, running: dict[str, int], pins: dict[str, int]) -> SchedulerStatus:
+        errors: dict[str, list[float]] = {}
+        for e in self.predictor.errors():
+            if e.rel_error is not None:
+                errors.setdefault(e.stage, []).append(e.rel_error)
+        wanted = per_stage(allocation)
+        serving = per_stage(fleet_of(running, self.pool, self.template))
+        stages = []
+        for stage in STAGES:
+            view = obs.stages[stage]
+            stage_errors = errors.get(stage)
+            stages.append(
+                StageState(
+                    stage=stage,
+                    service=SERVICE_OF_STAGE[stage],
+                    desired=wanted[stage],
+                    running=serving[stage],
+                    backlog=view.backlog,
+                    in_flight=view.in_flight,
+                    waiting=view.waiting,
+                    arrival_rate=view.arrival_rate,
+                    throughput=view.throughput,
+                    predicted_s=view.predicted_s,
+                    measured_s=view.measured_s,
+                    predictor_error=sum(stage_errors) / len(stage_errors) if stage_errors else None,
+                    pinned=SERVICE_OF_STAGE[stage] in pins,
+                )
+            )
+        results, throughput, p50, p95 = self.latency.summary(now)
+        return SchedulerStatus(
+            t=now,
+            policy=self.settings.policy,
+            actuator=self.settings.actuator,
+            pool=self.settings.pool,
+            tick_s=self.settings.tick_s,
+            stages=stages,
+            pins=pins,
+            results=results,
+            throughput=throughput,
+            p50_s=p50,
+            p95_s=p95,
+            last_error=self._last_error,
+        )
+
+    # ------------------------------------------------------------------ the service
+
+    async def run(self, stop: asyncio.Event) -> None:
+        stack = await bus.connect(self.runtime, "disagfusion-scheduler")
+        try:
+            await stack.nc.subscribe("df.work.>", cb=_sync(self.on_task))
+            await stack.nc.subscribe("df.metrics.>", cb=_sync(self.on_sample))
+            await stack.nc.subscribe("df.results.>", cb=_sync(self.on_result))
+            kv = await scheduler_bucket(stack.js, create=True)
+            health = health_path()
+            while not stop.is_set():
+                write_health(health, "scheduling")
+                try:
+                    await self.tick(stack.js, kv)
+                except Exception:  # a NATS hiccup must not end the service; the next tick retries
+                    log.exception("scheduler tick failed")
+                try:
+                    await asyncio.wait_for(stop.wait(), self.settings.tick_s)
+                except TimeoutError:
+                    pass
+            if self._applying is not None:
+                await self._applying  # let a started scale-down finish draining
+        finally:
+            await stack.close()
+
+
+def _sync(handler):
+    async def callback(msg: Msg) -> None:
+        handler(msg)
+
+    return callback
+
+
+def build(settings: LiveSettings | None = None, runtime: Settings | None = None) -> LiveScheduler:
+    settings = settings or LiveSettings()
+    runtime = runtime or Settings()
+    actuator = make_actuator(
+        settings.actuator,
+        data_dir=settings.stack_dir,
+        compose_files=settings.compose_files,
+        project=settings.compose_project,
+        namespace=settings.k8s_namespace,
+    )
+    return LiveScheduler(settings, runtime, actuator)
