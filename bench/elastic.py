@@ -46,11 +46,11 @@ from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
 from disagfusion.profiles import CostProfile as RuntimeProfile
 from disagfusion.profiles import StageCost
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, Result, unpack
+from disagfusion.protocol import SERVICE_OF_STAGE, JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.model_profiles import from_runtime
-from services.scheduler.planner import oracle_schedule, phase_metrics, report, simulate
+from services.scheduler.planner import oracle_schedule, phase_metrics, simulate
 from services.scheduler.policies import Scheduled, make_policy
 from services.scheduler.pool import Allocation, parse_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,12 @@ import typer
 from disagfusion.engram.arena import Arena, HasherConfig
 from disagfusion.engram.build import build, engram_specs, random_filler
 from disagfusion.engram.client import EngramClient
+from disagfusion.launcher import binary, free_port, stop_process, wait_port
 
 BATCHES = (1, 64, 4096, 65536)
 WINDOWS_MS = (0.05, 0.5, 5.0)
 DIM = 64
 HEADS = 8
-BIN = Path(sys.executable).parent
 ID_DTYPE = np.uint32
 """Row ids as the sources get them: unsigned 32-bit ids are the local client's fast path (no
 sign check); dram and arena are measured with int64 ids too."""
@@ -66,29 +65,12 @@ def hasher_config(rows_per_head: int) -> HasherConfig:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{proc.args[0]} did not start on port {port}")
-
-
 @contextmanager
 def running(args: list[str], env: dict[str, str] | None = None, port: int | None = None, ready: str | None = None) -> Iterator[None]:
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE if ready else subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
     try:
         if port is not None:
-            wait_port(port, proc)
+            wait_port(port, proc, args[0], timeout=30)
         if ready is not None:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -98,12 +80,7 @@ def running(args: list[str], env: dict[str, str] | None = None, port: int | None
                 raise RuntimeError(f"{args} exited before it was ready")
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def measure(
@@ -251,7 +228,7 @@ def main(
         nats_url = f"nats://127.0.0.1:{nats_port}"
         env = {**os.environ, "DF_NATS_URL": nats_url, "DF_ENGRAM_SCRATCH_DIR": scratch, "PYTHONPATH": os.getcwd()}
         with (
-            running([str(BIN / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", nats_store], port=nats_port),
+            running([binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", nats_store], port=nats_port),
             running([sys.executable, "-m", "services.engram_store", f"--arena={arena_path}"], env=env, ready="engram_store ready"),
         ):
             for reply in ("shm", "chunks"):
@@ -262,7 +239,7 @@ def main(
                     prefetch += prefetch_overlap(remote, f"nats-{reply}", rounds, rng)
 
         loaded = min(redis_rows, table.rows)
-        with running([str(BIN / "redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], port=redis_port):
+        with running([binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], port=redis_port):
             r = redis.Redis(host="127.0.0.1", port=redis_port)
             with Arena.open(arena_path) as arena:
                 view = arena.table(table.name)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from disagfusion.config import Settings
-from disagfusion.launcher import _binary, _wait_port, free_port
+from disagfusion.launcher import binary, free_port, stop_process, wait_port
 from disagfusion.transport import Transports
 from disagfusion.transport.ref import checksum, tensor_bytes
 from machine import describe
@@ -60,15 +60,14 @@ def interleaved_medians(actions: dict[str, Callable[[], object]], repeats: int) 
 @contextmanager
 def redis_server(directory: Path) -> Iterator[str]:
     port = free_port()
-    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
     with open(directory / "redis.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        _wait_port(port, proc, "redis-server")
+        wait_port(port, proc, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 def copy_baselines(tensor: torch.Tensor) -> dict[str, Callable[[], object]]:

@@ -99,7 +99,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _binary(name: str) -> str:
+def binary(name: str) -> str:
     """Binaries shipped by pip packages live next to this interpreter."""
     candidate = Path(sys.executable).parent / name
     found = str(candidate) if candidate.exists() else shutil.which(name)
@@ -119,7 +119,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -176,15 +176,15 @@ class Launcher:
         nats_port, redis_port = free_port(), free_port()
         nats = self._spawn(
             "nats",
-            [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(self.data_dir / "nats")],
+            [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(self.data_dir / "nats")],
         )
         redis = self._spawn(
             "redis",
-            [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+            [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
              "--dir", str(self.data_dir)],
         )
-        _wait_port(nats_port, nats[1], "nats-server")
-        _wait_port(redis_port, redis[1], "redis-server")
+        wait_port(nats_port, nats[1], "nats-server")
+        wait_port(redis_port, redis[1], "redis-server")
         state = StackState(
             data_dir=self.data_dir,
             nats_url=f"nats://127.0.0.1:{nats_port}",
@@ -301,6 +301,16 @@ class Launcher:
                 start_new_session=True,  # outlives `disagfusion up`, and Ctrl-C in its terminal
             )
         return Proc(pid=popen.pid, log=log), popen
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM a child, wait for a clean exit, SIGKILL it if it does not come."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _terminate(pids: list[int], timeout: float) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from disagfusion.config import Settings
-from disagfusion.launcher import _binary, _wait_port, free_port
+from disagfusion.launcher import binary, free_port, stop_process, wait_port
 from disagfusion.models import model_directory
 from disagfusion.protocol import JobSpec
 
@@ -24,11 +24,10 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[Non
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        _wait_port(port, proc, what)
+        wait_port(port, proc, what)
         yield
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 # Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
@@ -38,7 +37,7 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[Non
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, directory = free_port(), tmp_path_factory.mktemp("nats")
-    command = [_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    command = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
     with _server(command, port, "nats-server", directory / "nats.log"):
         yield f"nats://127.0.0.1:{port}"
 
@@ -46,7 +45,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, directory = free_port(), tmp_path_factory.mktemp("redis")
-    command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
     with _server(command, port, "redis-server", directory / "redis.log"):
         yield f"redis://127.0.0.1:{port}/0"
 

@@ -4,7 +4,6 @@ A plain module, not conftest, so tests import it by a name that no other conftes
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,8 @@ from pathlib import Path
 
 from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
+
+from disagfusion.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -43,12 +44,6 @@ def compose_client(*overrides: Path, project: str | None = None, env_file: Path 
         compose_project_name=project,
         compose_env_files=[env_file] if env_file else [],
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

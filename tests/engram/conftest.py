@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from disagfusion.launcher import stop_process
+
 SHM = Path("/dev/shm")
 
 
@@ -46,12 +48,7 @@ def start_engram_store(
 
 
 def stop_engram_store(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
