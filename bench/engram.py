@@ -13,9 +13,16 @@ and 5 ms during which the prefetch ran in the background.
 
     PYTHONPATH=$PWD python bench/engram.py            # 4 GiB table (needs ~9 GiB of memory)
     PYTHONPATH=$PWD python bench/engram.py --quick    # 64 MiB table, under 2 minutes
+    PYTHONPATH=$PWD python bench/engram.py --arena-dir /mnt/huge   # arena on a tmpfs mounted huge=always
+
+The arena lives in /dev/shm unless --arena-dir names another tmpfs/hugetlbfs directory; the
+JSON says which mount options it had and how much of the arena mapping the kernel mapped with
+2 MiB pages (from /proc/self/smaps), since that decides random-access speed over 4 GiB.
 
 Ends with one JSON line. Every figure is measured; nothing is modelled. rows_per_s and gbps come
-from the median call (rows_per_s_mean from the mean), since the machine may be shared.
+from the median call (rows_per_s_mean from the mean), since the machine may be shared; the
+arena/dram goal is also given as the median ratio of consecutive dram and arena calls (paired),
+which load from other processes moves least.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +50,8 @@ from disagfusion.engram.arena import Arena, HasherConfig
 from disagfusion.engram.build import build, engram_specs, random_filler
 from disagfusion.engram.client import EngramClient
 from disagfusion.launcher import binary, free_port, stop_process, wait_port
+
+MAPPING_HEADER = re.compile(r"[0-9a-f]+-[0-9a-f]+ ")
 
 BATCHES = (1, 64, 4096, 65536)
 WINDOWS_MS = (0.05, 0.5, 5.0)
@@ -63,6 +73,30 @@ def hasher_config(rows_per_head: int) -> HasherConfig:
         pad_id=0,
         seed=0,
     )
+
+
+def mount_of(directory: Path) -> str:
+    """The /proc/mounts line of the filesystem holding ``directory`` (its options show huge=)."""
+    best = ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        point = line.split()[1]
+        if str(directory.resolve()).startswith(point) and len(point) > len(best.split(" ")[1] if best else ""):
+            best = line
+    return best
+
+
+def mapping_pages(path: str) -> dict[str, int]:
+    """kB of this process's mappings of ``path``: mapped in all, and mapped with 2 MiB pages."""
+    totals = {"rss_kb": 0, "pmd_mapped_kb": 0}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if MAPPING_HEADER.match(line):  # a new mapping begins; its path ends the line
+            inside = line.endswith(path)
+        elif inside and line.startswith("Rss:"):
+            totals["rss_kb"] += int(line.split()[1])
+        elif inside and line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
+            totals["pmd_mapped_kb"] += int(line.split()[1])
+    return totals
 
 
 @contextmanager
@@ -114,6 +148,11 @@ def measure(
             "p99_ms": float(np.percentile(lat, 99) * 1e3),
             "calls": len(lat),
         }
+    if len(calls) == 2:
+        # Consecutive calls see the same load from other processes; the median of their
+        # ratios is steadier on a busy machine than the ratio of two medians.
+        first, second = (np.array(samples) for samples in times.values())
+        out[next(iter(calls))]["paired_speed_of_next"] = float(np.median(first / second))
     return out
 
 
@@ -169,6 +208,7 @@ def main(
         True, help="let numpy back the dram copy with transparent huge pages (its default); --no-dram-huge-pages "
         "gives it 4 KiB pages, like an arena on a tmpfs without shmem huge pages",
     ),
+    arena_dir: Path = typer.Option(Path("/dev/shm"), help="where the arena file goes (a tmpfs or hugetlbfs directory)"),
 ) -> None:
     torch.set_num_threads(1)  # the encoder's compute and the prefetch thread share the cores
     rows_per_head = rows_per_head or (16_384 if quick else 1_048_576)
@@ -178,17 +218,20 @@ def main(
     specs, layout = engram_specs(config, dim=DIM, dtype="float32")
     table = specs[0]
     run_id = uuid.uuid4().hex[:8]
-    arena_path = f"/dev/shm/df-engram-bench-{run_id}.arena"
-    scratch = f"/dev/shm/df-engram-bench-{run_id}-scratch"
+    arena_path = str(arena_dir / f"df-engram-bench-{run_id}.arena")
+    scratch = str(arena_dir / f"df-engram-bench-{run_id}-scratch")
     nats_store = tempfile.mkdtemp(prefix="df-engram-bench-nats-")
     rng = np.random.default_rng(0)
     print(f"# Engram store bench on {platform.node()} ({os.cpu_count()} cpus, {platform.machine()}), python {platform.python_version()}")
     print(f"# table {table.name}: {table.rows} rows x {DIM} float32 = {table.nbytes / 2**30:.2f} GiB")
     thp = {name: Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip() for name in ("enabled", "shmem_enabled")}
     print(f"# transparent huge pages: {thp}; dram copy {'may use' if dram_huge_pages else 'without'} huge pages")
+    mount = mount_of(arena_dir)
+    print(f"# arena directory {arena_dir}: {mount}")
     print(
         f"# reproduce: PYTHONPATH=$PWD python bench/engram.py{' --quick' if quick else ''}"
         f"{'' if dram_huge_pages else ' --no-dram-huge-pages'}"
+        f"{'' if arena_dir == Path('/dev/shm') else f' --arena-dir {arena_dir}'}"
     )
     t0 = time.perf_counter()
     try:
@@ -196,6 +239,8 @@ def main(
         print(f"# built arena in {time.perf_counter() - t0:.1f} s")
         rows: list[dict] = []
         prefetch: list[dict] = []
+        paired: dict[str, dict[str, float]] = {"uint32": {}, "int64": {}}
+        """arena speed / dram speed, median over consecutive pairs of calls, per id type and batch."""
 
         def record(source: str, batch: int, figures: dict, **extra: object) -> None:
             row = {"source": source, "batch": batch, **extra, **figures, "gbps": figures["rows_per_s"] * table.row_bytes / 1e9}
@@ -212,6 +257,9 @@ def main(
         with Arena.open(arena_path) as arena:
             dram = np.array(arena.table(table.name))  # a private copy in this process's memory
         with EngramClient.local(arena_path) as local:
+            local.lookup(table.name, np.arange(0, table.rows, 4096, dtype=np.uint32))  # map the pages before reading smaps
+            arena_pages = mapping_pages(arena_path)
+            print(f"# arena mapping: {arena_pages}")
             for batch in BATCHES:
                 for id_dtype in (np.uint32, np.int64):
                     figures = measure(
@@ -219,6 +267,7 @@ def main(
                         batch, table.rows, budget_s, rng, id_dtype,
                     )
                     ids = np.dtype(id_dtype).name
+                    paired[ids][str(batch)] = figures["dram"].pop("paired_speed_of_next")
                     record("dram", batch, figures["dram"], ids=ids)
                     record("arena", batch, figures["arena"], ids=ids)
             del dram
@@ -278,7 +327,7 @@ def main(
             str(b): of("arena", b, ids=ids)["rows_per_s"] / of("dram", b, ids=ids)["rows_per_s"] for b in BATCHES
         }
         for ids in ("uint32", "int64")
-    } | {
+    } | {f"arena_vs_dram_{ids}_ids_paired": ratios for ids, ratios in paired.items()} | {
         "nats_shm_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "shm")["rows_per_s"],
         "nats_chunks_slowdown_vs_dram_65536": of("dram", 65536, ids="uint32")["rows_per_s"] / of("nats", 65536, "chunks")["rows_per_s"],
         "nats_shm_vs_redis_65536": of("nats", 65536, "shm")["rows_per_s"] / of("redis", 65536)["rows_per_s"],
@@ -291,6 +340,8 @@ def main(
         "quick": quick,
         "dram_huge_pages": dram_huge_pages,
         "transparent_hugepage": thp,
+        "arena_mount": mount,
+        "arena_mapping": arena_pages,
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "table_bytes": table.nbytes,
