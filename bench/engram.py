@@ -96,6 +96,9 @@ def mapping_pages(path: str) -> dict[str, int]:
             totals["rss_kb"] += int(line.split()[1])
         elif inside and line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
             totals["pmd_mapped_kb"] += int(line.split()[1])
+        elif inside and line.startswith(("Shared_Hugetlb:", "Private_Hugetlb:")):  # hugetlbfs: not in Rss
+            totals["rss_kb"] += int(line.split()[1])
+            totals["pmd_mapped_kb"] += int(line.split()[1])
     return totals
 
 

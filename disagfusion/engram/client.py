@@ -44,6 +44,9 @@ class RowSource(Protocol):
     def close(self) -> None: ...
 
 
+_HUGE_PAGE = 2 << 20
+
+
 class _ScratchFile:
     """A file in the service's scratch directory that the service writes a reply's rows into;
     it only grows, and stays mapped here."""
@@ -59,7 +62,8 @@ class _ScratchFile:
         if nbytes > self.size:
             if self._map is not None:
                 self._map.close()
-            self.size = max(nbytes, 2 * self.size, 1 << 20)
+            # Whole 2 MiB pages: hugetlbfs refuses other sizes, and tmpfs minds neither way.
+            self.size = -(-max(nbytes, 2 * self.size) // _HUGE_PAGE) * _HUGE_PAGE
             os.ftruncate(self._fd, self.size)
             self._map = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
