@@ -77,6 +77,15 @@ class CostProfile(BaseModel):
     """measured (``disagfusion profile``), published (someone else's figures) or placeholder."""
     device: str
     models: dict[str, ModelProfile]
+    fit_error: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Measured profiles: per model and stage, the median relative error of the fit on the
+    samples it was fitted to (what to expect of the profile before online refinement)."""
+
+    def save(self, path: Path) -> None:
+        """Write the profile as YAML (the form ``load_profiles`` reads)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False, width=100))
 
 
 def load_profiles(paths: Iterable[Path]) -> dict[str, CostProfile]:
