@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Hashable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import torch
@@ -200,7 +200,7 @@ def measure(
     model cannot run a job of the grid (a size its geometry does not allow) before timing any."""
     if runs < 1:
         raise ValueError("runs must be at least 1")
-    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    started, clock = datetime.now(UTC), time.perf_counter()
     models = models or load_stages(model, settings)
     points = grid.points(model)
     for batch in points:
