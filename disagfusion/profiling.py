@@ -140,6 +140,13 @@ class Measurement(BaseModel):
         return f"disagfusion profile {self.model} {options} --runs {self.runs}{threads}"
 
     @property
+    def hardware(self) -> str:
+        """One line: the device, and for a CPU its model, cores and the threads torch used."""
+        if self.device != "cpu":
+            return self.device
+        return f"cpu: {self.machine.get('cpu')}, {self.threads} torch thread(s) of {self.machine.get('cores')} cores"
+
+    @property
     def device_slug(self) -> str:
         """The device in a file name: ``cpu``, or the GPU's model (``h100`` for "NVIDIA H100 80GB HBM3")."""
         kind, _, name = self.device.partition(": ")
@@ -242,11 +249,11 @@ def fit(measurement: Measurement) -> Fit:
     errors = ", ".join(f"{stage} {median_error[stage]:.1%} ({max_error[stage]:.1%})" for stage in STAGES)
     profile = CostProfile(
         model=measurement.model,
-        hardware=hardware(measurement),
+        hardware=measurement.hardware,
         source=(
             f"measured by `{measurement.command}` at {measurement.started:%Y-%m-%d %H:%M} UTC on "
-            f"{hardware(measurement)} (torch {measurement.machine.get('torch')}, {measurement.dtype}, load average "
-            f"{measurement.machine.get('load_average_1m')}): each stage loaded as the services load it and timed at "
+            f"{measurement.hardware} (torch {measurement.machine.get('torch')}, {measurement.dtype}, load average "
+            f"{measurement.machine.get('load_average_1m')} at the end): each stage loaded as the services load it and timed at "
             f"the {len(measurement.samples)} stage shapes of the grid, fastest of {measurement.runs} run(s) after a "
             f"warm-up; linear least-squares fit on the relative error; median (max) relative fit error: {errors}"
         ),
@@ -254,10 +261,3 @@ def fit(measurement: Measurement) -> Fit:
     )
     return Fit(profile=profile, median_error=median_error, max_error=max_error)
 
-
-def hardware(measurement: Measurement) -> str:
-    """One line: the device, and for a CPU its model, cores and the threads torch used."""
-    if measurement.device != "cpu":
-        return measurement.device
-    machine = measurement.machine
-    return f"cpu: {machine.get('cpu')}, {measurement.threads} torch thread(s) of {machine.get('cores')} cores"

@@ -68,11 +68,14 @@ def test_fit_keeps_to_the_predictors_terms(fitted: Fit) -> None:
 def test_the_written_profile_predicts_the_measured_samples(measured: Measurement, fitted: Fit, tmp_path: Path) -> None:
     measured_profile(fitted).save(tmp_path / "tiny-cpu.yaml")
     predictor = Predictor(load_profiles([tmp_path]))
-    ratios = [predictor.predict(s.stage, s.jobs) / s.seconds for s in measured.samples]
-    # Timings of milliseconds on a shared machine are noisy: a generous bound on each sample,
-    # a tighter one on the typical one.
-    assert all(0.25 < r < 4.0 for r in ratios), ratios
-    assert 0.67 < statistics.median(ratios) < 1.5
+    predicted = [predictor.predict(s.stage, s.jobs) for s in measured.samples]
+    # The file predicts what the fit does (four significant digits)...
+    assert predicted == pytest.approx([fitted.profile.seconds(s.stage, s.jobs) for s in measured.samples], rel=2e-3)
+    # ...and that is near what was measured. Timings of milliseconds on a shared machine are
+    # noisy (another process's time slice is a few of them), so the bounds are generous.
+    ratios = [p / s.seconds for p, s in zip(predicted, measured.samples)]
+    assert 0.5 < statistics.median(ratios) < 2.0, ratios
+    assert sum(1 / 3 < r < 3 for r in ratios) >= 0.75 * len(ratios), ratios
 
 
 def test_predictions_are_positive_and_grow_with_steps_and_size(fitted: Fit) -> None:

@@ -53,9 +53,9 @@ def test_measured_profile_is_exact_and_round_trips_through_yaml(tmp_path) -> Non
     loaded = scheduler_profiles(tmp_path)["m-cpu"]
     assert loaded.kind == "measured" and loaded.device == "cpu: test" and loaded.fit_error == {"m": errors}
     predictor = Predictor({"m": loaded})
-    for guidance in (1.0, 4.5):
+    for guidance, negative in ((1.0, ""), (4.5, ""), (4.5, "blurry")):
         for steps, side in ((4, 256), (30, 1024)):
-            spec = JobSpec(model="m", prompt="a harbour at dawn, oil", negative_prompt="blurry", steps=steps,
+            spec = JobSpec(model="m", prompt="a harbour at dawn, oil", negative_prompt=negative, steps=steps,
                            height=side, width=side, guidance=guidance)
             assert predictor.job_costs(spec) == pytest.approx([runtime.seconds(s, [spec]) for s in STAGES], rel=1e-3)
 
