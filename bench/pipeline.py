@@ -29,10 +29,10 @@ from rich.table import Table
 
 from disagfusion.client import Client
 from disagfusion.launcher import Launcher
+from disagfusion.machine import describe
 from disagfusion.models import init_preset
 from disagfusion.profiles import CostProfile
 from disagfusion.protocol import STAGES, JobSpec
-from machine import describe
 
 DELAYS = [("0", 0.0, 0.0), ("50ms", 50.0, 0.0), ("50+-40ms", 50.0, 40.0)]
 MODES = ["async", "sync"]

@@ -6,6 +6,11 @@ one warm-up run). Real models spend most of a job in the DiT, most of the rest i
 decoder; the ``small`` preset is sized to do the same.
 
     PYTHONPATH=$PWD python bench/stage_split.py [--model small] [--threads 1] [--quick]
+        [--profile deploy/profiles/scheduler/small-cpu.yaml]
+
+With ``--profile`` (a scheduler cost profile, e.g. one ``disagfusion profile`` wrote) it prints
+the predictor's time for the job beside each measured stage: a check of the profile on a job
+outside the grid it was fitted on.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from disagfusion.config import Settings
 from disagfusion.models import load_stage_model
 from disagfusion.protocol import STAGES, JobSpec
+from services.scheduler.predictor import Predictor, load_profiles
 
 
 def main() -> None:
@@ -33,6 +40,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one core)")
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of --runs")
+    parser.add_argument("--profile", type=Path, help="scheduler cost profile whose prediction to print beside each stage")
     args = parser.parse_args()
     runs = 2 if args.quick else args.runs
     torch.set_num_threads(args.threads)
@@ -57,9 +65,13 @@ def main() -> None:
     where = f"{settings.device} ({platform.processor() or platform.machine()}), {args.threads} thread(s), {settings.dtype}"
     print(f"stage split of model {args.model!r}: {args.height}x{args.width}, {args.steps} steps, "
           f"guidance {args.guidance}; median of {runs} runs on {where}")
+    predicted = dict(zip(STAGES, Predictor(load_profiles([args.profile])).job_costs(spec))) if args.profile else {}
     for stage in STAGES:
-        print(f"  {stage:<8} {median[stage]:7.3f} s  {100 * median[stage] / total:5.1f} %")
-    print(f"  {'total':<8} {total:7.3f} s")
+        line = f"  {stage:<8} {median[stage]:7.3f} s  {100 * median[stage] / total:5.1f} %"
+        if predicted:
+            line += f"   predicted {predicted[stage]:7.3f} s ({predicted[stage] / median[stage] - 1:+.0%})"
+        print(line)
+    print(f"  {'total':<8} {total:7.3f} s" + (f"{'':11}predicted {sum(predicted.values()):7.3f} s" if predicted else ""))
     print(json.dumps({
         "bench": "stage_split", "model": args.model, "device": settings.device, "dtype": settings.dtype,
         "threads": args.threads, "height": args.height, "width": args.width, "steps": args.steps,
@@ -67,6 +79,8 @@ def main() -> None:
         **{f"{stage}_s": round(median[stage], 4) for stage in STAGES},
         "total_s": round(total, 4),
         **{f"{stage}_share": round(median[stage] / total, 3) for stage in STAGES},
+        **({"profile": str(args.profile), **{f"predicted_{stage}_s": round(p, 4) for stage, p in predicted.items()}}
+           if predicted else {}),
     }))
 
 

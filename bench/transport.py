@@ -33,9 +33,9 @@ import torch
 
 from disagfusion.config import Settings
 from disagfusion.launcher import binary, free_port, stop_process, wait_port
+from disagfusion.machine import describe
 from disagfusion.transport import Transports
 from disagfusion.transport.ref import checksum, tensor_bytes
-from machine import describe
 
 KIB = 1024
 SIZES = [64 * KIB * 4**k for k in range(6)]  # 64 KiB ... 64 MiB

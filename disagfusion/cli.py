@@ -22,7 +22,9 @@ from disagfusion.config import Settings
 from disagfusion.engram.cli import engram_app
 from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, ProgressEvent, Result
+from disagfusion.models.base import SpecError
+from disagfusion.profiling import Grid, fit, load_stages, measure
+from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, ProgressEvent, Result, TimingSample
 from disagfusion.scheduler_state import SchedulerStatus, read_status, update_pins
 from disagfusion.status import StageStatus, stage_status
 
@@ -262,6 +264,75 @@ def plan(ctx: typer.Context) -> None:
     planner = typer.Typer(add_completion=False)
     planner.command()(plan_command)
     typer.main.get_command(planner)(ctx.args, prog_name="disagfusion plan", standalone_mode=True)
+
+
+def _grid_option(field: str, what: str) -> object:
+    return typer.Option(help=f"{what}, comma-separated (default {Grid().text(field)}).", show_default=False)
+
+
+@app.command("profile")
+def profile(
+    model: Annotated[str, typer.Argument(help="Model to measure: a preset (tiny, small) or a directory in the models dir.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Profile to write (default deploy/profiles/scheduler/MODEL-DEVICE.yaml).")] = None,
+    models_dir: Annotated[Path | None, typer.Option("--models-dir", help="Where model directories live (default DF_MODELS_DIR).")] = None,
+    sizes: Annotated[str | None, _grid_option("sizes", "Image sizes, SIDE (square) or WIDTHxHEIGHT")] = None,
+    steps: Annotated[str | None, _grid_option("steps", "Denoising steps")] = None,
+    guidance: Annotated[str | None, _grid_option("guidance", "Guidance scales (1: no classifier-free guidance)")] = None,
+    prompt_chars: Annotated[str | None, _grid_option("prompt_chars", "Prompt lengths in characters")] = None,
+    frames: Annotated[str | None, _grid_option("frames", "Frames per job (1 for images)")] = None,
+    batches: Annotated[str | None, _grid_option("batches", "Batch sizes")] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per grid point, after a warm-up; the fastest counts.")] = 3,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads (default DF_TORCH_THREADS, else torch's choice).")] = None,
+) -> None:
+    """Measure MODEL's real stages on this machine over a grid of job shapes, fit the scheduler
+    predictor's cost per stage, and write the profile the scheduler starts from."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # The predictor's file format belongs to the scheduler service: loaded only when asked for, as for plan.
+    from services.scheduler.config import SchedulerSettings
+    from services.scheduler.model_profiles import measured_profile
+
+    given = dict(sizes=sizes, steps=steps, guidance=guidance, prompt_chars=prompt_chars, frames=frames, batches=batches)
+    try:
+        grid = Grid(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as exc:
+        _fail(f"--{_validation_message(exc).replace('_', '-')}")
+    settings = Settings() if models_dir is None else Settings(models_dir=models_dir)
+    if threads or settings.torch_threads:
+        torch.set_num_threads(threads or settings.torch_threads)
+    for library in (diffusers_logging, transformers_logging):  # their load-time bars would break rich's progress
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        with console.status(f"loading the stages of {model} from {settings.models_dir}"):
+            models = load_stages(model, settings)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            bar = progress.add_task(f"profiling {model}", total=grid.measurements(model))
+
+            def on_sample(sample: TimingSample) -> None:
+                job = sample.jobs[0]
+                progress.update(bar, advance=1, description=(
+                    f"{sample.stage} {job.width}x{job.height} {job.steps} steps guidance {job.guidance:g} "
+                    f"batch {sample.batch}: {sample.seconds * 1e3:.1f} ms"))
+
+            measurement = measure(model, settings, grid, runs, on_sample, models)
+    except SpecError as exc:
+        _fail(str(exc))
+    fitted = fit(measurement)
+    written = measured_profile(fitted)
+    path = out or SchedulerSettings().profiles_dir / f"{model}-{measurement.device_slug}.yaml"
+    written.save(path)
+    table = Table("stage", "samples", "coefficients (s)", "median error", "max error",
+                  title=f"{model} on {written.device}, measured in {measurement.elapsed_s:.0f} s")
+    for stage, samples in measurement.by_stage().items():
+        terms = getattr(written.models[model], stage)
+        table.add_row(stage, str(len(samples)), ", ".join(f"{k} {v:.3g}" for k, v in terms.items()),
+                      f"{fitted.median_error[stage]:.1%}", f"{fitted.max_error[stage]:.1%}")
+    console.print(table)
+    console.print(f"wrote {path}")
 
 
 @app.command("init-model")

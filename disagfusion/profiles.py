@@ -133,12 +133,13 @@ def fit_stage_cost(
     per_step: bool,
     cfg_factor: float = 1.0,
     use: Sequence[str] = _COEFFICIENTS,
+    batch_exponent: float | None = None,
 ) -> StageCost:
     """Least-squares fit of one stage's coefficients (non-negative), on relative error.
 
     ``use`` names the coefficients free to fit; the rest stay 0 (with few observations, fit
     fewer terms). ``batch_exponent`` is found by a grid search, as the formula is linear in
-    everything else.
+    everything else, unless it is given (1.0 keeps the form linear, as the scheduler's predictor is).
     """
     unknown = [name for name in use if name not in _COEFFICIENTS]
     if unknown:
@@ -150,7 +151,11 @@ def fit_stage_cost(
     columns = [_COEFFICIENTS.index(name) for name in use]
     has_batches = bool(np.any(sizes > 1))
     best: tuple[float, StageCost] | None = None
-    for exponent in np.linspace(0.5, 1.0, 26) if has_batches else [1.0]:
+    if batch_exponent is not None:
+        exponents = [batch_exponent]
+    else:
+        exponents = list(np.linspace(0.5, 1.0, 26)) if has_batches else [1.0]
+    for exponent in exponents:
         design = np.column_stack([np.ones_like(seconds), sums * (sizes ** (exponent - 1.0))[:, None]])[:, columns]
         coefficients = _nonnegative_lstsq(design / seconds[:, None], np.ones_like(seconds))
         error = float(np.sum((design @ coefficients / seconds - 1.0) ** 2))

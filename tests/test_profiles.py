@@ -81,3 +81,13 @@ def test_fit_never_returns_negative_coefficients() -> None:
     observations = [([spec(height=s, width=s)], 1.0 / s) for s in (256, 512, 1024)]
     fitted = fit_stage_cost(observations, per_step=False)
     assert min(fitted.fixed_s, fitted.per_job_s, fitted.per_mpixel_s, fitted.per_mpixel2_s) >= 0.0
+
+
+def test_fit_with_a_fixed_batch_exponent_stays_linear() -> None:
+    # Batches that cost less than their jobs alone: a given exponent of 1 (the predictor's linear
+    # form) is kept, and the saving lands on what a linear form can express.
+    truth = StageCost(fixed_s=0.01, per_job_s=0.02, batch_exponent=0.8)
+    observations = [([spec(seed=i) for i in range(n)], truth.seconds([spec(seed=i) for i in range(n)])) for n in (1, 2, 4)]
+    fitted = fit_stage_cost(observations, per_step=False, use=("fixed_s", "per_job_s"), batch_exponent=1.0)
+    assert fitted.batch_exponent == 1.0
+    assert fit_stage_cost(observations, per_step=False, use=("fixed_s", "per_job_s")).batch_exponent == pytest.approx(0.8)

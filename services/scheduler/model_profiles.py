@@ -1,7 +1,8 @@
 """The predictor's starting point for every model a live deployment serves: the scheduler's
 own profiles (YAML in deploy/profiles/) plus, for models with a runtime cost profile
-(``disagfusion.profiles.CostProfile``: the emulated family, ``disagfusion profile`` output), that
-profile rewritten in the predictor's features.
+(``disagfusion.profiles.CostProfile``: the emulated family), that profile rewritten in the
+predictor's features. ``measured_profile`` rewrites what ``disagfusion profile`` measured the
+same way, for a file in deploy/profiles/scheduler/.
 
 The rewrite is exact for the per-step DiT terms and for jobs without classifier-free guidance;
 a runtime profile with a per-job (not per-step) DiT cost, like the synthetic ``bench-pipeline``
@@ -17,6 +18,7 @@ import yaml
 from disagfusion.config import Settings
 from disagfusion.models.emulated import PRESETS, PROFILE_FILE
 from disagfusion.profiles import CostProfile as RuntimeProfile
+from disagfusion.profiling import Fit
 from disagfusion.protocol import JobSpec
 from services.scheduler.predictor import CostProfile, ModelProfile
 
@@ -37,6 +39,22 @@ def from_runtime(profile: RuntimeProfile) -> ModelProfile:
         encode={"batch": encode.fixed_s, "prompts": encode.per_job_s, "tokens": encode.per_ktoken_s / 1000},
         denoise={"batch": denoise.fixed_s, "step_jobs": denoise.per_job_s * per_step, "step_mpx": denoise.per_mpixel_s * per_step},
         decode={"batch": decode.fixed_s, "jobs": decode.per_job_s, "mpx": decode.per_mpixel_s},
+    )
+
+
+def measured_profile(fit: Fit) -> CostProfile:
+    """The predictor's profile of a model measured by ``disagfusion profile``. Its fit keeps to
+    the predictor's terms (``disagfusion.profiling.PREDICTOR_TERMS``), so the rewrite is exact;
+    coefficients keep four significant digits, more than the timings on which they rest."""
+    runtime = fit.profile
+    coefficients = from_runtime(runtime).model_dump()
+    rounded = {stage: {name: float(f"{value:.4g}") for name, value in terms.items()} for stage, terms in coefficients.items()}
+    return CostProfile(
+        source=runtime.source,
+        kind="measured",
+        device=runtime.hardware,
+        models={runtime.model: ModelProfile.model_validate(rounded)},
+        fit_error={runtime.model: {stage: round(error, 4) for stage, error in fit.median_error.items()}},
     )
 
 

@@ -11,7 +11,6 @@ the profile as the prior and a forgetting factor so the fit follows a drifting d
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, Field
 
+# Tokens are estimated from characters as the runtime profiles count them (so a measured profile
+# rewrites exactly), tokenizer-free on purpose: the scheduler must not load every model's
+# tokenizer to guess a cost.
+from disagfusion.profiles import prompt_tokens
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
 
 FEATURES: dict[str, tuple[str, ...]] = {
@@ -27,12 +30,6 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "decode": ("batch", "jobs", "mpx"),
 }
 """Per stage, the names of the linear model's features, in coefficient order."""
-
-
-def prompt_tokens(text: str) -> int:
-    """Approximate token count (about four characters a token), tokenizer-free on purpose: the
-    scheduler must not load every model's tokenizer to guess a cost."""
-    return max(1, math.ceil(len(text) / 4))
 
 
 def cfg_factor(job: JobSpec) -> int:
@@ -77,6 +74,15 @@ class CostProfile(BaseModel):
     """measured (``disagfusion profile``), published (someone else's figures) or placeholder."""
     device: str
     models: dict[str, ModelProfile]
+    fit_error: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Measured profiles: per model and stage, the median relative error of the fit on the
+    samples it was fitted to (what to expect of the profile before online refinement)."""
+
+    def save(self, path: Path) -> None:
+        """Write the profile as YAML (the form ``load_profiles`` reads)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False, width=100))
 
 
 def load_profiles(paths: Iterable[Path]) -> dict[str, CostProfile]:

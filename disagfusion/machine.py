@@ -1,4 +1,5 @@
-"""What a benchmark ran on, for its printout and JSON line."""
+"""What a measurement ran on: for a benchmark's printout and JSON line, and for the ``source`` of
+a measured cost profile (``disagfusion.profiling``)."""
 
 from __future__ import annotations
 
