@@ -272,8 +272,12 @@ class LiveScheduler:
             if self._applying is not None:
                 await self._applying  # let a started scale-down finish draining
             # Gone, not merely quiet: `disagfusion scale` must not leave a pin for a scheduler
-            # that stopped (it takes a recent status for a running scheduler).
-            await kv.delete(STATUS_KEY)
+            # that stopped (it takes a recent status for a running scheduler). Best effort: with
+            # NATS already gone the status goes stale on its own.
+            try:
+                await kv.delete(STATUS_KEY)
+            except Exception:
+                log.warning("could not withdraw the scheduler's status", exc_info=True)
         finally:
             await stack.close()
 

@@ -165,6 +165,8 @@ def test_scheduler_service_scales_the_project_through_compose(
     assert stage_view(status, "decode")["desired"] == 1 and not stage_view(status, "decode")["pinned"], status
     assert status["pins"] == {} and status["last_error"] is None, status
 
-    # stopped (SIGTERM), it withdraws its status, so the CLI scales directly again at once
+    # stopped (SIGTERM), it exits cleanly and withdraws its status, so the CLI scales directly again
+    since = datetime.now(timezone.utc)
     scheduler.compose.stop(services=["scheduler"])
+    assert stack.exit_codes("scheduler", since, datetime.now(timezone.utc)) == ["0"]
     assert scheduler_status(stack) is None
