@@ -150,6 +150,14 @@ def test_a_pin_wins_until_released_and_status_shows_desired_vs_running(stack: La
     assert status_json()["scheduler"]["pins"] == {}
 
 
+def test_a_stopped_scheduler_withdraws_its_status(stack: Launcher) -> None:
+    """Else `disagfusion scale` would pin for it (a status stays fresh for 30 s) and nothing would
+    apply the pin."""
+    assert asyncio.run(_status(stack)) is not None
+    stack.scale("scheduler", 0)  # SIGTERM, and wait for it to exit
+    assert asyncio.run(_status(stack)) is None
+
+
 def test_latency_window_keeps_recent_results_only() -> None:
     window = LatencyWindow(10.0)
     for i in range(20):
