@@ -10,10 +10,12 @@ bindir="$("$PYTHON" -c 'import sys, pathlib; print(pathlib.Path(sys.executable).
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 cp "$bindir/nats-server" "$bindir/redis-server" "$bindir/redis-cli" "$context/"
-# The docker CLI stand-in: the CLI this host runs and the compose plugin docker-setup installed.
+# The docker CLI stand-in: the CLI this host runs and the compose plugin it finds (the one
+# docker-setup installed, or one that was there before).
 cp "$(command -v docker)" "$context/docker"
-cp "$("$PYTHON" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')" \
-    "$context/docker-compose"
+compose_plugin="$(docker info --format '{{range .ClientInfo.Plugins}}{{if eq .Name "compose"}}{{.Path}}{{end}}{{end}}')"
+[[ -n "$compose_plugin" ]] || { log "the docker CLI finds no compose plugin; run docker-setup"; exit 1; }
+cp "$compose_plugin" "$context/docker-compose"
 
 build() {  # tag dockerfile
     log "building $1"
