@@ -19,7 +19,8 @@ docker-teardown:
 base-image: docker-setup
 	$(DEPLOY_SCRIPTS)/base-image.sh
 
-# disagfusion/nats:local and disagfusion/redis:local from the pip packages' server binaries.
+# disagfusion/nats:local and disagfusion/redis:local from the pip packages' server binaries, and
+# disagfusion/docker-cli:local (the docker CLI and compose plugin the project image copies).
 infra-images: base-image
 	$(DEPLOY_SCRIPTS)/infra-images.sh
 
@@ -28,7 +29,7 @@ wheelhouse:
 	$(DEPLOY_SCRIPTS)/wheelhouse.sh
 
 # disagfusion:latest on the local base, installed from wheelhouse/.
-image: base-image wheelhouse
+image: infra-images wheelhouse
 	$(DEPLOY_SCRIPTS)/image.sh
 
 # All of the above, then pytest tests/compose; stops the engine afterwards if it started it.

@@ -9,6 +9,7 @@ STATE_DIR="${DF_DOCKER_STATE:-.df/docker}"
 BASE_IMAGE_TAG="${DF_BASE_IMAGE_TAG:-disagfusion/base:bookworm}"
 NATS_LOCAL_IMAGE="${DF_NATS_LOCAL_IMAGE:-disagfusion/nats:local}"
 REDIS_LOCAL_IMAGE="${DF_REDIS_LOCAL_IMAGE:-disagfusion/redis:local}"
+DOCKER_CLI_LOCAL_IMAGE="${DF_DOCKER_CLI_LOCAL_IMAGE:-disagfusion/docker-cli:local}"
 PROJECT_IMAGE="${DF_IMAGE:-disagfusion:latest}"
 # The classic builder needs no buildx plugin, which Debian's docker.io does not ship.
 export DOCKER_BUILDKIT=0

@@ -45,20 +45,30 @@ class LocalActuator(DeploymentActuator):
 
 
 class ComposeActuator(DeploymentActuator):
-    """A docker compose project. In a container it needs the docker CLI and the engine's socket
-    (mount /var/run/docker.sock) and the compose files at the paths it is given."""
+    """A docker compose project, named by the files, env files and project name that brought it
+    up (the variables they interpolate must be the same, or new replicas would differ from the
+    running ones). In a container it needs the docker CLI and the engine's socket: the image
+    has the CLI, deploy/compose.scheduler.yaml mounts the socket and the project directory."""
 
-    def __init__(self, compose_files: list[Path], project: str | None = None):
-        super().__init__(ComposeDeployment(compose_files, project))
+    def __init__(self, compose_files: list[Path], project: str | None = None, env_files: list[Path] | None = None):
+        super().__init__(ComposeDeployment(compose_files, project, env_files))
 
 
-def make_actuator(kind: str, *, data_dir: Path, compose_files: list[Path], project: str | None, namespace: str) -> Actuator:
+def make_actuator(
+    kind: str,
+    *,
+    data_dir: Path,
+    compose_files: list[Path],
+    compose_env_files: list[Path],
+    project: str | None,
+    namespace: str,
+) -> Actuator:
     if kind == "dry-run":
         return DryRunActuator()
     if kind == "local":
         return LocalActuator(data_dir)
     if kind == "compose":
-        return ComposeActuator(compose_files, project)
+        return ComposeActuator(compose_files, project, compose_env_files)
     if kind == "kubernetes":
         return KubernetesActuator.from_environment(namespace)
     raise ValueError(f"unknown actuator {kind!r}: dry-run, local, compose or kubernetes")

@@ -13,10 +13,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import NoDecode
 
 from disagfusion import bus
 from disagfusion.config import Settings
@@ -40,10 +42,21 @@ STAGE_OF_SERVICE = {service: stage for stage, service in SERVICE_OF_STAGE.items(
 class LiveSettings(SchedulerSettings):
     stack_dir: Path = Field(default=Path(".df"), validation_alias=AliasChoices("DF_SCHED_STACK_DIR", "DF_STACK_DIR"))
     """The embedded stack the local actuator scales (the launcher sets DF_STACK_DIR)."""
-    compose_files: list[Path] = Field(default_factory=lambda: [Path("compose.yaml")])
+    compose_files: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("compose.yaml")])
+    """The compose actuator's ``-f`` files, comma-separated, relative to ``compose_dir``."""
+    compose_env_files: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Its ``--env-file`` files, comma-separated, relative to ``compose_dir``."""
+    compose_dir: Path = Path(".")
+    """Where the compose files are: the project directory, which deploy/compose.scheduler.yaml
+    mounts into the scheduler's container."""
     compose_project: str | None = None
     latency_window_s: float = Field(default=120.0, gt=0)
     """Results this recent make the published throughput and latency percentiles."""
+
+    @field_validator("compose_files", "compose_env_files", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 @dataclass
@@ -258,6 +271,13 @@ class LiveScheduler:
                     pass
             if self._applying is not None:
                 await self._applying  # let a started scale-down finish draining
+            # Gone, not merely quiet: `disagfusion scale` must not leave a pin for a scheduler
+            # that stopped (it takes a recent status for a running scheduler). Best effort: with
+            # NATS already gone the status goes stale on its own.
+            try:
+                await kv.delete(STATUS_KEY)
+            except Exception:
+                log.warning("could not withdraw the scheduler's status", exc_info=True)
         finally:
             await stack.close()
 
@@ -275,7 +295,8 @@ def build(settings: LiveSettings | None = None, runtime: Settings | None = None)
     actuator = make_actuator(
         settings.actuator,
         data_dir=settings.stack_dir,
-        compose_files=settings.compose_files,
+        compose_files=[settings.compose_dir / path for path in settings.compose_files],
+        compose_env_files=[settings.compose_dir / path for path in settings.compose_env_files],
         project=settings.compose_project,
         namespace=settings.k8s_namespace,
     )

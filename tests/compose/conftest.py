@@ -39,6 +39,23 @@ def compose_stack(tmp_path: Path) -> Iterator[Callable[..., ComposeStack]]:
         yield lambda **options: stacks.enter_context(compose_up(tmp_path, **options))
 
 
+ACK_WAIT_S = 10
+"""Short, so tasks a killed worker held come back soon (compose.yaml passes DF_ACK_WAIT_S on)."""
+
+
+@pytest.fixture(scope="session")
+def stack(project_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
+    """The whole deployment (compose.yaml + the hostnet override, the tiny model only), shared by
+    the modules that drive it (test_stack.py, test_scheduler_actuator.py): bringing it up is most
+    of their time. Each test leaves it as it found it: one replica of each stage, no scheduler."""
+    with compose_up(
+        tmp_path_factory.mktemp("compose"),
+        env={"DF_MODELS": "tiny", "DF_ACK_WAIT_S": str(ACK_WAIT_S)},
+        wait_timeout=300,
+    ) as stack:
+        yield stack
+
+
 @pytest.fixture(scope="session")
 def project_image() -> str:
     """The project image (`make image` builds it); tests that run it skip while it is missing."""

@@ -3,11 +3,13 @@ and the merged result says what the overrides promise."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from compose_support import GPU_OVERRIDE, HOSTNET_OVERRIDE, compose_client
+from compose_support import COMPOSE_FILE, GPU_OVERRIDE, HOSTNET_OVERRIDE, ROOT, SCHEDULER_OVERRIDE, compose_client
 
 STAGES = {"encoder", "dit", "decoder"}
 
@@ -61,3 +63,62 @@ def test_gpu_reserves_devices_per_stage(tmp_path: Path) -> None:
         assert service["environment"]["DF_DEVICE"] == "cuda"
         assert service["ipc"] == "host"
     assert "deploy" not in config["services"]["nats"]
+
+
+# Every variable the compose files interpolate, each set to a value of its own. The scheduler's
+# own (DF_SCHED_*, DF_DOCKER_*) and compose's COMPOSE_PROJECT_NAME configure only the scheduler.
+VARIABLES = {
+    "DF_IMAGE": "img:1", "DF_BASE_IMAGE": "base:2", "DF_DOCKER_CLI_IMAGE": "cli:3", "DF_NATS_IMAGE": "nats:4",
+    "DF_REDIS_IMAGE": "redis:5", "DF_NATS_PUBLISH": "127.0.0.1:14400", "DF_REDIS_MAXMEMORY": "3gb",
+    "DF_SHM_SIZE": "5g", "DF_MODELS": "tiny", "DF_DEVICE": "cuda:1", "DF_DTYPE": "bfloat16", "DF_ACK_WAIT_S": "7",
+    "DF_ENGRAM_ARENA": "nats:default", "DF_ENGRAM_REPLY": "shm", "DF_ENGRAM_ARENAS": "a,b",
+    "DF_ENGRAM_SCRATCH_DIR": "/dev/shm/scratch", "DF_NATS_PORT": "14401", "DF_NATS_MONITOR_PORT": "14402",
+    "DF_REDIS_PORT": "14403", "DF_GPU_IMAGE": "gpu:6", "DF_CUDA_BASE_IMAGE": "cuda:7",
+    "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
+}
+SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
+
+
+def interpolated(path: Path) -> set[str]:
+    """Variables a compose file interpolates (its comments left out: they show examples)."""
+    text = re.sub(r"(?m)(^|\s)#.*$", "", path.read_text())
+    return set(re.findall(r"\$\{(\w+)", text))
+
+
+def test_every_variable_is_covered() -> None:
+    found = set().union(*(interpolated(path) for path in [COMPOSE_FILE, *ROOT.glob("deploy/compose.*.yaml")]))
+    assert {v for v in found if not v.startswith("DF_SCHED_")} - SCHEDULER_ONLY == set(VARIABLES)
+
+
+@pytest.mark.parametrize("variables", [{}, VARIABLES], ids=["defaults", "all-set"])
+def test_scheduler_in_its_container_renders_the_stages_as_the_operator_did(
+    variables: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy/compose.scheduler.yaml: compose run in the scheduler's container, with only the
+    scheduler's environment, gives every stage (and the shared volumes) the configuration the
+    operator's `docker compose up` gave them, so replicas it adds match the running ones."""
+    for key in [k for k in os.environ if k.startswith(("DF_", "COMPOSE_"))]:
+        monkeypatch.delenv(key)  # e.g. the DF_IMAGE that `make test-compose` exports
+    env_file = tmp_path / "operator.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in {**variables, "DF_DOCKER_GID": "990"}.items()))
+    stage_files = (GPU_OVERRIDE, HOSTNET_OVERRIDE)
+    operator = compose_client(
+        *stage_files, SCHEDULER_OVERRIDE, project="opproj", env_file=env_file, profiles=["scheduler"]
+    ).compose.config(return_json=True)
+    scheduler_env = {k: v for k, v in operator["services"]["scheduler"]["environment"].items() if v is not None}
+    assert scheduler_env["DF_SCHED_ACTUATOR"] == "compose"
+    assert scheduler_env["DF_SCHED_COMPOSE_PROJECT"] == "opproj"
+    assert operator["services"]["scheduler"]["group_add"] == ["990"]
+
+    for key, value in scheduler_env.items():
+        monkeypatch.setenv(key, value)
+    # what the actuator in the container runs: the files named by DF_SCHED_COMPOSE_FILES (here
+    # their host paths; the container sees the same files mounted), no env file
+    inside = compose_client(*stage_files, project=scheduler_env["DF_SCHED_COMPOSE_PROJECT"]).compose.config(
+        return_json=True
+    )
+    for name in STAGES:
+        assert inside["services"][name] == operator["services"][name], name
+    assert inside["volumes"] == operator["volumes"]
+    if variables:
+        assert inside["services"]["dit"]["environment"]["DF_NATS_URL"] == "nats://127.0.0.1:14401"

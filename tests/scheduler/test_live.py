@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -16,10 +17,12 @@ from typer.testing import CliRunner
 
 from disagfusion.cli import app
 from disagfusion.client import Client
+from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import SchedulerStatus, read_status
-from services.scheduler.live import LatencyWindow, fleet_of
+from services.scheduler.deploy_actuators import ComposeActuator
+from services.scheduler.live import LatencyWindow, LiveSettings, build, fleet_of
 from services.scheduler.pool import parse_pool
 
 SCHEDULER_ENV = {
@@ -147,6 +150,14 @@ def test_a_pin_wins_until_released_and_status_shows_desired_vs_running(stack: La
     assert status_json()["scheduler"]["pins"] == {}
 
 
+def test_a_stopped_scheduler_withdraws_its_status(stack: Launcher) -> None:
+    """Else `disagfusion scale` would pin for it (a status stays fresh for 30 s) and nothing would
+    apply the pin."""
+    assert asyncio.run(_status(stack)) is not None
+    stack.scale("scheduler", 0)  # SIGTERM, and wait for it to exit
+    assert asyncio.run(_status(stack)) is None
+
+
 def test_latency_window_keeps_recent_results_only() -> None:
     window = LatencyWindow(10.0)
     for i in range(20):
@@ -162,3 +173,23 @@ def test_fleet_of_reads_workloads_per_class() -> None:
     running = {"encoder-l4": 2, "dit-h100": 3, "decoder-l4": 1, "scheduler": 1}
     fleet = fleet_of(running, pool, "{service}-{device}")
     assert fleet == {"encode": {"l4": 2}, "denoise": {"h100": 3}, "decode": {"l4": 1}}
+
+
+def test_compose_actuator_settings_are_comma_lists_under_the_compose_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As deploy/compose.scheduler.yaml sets them: the project directory mounted somewhere, the
+    files named relative to it (the variables' values here point at this checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    for key, value in {
+        "DF_SCHED_ACTUATOR": "compose",
+        "DF_SCHED_COMPOSE_DIR": str(root),
+        "DF_SCHED_COMPOSE_FILES": "compose.yaml, deploy/compose.hostnet.yaml",
+        "DF_SCHED_COMPOSE_ENV_FILES": "deploy/stack.env",
+        "DF_SCHED_COMPOSE_PROJECT": "shop",
+    }.items():
+        monkeypatch.setenv(key, value)
+    actuator = build(LiveSettings(), Settings(models="tiny")).actuator
+    assert isinstance(actuator, ComposeActuator)
+    config = actuator.deployment.docker.client_config
+    assert [Path(f) for f in config.compose_files] == [root / "compose.yaml", root / "deploy" / "compose.hostnet.yaml"]
+    assert [Path(f) for f in config.compose_env_files] == [root / "deploy" / "stack.env"]
+    assert config.compose_project_name == "shop"
