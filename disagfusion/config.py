@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from disagfusion.engram.spec import EngramArenaSpec
 
 
+SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
+"""The cost profiles in the source tree (deploy/profiles/); the image copies them elsewhere."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DF_", extra="ignore")
 
@@ -21,6 +25,8 @@ class Settings(BaseSettings):
     models_dir: Path = Path.home() / ".cache" / "disagfusion" / "models"
     """Model directories live here, one per model name. The presets (tiny, small) are written
     on first use; a real checkpoint is any diffusers directory placed (or linked) here."""
+    profiles_dir: Path = SHIPPED_PROFILES_DIR
+    """Runtime cost profiles (``<name>.json``) that emulated presets are written with."""
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
     device: str = "cpu"

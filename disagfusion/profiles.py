@@ -35,13 +35,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from disagfusion.config import Settings
 from disagfusion.protocol import STAGES, JobSpec
 
 Stage = Literal["encode", "denoise", "decode"]
 
 CHARS_PER_TOKEN = 4
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
-"""Where the profiles shipped with the project live (one JSON file per profile)."""
 
 
 def prompt_tokens(text: str) -> int:
@@ -113,9 +112,14 @@ class CostProfile(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
     @classmethod
-    def named(cls, name: str) -> CostProfile:
-        """A profile shipped in deploy/profiles/, by file name without ``.json``."""
-        return cls.load(PROFILES_DIR / f"{name}.json")
+    def named(cls, name: str, directory: Path | None = None) -> CostProfile:
+        """A shipped profile by file name without ``.json``, from ``directory`` or DF_PROFILES_DIR
+        (deploy/profiles/ in the source tree)."""
+        directory = directory or Settings().profiles_dir
+        path = directory / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"cost profile {name!r} is not in {directory} (set DF_PROFILES_DIR to where deploy/profiles is)")
+        return cls.load(path)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from disagfusion.profiles import PROFILES_DIR, CostProfile, StageCost, fit_stage_cost
+from disagfusion.config import SHIPPED_PROFILES_DIR
+from disagfusion.profiles import CostProfile, StageCost, fit_stage_cost
 from disagfusion.protocol import JobSpec
 
 
@@ -15,7 +16,7 @@ def spec(**fields) -> JobSpec:
 
 
 def test_every_shipped_profile_loads_and_says_where_it_comes_from() -> None:
-    files = sorted(PROFILES_DIR.glob("*.json"))
+    files = sorted(SHIPPED_PROFILES_DIR.glob("*.json"))
     assert {f.stem for f in files} >= {"bench-pipeline", "wan2.1-1.3b-h200"}
     for path in files:
         profile = CostProfile.load(path)
@@ -91,3 +92,13 @@ def test_fit_with_a_fixed_batch_exponent_stays_linear() -> None:
     fitted = fit_stage_cost(observations, per_step=False, use=("fixed_s", "per_job_s"), batch_exponent=1.0)
     assert fitted.batch_exponent == 1.0
     assert fit_stage_cost(observations, per_step=False, use=("fixed_s", "per_job_s")).batch_exponent == pytest.approx(0.8)
+
+
+def test_named_profiles_come_from_df_profiles_dir(tmp_path, monkeypatch) -> None:
+    """An installed image has no source tree; its profiles sit where DF_PROFILES_DIR says."""
+    shipped = CostProfile.named("bench-pipeline")
+    shipped.save(tmp_path / "elsewhere.json")
+    monkeypatch.setenv("DF_PROFILES_DIR", str(tmp_path))
+    assert CostProfile.named("elsewhere") == shipped
+    with pytest.raises(FileNotFoundError, match="DF_PROFILES_DIR"):
+        CostProfile.named("bench-pipeline")
