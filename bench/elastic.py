@@ -77,7 +77,7 @@ PHASES = [
     ("4-long-prompts", dict(height=256, width=256, steps=2, guidance=1.0), 2000),
 ]
 SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=4.0, threshold_cooldown_s=5.0,
-                startup_s={"encode": 3.0, "denoise": 3.0, "decode": 3.0})
+                startup_s={"encode": 8.5, "denoise": 8.5, "decode": 8.5})
 SCHEDULER_ENV = {
     "DF_SCHED_TICK_S": "1", "DF_SCHED_HORIZON_S": "10", "DF_SCHED_STABILISATION_S": "10",
     "DF_SCHED_ARRIVAL_TAU_S": "4", "DF_SCHED_THRESHOLD_COOLDOWN_S": "5",
@@ -210,7 +210,7 @@ def main() -> None:
     console.print(f"{len(entries)} jobs in 4 phases of {phase_s:.0f} s at load {args.load}; oracle: "
                   + "; ".join(str(services_of(a)) for _, a in oracle))
     static = oracle[0][1]
-    rows, timelines = [], {}
+    rows, timelines, load_avg = [], {}, {}
     for name in POLICIES:
         policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
         result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed)
@@ -221,9 +221,11 @@ def main() -> None:
         for name in live_policies:
             started = time.perf_counter()
             timelines[name] = []
+            before = os.getloadavg()[0]
             records = run_live(name, entries, static, oracle, work, drain_s=30.0 if args.quick else 120.0,
                                console=console, timeline=timelines[name])
             rows += rows_of(name, "emulated-live", records, truth)
+            load_avg[name] = {"before": round(before, 2), "after": round(os.getloadavg()[0], 2)}
             console.print(f"  live {name}: {sum(not math.isnan(r.done) for r in records)}/{len(records)} done, "
                           f"{time.perf_counter() - started:.0f} s wall")
     sim = {(r["policy"], r["phase"]): r for r in rows if r["mode"] == "simulated"}
@@ -244,7 +246,8 @@ def main() -> None:
                   f"{f' --phase-s {args.phase_s:g}' if args.phase_s else ''}{f' --policies {args.policies}' if args.policies else ''}")
     print(json.dumps({"bench": "elastic", "emulated_live": live_policies, "simulated": POLICIES, "pool": POOL,
                       "phase_s": phase_s, "load": args.load, "jobs": len(entries), "quick": args.quick,
-                      "worst_live_vs_sim_throughput_error": worst, "rows": rows, "live_timelines": timelines}))
+                      "worst_live_vs_sim_throughput_error": worst,
+                      "load_avg_1m": load_avg, "startup_s": SETTINGS["startup_s"], "rows": rows, "live_timelines": timelines}))
 
 
 if __name__ == "__main__":

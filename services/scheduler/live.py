@@ -106,7 +106,8 @@ class LiveScheduler:
         self.policy = policy
         # Single-class pools name workloads by service alone: compose services, local processes.
         self.template = settings.k8s_deployment if len(self.pool.classes) > 1 else "{service}"
-        self._applying: asyncio.Task | None = None
+        self._applying: dict[str, asyncio.Task] = {}
+        """Per workload, the change being made to it."""
         self._last_error: str | None = None
         self._unknown_models: set[str] = set()
 
@@ -176,10 +177,14 @@ class LiveScheduler:
             self.policy = self._initial_policy(fleet)
         allocation = self.policy.decide(obs, fleet, stage_pins)
         desired = workload_names(allocation, self.pool, self.template)
-        if self._applying is None or self._applying.done():
-            # One change at a time: a scale-up waits for health and a scale-down drains, both
-            # longer than a tick; the next tick decides again from what then runs.
-            self._applying = asyncio.create_task(self._apply(desired))
+        for name, n in desired.items():
+            # One change at a time per workload (a scale-up waits for health, a scale-down
+            # drains, both longer than a tick; the next tick decides again from what then runs),
+            # but workloads change independently: a DiT draining its long video jobs must not
+            # hold back the encoders a new phase needs.
+            busy = self._applying.get(name)
+            if n != running.get(name, 0) and (busy is None or busy.done()):
+                self._applying[name] = asyncio.create_task(self._apply({name: n}))
         status = self.status(now, obs, allocation, running, pins)
         await kv.put(STATUS_KEY, status.model_dump_json().encode())
         return status
@@ -256,8 +261,7 @@ class LiveScheduler:
                     await asyncio.wait_for(stop.wait(), self.settings.tick_s)
                 except TimeoutError:
                     pass
-            if self._applying is not None:
-                await self._applying  # let a started scale-down finish draining
+            await asyncio.gather(*self._applying.values())  # let started scale-downs finish draining
         finally:
             await stack.close()
 
