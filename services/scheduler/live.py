@@ -177,17 +177,24 @@ class LiveScheduler:
             self.policy = self._initial_policy(fleet)
         allocation = self.policy.decide(obs, fleet, stage_pins)
         desired = workload_names(allocation, self.pool, self.template)
-        for name, n in desired.items():
-            # One change at a time per workload (a scale-up waits for health, a scale-down
-            # drains, both longer than a tick; the next tick decides again from what then runs),
-            # but workloads change independently: a DiT draining its long video jobs must not
-            # hold back the encoders a new phase needs.
-            busy = self._applying.get(name)
-            if n != running.get(name, 0) and (busy is None or busy.done()):
-                self._applying[name] = asyncio.create_task(self._apply({name: n}))
+        self.start_changes(desired, running)
         status = self.status(now, obs, allocation, running, pins)
         await kv.put(STATUS_KEY, status.model_dump_json().encode())
         return status
+
+    def start_changes(self, desired: dict[str, int], running: dict[str, int]) -> None:
+        """One change at a time per workload (a scale-up waits for health, a scale-down drains,
+        both longer than a tick; the next tick decides again from what then runs), but workloads
+        change independently: a DiT draining its long video jobs must not hold back the encoders
+        a new phase needs."""
+        for name, n in desired.items():
+            busy = self._applying.get(name)
+            if n != running.get(name, 0) and (busy is None or busy.done()):
+                self._applying[name] = asyncio.create_task(self._apply({name: n}))
+
+    async def settle(self) -> None:
+        """Wait for every change under way."""
+        await asyncio.gather(*self._applying.values())
 
     async def _apply(self, desired: dict[str, int]) -> None:
         try:
@@ -261,7 +268,7 @@ class LiveScheduler:
                     await asyncio.wait_for(stop.wait(), self.settings.tick_s)
                 except TimeoutError:
                     pass
-            await asyncio.gather(*self._applying.values())  # let started scale-downs finish draining
+            await self.settle()  # let started scale-downs finish draining
         finally:
             await stack.close()
 

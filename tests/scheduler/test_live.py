@@ -19,7 +19,8 @@ from disagfusion.client import Client
 from disagfusion.launcher import Launcher
 from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import SchedulerStatus, read_status
-from services.scheduler.live import LatencyWindow, fleet_of
+from disagfusion.config import Settings
+from services.scheduler.live import LatencyWindow, LiveScheduler, LiveSettings, fleet_of
 from services.scheduler.pool import parse_pool
 
 SCHEDULER_ENV = {
@@ -162,3 +163,33 @@ def test_fleet_of_reads_workloads_per_class() -> None:
     running = {"encoder-l4": 2, "dit-h100": 3, "decoder-l4": 1, "scheduler": 1}
     fleet = fleet_of(running, pool, "{service}-{device}")
     assert fleet == {"encode": {"l4": 2}, "denoise": {"h100": 3}, "decode": {"l4": 1}}
+
+
+class _SlowDrain:
+    """An actuator whose DiT scale-down drains until released, like a DiT holding video jobs."""
+
+    def __init__(self) -> None:
+        self.applied: list[dict[str, int]] = []
+        self.drained = asyncio.Event()
+
+    async def apply(self, desired: dict[str, int]) -> None:
+        self.applied.append(desired)
+        if desired.get("dit") == 1:
+            await self.drained.wait()
+
+    async def running(self) -> dict[str, int]:
+        return {}
+
+
+async def test_a_draining_workload_does_not_hold_back_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DF_MODELS", "emulated")
+    actuator = _SlowDrain()
+    scheduler = LiveScheduler(LiveSettings(pool="slot:12"), Settings(), actuator)
+    running = {"encoder": 1, "dit": 8, "decoder": 3}
+    scheduler.start_changes({"encoder": 1, "dit": 1, "decoder": 3}, running)
+    await asyncio.sleep(0.05)
+    scheduler.start_changes({"encoder": 7, "dit": 1, "decoder": 4}, running)  # the next tick
+    await asyncio.sleep(0.05)
+    assert actuator.applied == [{"dit": 1}, {"encoder": 7}, {"decoder": 4}]  # dit asked once, still draining
+    actuator.drained.set()
+    await asyncio.wait_for(scheduler.settle(), 5)
