@@ -133,13 +133,13 @@ class Controller:
         return {stage: {name: n for name, n in by.items() if n > 0} for stage, by in held.items()}
 
     def keep_or_change(self, needs: dict[str, float], raw: Allocation, pins: dict[str, int]) -> Allocation:
-        """Hysteresis: keep the last placement unless the new one serves the stage furthest below
-        its need better by more than ``switch_margin``. Without it, needs that sit near a tie
+        """Hysteresis when the pool is full: keep the last placement unless the new one serves the
+        stage furthest below its need better by more than ``switch_margin``. Without it, needs that sit near a tie
         (arrival rates are noisy over a tick) flip an instance between two stages every tick,
         and every flip cancels the instance that was starting, so neither ever serves."""
         last, self._last = self._last, (raw, dict(pins))
-        if last is None or last[1] != pins:
-            return raw
+        if last is None or last[1] != pins or not (self._fills_pool(last[0]) and self._fills_pool(raw)):
+            return raw  # a placement that leaves slots free is driven by need alone (stabilise holds it)
 
         def served(allocation: Allocation) -> float:
             return min((capacity(allocation, self.pool, s) / n for s, n in needs.items() if n > 0), default=0.0)
@@ -148,6 +148,9 @@ class Controller:
             self._last = last
             return last[0]
         return raw
+
+    def _fills_pool(self, allocation: Allocation) -> bool:
+        return sum(per_class(allocation).values()) == self.pool.total
 
     def decide(self, obs: Observation, fleet: FleetState, pins: dict[str, int] | None = None) -> Allocation:
         pins = pins or {}
