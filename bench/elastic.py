@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import nats
 from rich.console import Console
 from rich.table import Table
@@ -57,6 +58,10 @@ from services.scheduler.predictor import CostProfile, Predictor
 from services.scheduler.simulation import JobRecord
 from services.scheduler.trace import TraceEntry
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
 MODEL = "emulated-elastic"
 POOL = "slot:12"
 POLICIES = ["static", "lag", "threshold", "predictor", "hybrid", "oracle"]
@@ -179,6 +184,25 @@ def run_live(policy: str, entries: list[TraceEntry], initial: Allocation, oracle
                 os.environ[k] = v
 
 
+def plot(timelines: dict[str, list[dict]], phase_s: float, path: Path) -> Path:
+    """Instances running per service over time (the scheduler's view every 2 s), per policy."""
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(10, 1.8 * len(timelines)), sharex=True, squeeze=False)
+    for ax, (policy, points) in zip(axes[:, 0], timelines.items()):
+        for service in ("encoder", "dit", "decoder"):
+            ax.step([p["t"] for p in points], [int(p[service].split("/")[0]) for p in points],
+                    where="post", label=service)
+        for k in (1, 2, 3):
+            ax.axvline(k * phase_s, color="grey", linestyle=":", linewidth=1)
+        ax.set_ylabel(policy)
+    axes[0, 0].legend(loc="upper right", ncol=3, fontsize="small")
+    axes[0, 0].set_title(f"EMULATED live: instances running per service, {POOL}; dotted: phase changes")
+    axes[-1, 0].set_xlabel("seconds since the trace started")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def rows_of(policy: str, mode: str, records: list[JobRecord], truth: Predictor) -> list[dict]:
     by_phase: dict[str, list[JobRecord]] = {}
     for r in records:
@@ -242,6 +266,8 @@ def main() -> None:
                       f"{r['p95_s']:.3g}", f"{r['slo']:.0%}", str(r.get("live_vs_sim", "")))
     console.print(table)
     worst = {p: max(abs(1 - x) for x in v if x is not None) for p, v in agreement.items()}
+    if not args.quick:
+        console.print(f"plot: {plot(timelines, phase_s, BENCH / 'elastic_live.png')}")
     console.print(f"command: PYTHONPATH=. python bench/elastic.py{' --quick' if args.quick else ''}"
                   f"{f' --phase-s {args.phase_s:g}' if args.phase_s else ''}{f' --policies {args.policies}' if args.policies else ''}")
     print(json.dumps({"bench": "elastic", "emulated_live": live_policies, "simulated": POLICIES, "pool": POOL,
