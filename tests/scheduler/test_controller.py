@@ -139,6 +139,6 @@ def test_near_tied_needs_do_not_move_an_instance_back_and_forth(settings: Schedu
     ticks = [observe(float(t), incoming=incoming) for t, incoming in enumerate(wobble)]
     start = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
     eager = run_ticks(Controller(POOL, settings.model_copy(update={"switch_margin": 0.0, "stabilisation_s": 0.0})), start, ticks)
-    calm = run_ticks(Controller(POOL, settings.model_copy(update={"stabilisation_s": 0.0})), start, ticks)
+    calm = run_ticks(Controller(POOL, settings.model_copy(update={"switch_margin": 0.05, "stabilisation_s": 0.0})), start, ticks)
     assert len({d["encode"] for d in eager}) == 2  # without hysteresis it flips
     assert len({d["encode"] for d in calm}) == 1, calm
