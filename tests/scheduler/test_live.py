@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from disagfusion.cli import app
 from disagfusion.client import Client
+from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import SchedulerStatus, read_status
-from disagfusion.config import Settings
 from services.scheduler.live import LatencyWindow, LiveScheduler, LiveSettings, fleet_of
 from services.scheduler.pool import parse_pool
 
