@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import nats
 from rich.console import Console
 from rich.table import Table
@@ -57,6 +58,10 @@ from services.scheduler.predictor import CostProfile, Predictor
 from services.scheduler.simulation import JobRecord
 from services.scheduler.trace import TraceEntry
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
 MODEL = "emulated-elastic"
 POOL = "slot:12"
 POLICIES = ["static", "lag", "threshold", "predictor", "hybrid", "oracle"]
@@ -76,11 +81,13 @@ PHASES = [
     ("3-video", dict(height=256, width=256, frames=9, steps=20, guidance=5.0), 120),
     ("4-long-prompts", dict(height=256, width=256, steps=2, guidance=1.0), 2000),
 ]
+# Start-up as bench/startup.py measured it here (six stage processes at once, median of the last
+# to report healthy); switch_margin damps the noisier arrival averages of 1 s ticks and 4 s tau.
 SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=4.0, threshold_cooldown_s=5.0,
-                startup_s={"encode": 3.0, "denoise": 3.0, "decode": 3.0})
+                switch_margin=0.05, startup_s={"encode": 8.5, "denoise": 8.5, "decode": 8.5})
 SCHEDULER_ENV = {
     "DF_SCHED_TICK_S": "1", "DF_SCHED_HORIZON_S": "10", "DF_SCHED_STABILISATION_S": "10",
-    "DF_SCHED_ARRIVAL_TAU_S": "4", "DF_SCHED_THRESHOLD_COOLDOWN_S": "5",
+    "DF_SCHED_ARRIVAL_TAU_S": "4", "DF_SCHED_THRESHOLD_COOLDOWN_S": "5", "DF_SCHED_SWITCH_MARGIN": "0.05",
     "DF_SCHED_STARTUP_S": json.dumps(SETTINGS["startup_s"]),
 }
 
@@ -179,6 +186,25 @@ def run_live(policy: str, entries: list[TraceEntry], initial: Allocation, oracle
                 os.environ[k] = v
 
 
+def plot(timelines: dict[str, list[dict]], phase_s: float, path: Path) -> Path:
+    """Instances running per service over time (the scheduler's view every 2 s), per policy."""
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(10, 1.8 * len(timelines)), sharex=True, squeeze=False)
+    for ax, (policy, points) in zip(axes[:, 0], timelines.items()):
+        for service in ("encoder", "dit", "decoder"):
+            ax.step([p["t"] for p in points], [int(p[service].split("/")[0]) for p in points],
+                    where="post", label=service)
+        for k in (1, 2, 3):
+            ax.axvline(k * phase_s, color="grey", linestyle=":", linewidth=1)
+        ax.set_ylabel(policy)
+    axes[0, 0].legend(loc="upper right", ncol=3, fontsize="small")
+    axes[0, 0].set_title(f"EMULATED live: instances running per service, {POOL}; dotted: phase changes")
+    axes[-1, 0].set_xlabel("seconds since the trace started")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def rows_of(policy: str, mode: str, records: list[JobRecord], truth: Predictor) -> list[dict]:
     by_phase: dict[str, list[JobRecord]] = {}
     for r in records:
@@ -210,7 +236,7 @@ def main() -> None:
     console.print(f"{len(entries)} jobs in 4 phases of {phase_s:.0f} s at load {args.load}; oracle: "
                   + "; ".join(str(services_of(a)) for _, a in oracle))
     static = oracle[0][1]
-    rows, timelines = [], {}
+    rows, timelines, load_avg = [], {}, {}
     for name in POLICIES:
         policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
         result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed)
@@ -221,9 +247,11 @@ def main() -> None:
         for name in live_policies:
             started = time.perf_counter()
             timelines[name] = []
+            before = os.getloadavg()[0]
             records = run_live(name, entries, static, oracle, work, drain_s=30.0 if args.quick else 120.0,
                                console=console, timeline=timelines[name])
             rows += rows_of(name, "emulated-live", records, truth)
+            load_avg[name] = {"before": round(before, 2), "after": round(os.getloadavg()[0], 2)}
             console.print(f"  live {name}: {sum(not math.isnan(r.done) for r in records)}/{len(records)} done, "
                           f"{time.perf_counter() - started:.0f} s wall")
     sim = {(r["policy"], r["phase"]): r for r in rows if r["mode"] == "simulated"}
@@ -240,11 +268,14 @@ def main() -> None:
                       f"{r['p95_s']:.3g}", f"{r['slo']:.0%}", str(r.get("live_vs_sim", "")))
     console.print(table)
     worst = {p: max(abs(1 - x) for x in v if x is not None) for p, v in agreement.items()}
+    if not args.quick:
+        console.print(f"plot: {plot(timelines, phase_s, BENCH / 'elastic_live.png')}")
     console.print(f"command: PYTHONPATH=. python bench/elastic.py{' --quick' if args.quick else ''}"
                   f"{f' --phase-s {args.phase_s:g}' if args.phase_s else ''}{f' --policies {args.policies}' if args.policies else ''}")
     print(json.dumps({"bench": "elastic", "emulated_live": live_policies, "simulated": POLICIES, "pool": POOL,
                       "phase_s": phase_s, "load": args.load, "jobs": len(entries), "quick": args.quick,
-                      "worst_live_vs_sim_throughput_error": worst, "rows": rows, "live_timelines": timelines}))
+                      "worst_live_vs_sim_throughput_error": worst,
+                      "load_avg_1m": load_avg, "startup_s": SETTINGS["startup_s"], "rows": rows, "live_timelines": timelines}))
 
 
 if __name__ == "__main__":

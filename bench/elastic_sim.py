@@ -43,9 +43,16 @@ BENCH = Path(__file__).resolve().parent
 POLICIES = ["static", "lag", "threshold", "predictor", "hybrid", "oracle"]
 
 
-def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: int, console: Console) -> tuple[list[dict], dict]:
+PROFILE_ERROR = {"encode": 0.5, "denoise": 1.5, "decode": 2.0}
+"""What the predicting policies' starting profile is off by, per stage (predicted / true): as if
+measured on another machine. The true profile generates the service times and the trace."""
+
+
+def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: int, profile_error: dict[str, float],
+                 console: Console) -> tuple[list[dict], dict]:
     pool = parse_pool(pool_text)
     profiles = load_profiles([PROFILES_DIR])
+    start = {key: p.scaled(profile_error) for key, p in profiles.items()}
     settings = SchedulerSettings()
     trace = four_phase_trace(pool, phase_s, load, seed)
     started = time.perf_counter()
@@ -58,12 +65,15 @@ def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: i
     for policy_name in POLICIES:
         policy = Scheduled("oracle", oracle) if policy_name == "oracle" else make_policy(policy_name, pool, settings, static=static)
         started = time.perf_counter()
-        result, predictor, truth = simulate(trace, pool, policy, profiles, settings, initial=static, seed=seed)
+        # Every policy's scheduler starts from the same wrong profile (only predictor and hybrid
+        # use it) and refines it from timing samples; the oracle was found with the true one.
+        result, predictor, truth = simulate(trace, pool, policy, start, settings, initial=static, seed=seed,
+                                            truth_profiles=profiles)
         plan = report(policy_name, pool_text, result, truth, predictor)
         timelines[policy_name] = result.timeline
         for phase in plan.phases:
             rows.append({
-                "scenario": name, "slots": pool.total, "policy": policy_name, "phase": phase.phase,
+                "scenario": name, "seed": seed, "slots": pool.total, "policy": policy_name, "phase": phase.phase,
                 "throughput": round(phase.throughput, 5), "p95_s": round(phase.p95_s, 2), "slo": round(phase.slo, 4),
                 "jobs": phase.jobs, "instance_starts": result.instance_starts,
             })
@@ -71,7 +81,8 @@ def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: i
     oracle_tp = {r["phase"]: r["throughput"] for r in rows if r["policy"] == "oracle"}
     for r in rows:
         r["throughput_vs_oracle"] = round(r["throughput"] / oracle_tp[r["phase"]], 4) if oracle_tp[r["phase"]] else None
-    plot(name, pool_text, timelines, [start for _, start, _ in phases_of(trace)])
+    if seed == 0:
+        plot(name, pool_text, timelines, [t for _, t, _ in phases_of(trace)])
     return rows, {"pool": pool_text, "jobs": len(trace), "phase_s": phase_s, "load": load, "oracle_search_s": round(search_s, 1)}
 
 
@@ -97,36 +108,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter phases (a smoke run)")
     parser.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of each phase's capacity")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="trace and noise seeds, comma-separated")
+    parser.add_argument("--scenarios", default="12-slots,1024-slots")
+    parser.add_argument("--profile-error", default=json.dumps(PROFILE_ERROR),
+                        help="JSON: per stage, the factor the predictors' starting profile is off by")
     args = parser.parse_args()
     console = Console(stderr=True)
+    profile_error = json.loads(args.profile_error)
     scenarios = [
         ("12-slots", "slot:12", 240.0 if args.quick else 600.0),
         ("1024-slots", "h100:384,l4:640", 60.0 if args.quick else 180.0),
     ]
+    wanted = args.scenarios.split(",")
     rows, meta = [], {}
-    for name, pool_text, phase_s in scenarios:
-        scenario_rows, meta[name] = run_scenario(name, pool_text, phase_s, args.load, args.seed, console)
-        rows += scenario_rows
-    table = Table("scenario", "policy", "phase", "jobs/s", "vs oracle", "p95 (s)", "SLO met", title="SIMULATED elastic scheduling")
+    for seed in (int(x) for x in args.seeds.split(",")):
+        for name, pool_text, phase_s in scenarios:
+            if name in wanted:
+                scenario_rows, meta[f"{name}/seed{seed}"] = run_scenario(name, pool_text, phase_s, args.load, seed,
+                                                                         profile_error, console)
+                rows += scenario_rows
+    table = Table("scenario", "seed", "policy", "phase", "jobs/s", "vs oracle", "p95 (s)", "SLO met", title="SIMULATED elastic scheduling")
     for r in rows:
-        table.add_row(r["scenario"], r["policy"], r["phase"], f"{r['throughput']:.3g}", f"{r['throughput_vs_oracle']:.2f}", f"{r['p95_s']:.3g}", f"{r['slo']:.0%}")
+        table.add_row(r["scenario"], str(r["seed"]), r["policy"], r["phase"], f"{r['throughput']:.3g}", f"{r['throughput_vs_oracle']:.2f}", f"{r['p95_s']:.3g}", f"{r['slo']:.0%}")
     console.print(table)
     goals = {}
-    for name in meta:
-        hybrid = [r for r in rows if r["scenario"] == name and r["policy"] == "hybrid"]
+    for key in meta:
+        name, seed = key.split("/seed")
+        mine = [r for r in rows if r["scenario"] == name and r["seed"] == int(seed)]
+        hybrid = [r for r in mine if r["policy"] == "hybrid"]
         slo_by_policy = {
-            p: sum(r["slo"] * r["jobs"] for r in rows if r["scenario"] == name and r["policy"] == p)
-            / sum(r["jobs"] for r in rows if r["scenario"] == name and r["policy"] == p)
+            p: sum(r["slo"] * r["jobs"] for r in mine if r["policy"] == p) / sum(r["jobs"] for r in mine if r["policy"] == p)
             for p in POLICIES
         }
-        goals[name] = {
+        goals[key] = {
             "hybrid_min_throughput_vs_oracle": min(r["throughput_vs_oracle"] for r in hybrid),
             "slo_by_policy": {p: round(v, 4) for p, v in slo_by_policy.items()},
             "best_slo_non_oracle": max((p for p in POLICIES if p != "oracle"), key=slo_by_policy.get),
         }
-    console.print(f"command: PYTHONPATH=. python bench/elastic_sim.py{' --quick' if args.quick else ''}")
-    print(json.dumps({"bench": "elastic_sim", "simulated": True, "quick": args.quick, "scenarios": meta, "goals": goals, "rows": rows}))
+    console.print(f"command: PYTHONPATH=. python bench/elastic_sim.py{' --quick' if args.quick else ''} --seeds {args.seeds} "
+                  f"--scenarios {args.scenarios} --profile-error '{args.profile_error}'")
+    print(json.dumps({"bench": "elastic_sim", "simulated": True, "quick": args.quick, "profile_error": profile_error,
+                      "scenarios": meta, "goals": goals, "rows": rows}))
 
 
 if __name__ == "__main__":

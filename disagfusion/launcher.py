@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from disagfusion.health import health_age
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
 INFRASTRUCTURE = ("nats", "redis")
 """Compose services the launcher runs itself, from the binaries of the pip packages."""
+
+_STATE_LOCK = threading.Lock()
+"""Serialises read-change-save of stack.json: the scheduler scales services from several threads."""
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -219,15 +223,16 @@ class Launcher:
         Scaling down sends SIGTERM to the newest processes and waits for them to drain."""
         if service not in self.services:
             raise LauncherError(f"unknown service {service!r}; compose.yaml has {sorted(self.services)}")
-        state = self.state()
-        if state is None:
-            raise LauncherError("no stack is running (disagfusion up starts one)")
-        procs = [p for p in state.services.get(service, []) if _alive(p.pid)]
-        while len(procs) < replicas:
-            procs.append(self._spawn_service(state, service, len(procs)))
-        extra, procs = procs[replicas:], procs[:replicas]
-        state.services[service] = procs
-        self._save(state)
+        with _STATE_LOCK:
+            state = self.state()
+            if state is None:
+                raise LauncherError("no stack is running (disagfusion up starts one)")
+            procs = [p for p in state.services.get(service, []) if _alive(p.pid)]
+            while len(procs) < replicas:
+                procs.append(self._spawn_service(state, service, len(procs)))
+            extra, procs = procs[replicas:], procs[:replicas]
+            state.services[service] = procs
+            self._save(state)
         _terminate([p.pid for p in extra], timeout=self._drain_timeout(service) + 10.0)
         if wait:
             self.wait_healthy(timeout)

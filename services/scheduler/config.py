@@ -45,6 +45,9 @@ class SchedulerSettings(BaseSettings):
     """Drain each queued job by its latency budget (``latency_budget`` × its service time) when
     that is longer than the horizon, so a backlog of long video jobs does not take slots from
     new short jobs with tight budgets."""
+    switch_margin: float = Field(default=0.0, ge=0, lt=1)
+    """A new placement replaces the last one only if it serves the most short stage (capacity
+    over need) this much better: hysteresis against flipping an instance every tick."""
     latency_budget: float = Field(default=5.0, gt=0)
     arrival_tau_s: float = Field(default=20.0, gt=0)
     """Time constant of the arrival-rate average: shorter follows shifts faster, longer is calmer."""

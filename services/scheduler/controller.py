@@ -35,6 +35,7 @@ class Controller:
         self.use_feedback = use_feedback
         self.name = "hybrid" if use_feedback else "predictor"
         self._history: deque[tuple[float, Allocation]] = deque()
+        self._last: tuple[Allocation, dict[str, int]] | None = None
 
     def need(self, obs: Observation, fleet: FleetState) -> dict[str, float]:
         """Reference-device instances each stage needs."""
@@ -131,8 +132,29 @@ class Controller:
                     excess -= give
         return {stage: {name: n for name, n in by.items() if n > 0} for stage, by in held.items()}
 
+    def keep_or_change(self, needs: dict[str, float], raw: Allocation, pins: dict[str, int]) -> Allocation:
+        """Hysteresis when the pool is full: keep the last placement unless the new one serves the
+        stage furthest below its need better by more than ``switch_margin``. Without it, needs that sit near a tie
+        (arrival rates are noisy over a tick) flip an instance between two stages every tick,
+        and every flip cancels the instance that was starting, so neither ever serves."""
+        last, self._last = self._last, (raw, dict(pins))
+        if last is None or last[1] != pins or not (self._fills_pool(last[0]) and self._fills_pool(raw)):
+            return raw  # a placement that leaves slots free is driven by need alone (stabilise holds it)
+
+        def served(allocation: Allocation) -> float:
+            return min((capacity(allocation, self.pool, s) / n for s, n in needs.items() if n > 0), default=0.0)
+
+        if served(last[0]) >= (1.0 - self.settings.switch_margin) * served(raw):
+            self._last = last
+            return last[0]
+        return raw
+
+    def _fills_pool(self, allocation: Allocation) -> bool:
+        return sum(per_class(allocation).values()) == self.pool.total
+
     def decide(self, obs: Observation, fleet: FleetState, pins: dict[str, int] | None = None) -> Allocation:
         pins = pins or {}
-        raw = self.place(self.need(obs, fleet), pins)
+        needs = self.need(obs, fleet)
+        raw = self.keep_or_change(needs, self.place(needs, pins), pins)
         return self.stabilise(obs.t, raw, pins, fleet)
 

@@ -119,7 +119,8 @@ class LiveScheduler:
         self.policy = policy
         # Single-class pools name workloads by service alone: compose services, local processes.
         self.template = settings.k8s_deployment if len(self.pool.classes) > 1 else "{service}"
-        self._applying: asyncio.Task | None = None
+        self._applying: dict[str, asyncio.Task] = {}
+        """Per workload, the change being made to it."""
         self._last_error: str | None = None
         self._unknown_models: set[str] = set()
 
@@ -189,13 +190,24 @@ class LiveScheduler:
             self.policy = self._initial_policy(fleet)
         allocation = self.policy.decide(obs, fleet, stage_pins)
         desired = workload_names(allocation, self.pool, self.template)
-        if self._applying is None or self._applying.done():
-            # One change at a time: a scale-up waits for health and a scale-down drains, both
-            # longer than a tick; the next tick decides again from what then runs.
-            self._applying = asyncio.create_task(self._apply(desired))
+        self.start_changes(desired, running)
         status = self.status(now, obs, allocation, running, pins)
         await kv.put(STATUS_KEY, status.model_dump_json().encode())
         return status
+
+    def start_changes(self, desired: dict[str, int], running: dict[str, int]) -> None:
+        """One change at a time per workload (a scale-up waits for health, a scale-down drains,
+        both longer than a tick; the next tick decides again from what then runs), but workloads
+        change independently: a DiT draining its long video jobs must not hold back the encoders
+        a new phase needs."""
+        for name, n in desired.items():
+            busy = self._applying.get(name)
+            if n != running.get(name, 0) and (busy is None or busy.done()):
+                self._applying[name] = asyncio.create_task(self._apply({name: n}))
+
+    async def settle(self) -> None:
+        """Wait for every change under way."""
+        await asyncio.gather(*self._applying.values())
 
     async def _apply(self, desired: dict[str, int]) -> None:
         try:
@@ -269,8 +281,7 @@ class LiveScheduler:
                     await asyncio.wait_for(stop.wait(), self.settings.tick_s)
                 except TimeoutError:
                     pass
-            if self._applying is not None:
-                await self._applying  # let a started scale-down finish draining
+            await self.settle()  # let started scale-downs finish draining
             # Gone, not merely quiet: `disagfusion scale` must not leave a pin for a scheduler
             # that stopped (it takes a recent status for a running scheduler). Best effort: with
             # NATS already gone the status goes stale on its own.

@@ -84,6 +84,15 @@ class CostProfile(BaseModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False, width=100))
 
+    def scaled(self, factors: dict[str, float]) -> CostProfile:
+        """This profile with every coefficient of a stage multiplied by its factor: a profile
+        that is off, as one measured on another device would be, to test learning against."""
+        models = {
+            name: model.model_copy(update={s: {k: v * f for k, v in getattr(model, s).items()} for s, f in factors.items()})
+            for name, model in self.models.items()
+        }
+        return self.model_copy(update={"models": models, "source": f"{self.source} (scaled per stage by {factors})"})
+
 
 def load_profiles(paths: Iterable[Path]) -> dict[str, CostProfile]:
     """Profiles by file stem, from YAML or JSON files or directories of them."""

@@ -130,3 +130,15 @@ def test_heterogeneous_pool_keeps_big_gpus_for_the_dit(settings: SchedulerSettin
     decided = controller.place({"encode": 1.0, "denoise": 6.0, "decode": 1.0}, {})
     assert set(decided["encode"]) == {"l4"} and set(decided["decode"]) == {"l4"}
     assert decided["denoise"] == {"h100": 8}
+
+
+def test_near_tied_needs_do_not_move_an_instance_back_and_forth(settings: SchedulerSettings) -> None:
+    # A full pool whose arrival estimates wobble around the point where one slot is as well
+    # spent on the encoder as on the DiT: each tick's fresh placement alternates.
+    wobble = [{"encode": 1.02, "denoise": 7.65, "decode": 1.3}, {"encode": 1.02, "denoise": 8.3, "decode": 1.3}] * 10
+    ticks = [observe(float(t), incoming=incoming) for t, incoming in enumerate(wobble)]
+    start = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
+    eager = run_ticks(Controller(POOL, settings.model_copy(update={"switch_margin": 0.0, "stabilisation_s": 0.0})), start, ticks)
+    calm = run_ticks(Controller(POOL, settings.model_copy(update={"switch_margin": 0.05, "stabilisation_s": 0.0})), start, ticks)
+    assert len({d["encode"] for d in eager}) == 2  # without hysteresis it flips
+    assert len({d["encode"] for d in calm}) == 1, calm

@@ -22,7 +22,7 @@ from disagfusion.launcher import Launcher
 from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import SchedulerStatus, read_status
 from services.scheduler.deploy_actuators import ComposeActuator
-from services.scheduler.live import LatencyWindow, LiveSettings, build, fleet_of
+from services.scheduler.live import LatencyWindow, LiveScheduler, LiveSettings, build, fleet_of
 from services.scheduler.pool import parse_pool
 
 SCHEDULER_ENV = {
@@ -193,3 +193,33 @@ def test_compose_actuator_settings_are_comma_lists_under_the_compose_dir(monkeyp
     assert [Path(f) for f in config.compose_files] == [root / "compose.yaml", root / "deploy" / "compose.hostnet.yaml"]
     assert [Path(f) for f in config.compose_env_files] == [root / "deploy" / "stack.env"]
     assert config.compose_project_name == "shop"
+
+
+class _SlowDrain:
+    """An actuator whose DiT scale-down drains until released, like a DiT holding video jobs."""
+
+    def __init__(self) -> None:
+        self.applied: list[dict[str, int]] = []
+        self.drained = asyncio.Event()
+
+    async def apply(self, desired: dict[str, int]) -> None:
+        self.applied.append(desired)
+        if desired.get("dit") == 1:
+            await self.drained.wait()
+
+    async def running(self) -> dict[str, int]:
+        return {}
+
+
+async def test_a_draining_workload_does_not_hold_back_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DF_MODELS", "emulated")
+    actuator = _SlowDrain()
+    scheduler = LiveScheduler(LiveSettings(pool="slot:12"), Settings(), actuator)
+    running = {"encoder": 1, "dit": 8, "decoder": 3}
+    scheduler.start_changes({"encoder": 1, "dit": 1, "decoder": 3}, running)
+    await asyncio.sleep(0.05)
+    scheduler.start_changes({"encoder": 7, "dit": 1, "decoder": 4}, running)  # the next tick
+    await asyncio.sleep(0.05)
+    assert actuator.applied == [{"dit": 1}, {"encoder": 7}, {"decoder": 4}]  # dit asked once, still draining
+    actuator.drained.set()
+    await asyncio.wait_for(scheduler.settle(), 5)

@@ -79,3 +79,10 @@ def test_samples_from_a_slower_device_are_normalised(profiles: dict[str, CostPro
     for _ in range(30):
         predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=reference / 0.5, jobs=batch), speed=0.5)
     assert predictor.predict("denoise", batch) == pytest.approx(reference, rel=0.02)
+
+
+def test_a_scaled_profile_is_off_by_its_factor_per_stage(profiles: dict[str, CostProfile]) -> None:
+    factors = {"encode": 0.5, "denoise": 1.5, "decode": 2.0}
+    true = Predictor(profiles).job_costs(video(0))
+    off = Predictor({k: p.scaled(factors) for k, p in profiles.items()}).job_costs(video(0))
+    assert off == pytest.approx((0.5 * true[0], 1.5 * true[1], 2.0 * true[2]))
