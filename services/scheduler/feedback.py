@@ -53,8 +53,12 @@ class StageView:
 
     @property
     def utilisation(self) -> float:
-        """Busy fraction of the running instances: those not holding an idle pull."""
-        return 0.0 if self.running <= 0 else min(1.0, max(0.0, 1.0 - self.waiting / self.running))
+        """Busy fraction of the running instances: those not holding an idle pull. A worker
+        between two pull requests holds none, so a stage with nothing queued or in flight (no
+        instance has anything to work on) counts as idle whatever the pulls say."""
+        if self.running <= 0 or self.backlog == 0:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.waiting / self.running))
 
     @property
     def throughput_per_instance(self) -> float:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from disagfusion.protocol import TimingSample
-from services.scheduler.feedback import Feedback
+from services.scheduler.feedback import Feedback, StageView
 from services.scheduler.predictor import CostProfile, Predictor
 
 from .conftest import small_image, video
@@ -88,3 +88,12 @@ def test_long_jobs_are_due_only_in_proportion_to_their_latency_budget(profiles: 
     share = 60.0 / (5.0 * sum(video_costs))
     assert obs.due_work("denoise") == pytest.approx(video_costs[1] * share + image_costs[1])
     assert obs.future_work("denoise") == pytest.approx(video_costs[1] + image_costs[1])
+
+
+def test_utilisation_counts_a_stage_without_work_as_idle_between_pulls() -> None:
+    """Found on the real compose stack: idle workers between two pull requests hold no waiting
+    pull, which read as fully busy and made the threshold policy grow an idle stage."""
+    assert StageView("encode", running=2, waiting=0).utilisation == 0.0
+    assert StageView("encode", running=2, waiting=0, in_flight=2).utilisation == 1.0
+    assert StageView("encode", running=2, waiting=1, in_flight=1).utilisation == 0.5
+    assert StageView("encode", running=0, pending=3).utilisation == 0.0

@@ -34,7 +34,7 @@ def test_lag_only_cannot_exceed_the_pool(settings: SchedulerSettings) -> None:
 def test_threshold_rule_with_cooldown(settings: SchedulerSettings) -> None:
     policy = Threshold(parse_pool("slot:12"), settings)
     start = fleet({"encode": 2, "denoise": 2, "decode": 2})
-    busy = {"running": 2, "waiting": 0}
+    busy = {"running": 2, "waiting": 0, "in_flight": 2}  # busy workers hold their tasks unacked
     idle = {"running": 2, "waiting": 2}
     first = policy.decide(obs(0.0, encode={"pending": 3, **idle}, denoise=busy, decode=idle), start)
     assert per_stage(first) == {"encode": 3, "denoise": 3, "decode": 1}  # queue > 2, util > 80%, util < 20%
