@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
 import nats
 from rich.console import Console
 from rich.table import Table
@@ -57,9 +56,6 @@ from services.scheduler.pool import Allocation, parse_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor
 from services.scheduler.simulation import JobRecord
 from services.scheduler.trace import TraceEntry
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 MODEL = "emulated-elastic"
@@ -188,6 +184,11 @@ def run_live(policy: str, entries: list[TraceEntry], initial: Allocation, oracle
 
 def plot(timelines: dict[str, list[dict]], phase_s: float, path: Path) -> Path:
     """Instances running per service over time (the scheduler's view every 2 s), per policy."""
+    import matplotlib  # the bench extra; `--quick` (which the tests run) draws nothing
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(timelines), 1, figsize=(10, 1.8 * len(timelines)), sharex=True, squeeze=False)
     for ax, (policy, points) in zip(axes[:, 0], timelines.items()):
         for service in ("encoder", "dit", "decoder"):

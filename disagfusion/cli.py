@@ -332,7 +332,7 @@ def profile(
         table.add_row(stage, str(len(samples)), ", ".join(f"{k} {v:.3g}" for k, v in terms.items()),
                       f"{fitted.median_error[stage]:.1%}", f"{fitted.max_error[stage]:.1%}")
     console.print(table)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", soft_wrap=True)  # a path the user may copy: never wrapped
 
 
 @app.command("init-model")
@@ -347,7 +347,7 @@ def init_model(
     if name not in PRESET_WRITERS:
         _fail(f"unknown preset {name!r}; presets: {', '.join(PRESET_WRITERS)}")
     path = init_preset(name, directory)
-    console.print(f"wrote preset {name} to {path}")
+    console.print(f"wrote preset {name} to {path}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------- jobs
@@ -398,7 +398,7 @@ def generate(
         _fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
     output.write_bytes(data)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    console.print(f"wrote {output} ({result.width}x{result.height}); {stages}")
+    console.print(f"wrote {output} ({result.width}x{result.height}); {stages}", soft_wrap=True)
 
 
 def _validation_message(exc: ValidationError) -> str:
