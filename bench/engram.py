@@ -77,12 +77,9 @@ def hasher_config(rows_per_head: int) -> HasherConfig:
 
 def mount_of(directory: Path) -> str:
     """The /proc/mounts line of the filesystem holding ``directory`` (its options show huge=)."""
-    best = ""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        point = line.split()[1]
-        if str(directory.resolve()).startswith(point) and len(point) > len(best.split(" ")[1] if best else ""):
-            best = line
-    return best
+    path = directory.resolve()
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if path.is_relative_to(line.split()[1])]
+    return max(mounts, key=lambda line: len(line.split()[1]), default="")
 
 
 def mapping_pages(path: str) -> dict[str, int]:

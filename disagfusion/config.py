@@ -12,6 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from disagfusion.engram.spec import EngramArenaSpec
 
 
+def comma_list(value: object) -> object:
+    """Comma-separated text (an environment variable, a command-line flag) as its non-empty,
+    stripped items; anything else unchanged. For ``BeforeValidator``s and ``split`` alike."""
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
 """The cost profiles in the source tree (deploy/profiles/); the image copies them elsewhere."""
 
@@ -29,6 +35,12 @@ class Settings(BaseSettings):
     """Runtime cost profiles (``<name>.json``) that emulated presets are written with."""
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
+
+    @property
+    def model_names(self) -> list[str]:
+        """``models`` as a list."""
+        return comma_list(self.models)
+
     device: str = "cpu"
     torch_threads: int = Field(default=0, ge=0)
     """CPU threads per worker for torch (0: torch's default, one per core). Several workers on

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from disagfusion.config import Settings
+from disagfusion.config import Settings, comma_list
 from disagfusion.health import health_age
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
@@ -73,7 +73,7 @@ def interpolate(value: str, environ: dict[str, str] | os._Environ = os.environ) 
 
 def active_profiles() -> set[str]:
     """Compose profiles switched on, read from COMPOSE_PROFILES as docker compose reads it."""
-    return {p.strip() for p in os.environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+    return set(comma_list(os.environ.get("COMPOSE_PROFILES", "")))
 
 
 def load_services(compose_file: Path = COMPOSE_FILE) -> dict[str, ServiceSpec]:

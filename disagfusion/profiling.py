@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
 
-from disagfusion.config import Settings
+from disagfusion.config import Settings, comma_list
 from disagfusion.machine import describe
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel, Tensors
@@ -54,11 +54,6 @@ _COST_SHAPE: dict[str, Callable[[JobSpec], Hashable]] = {
 measured once."""
 
 
-def _items(value: object) -> object:
-    """Comma-separated text (as typed on a command line) as its items."""
-    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
-
-
 def _size(value: object) -> object:
     """``256`` (square) or ``384x256`` (WIDTHxHEIGHT) as (width, height)."""
     if isinstance(value, str):
@@ -67,7 +62,7 @@ def _size(value: object) -> object:
     return (value, value) if isinstance(value, int) else value
 
 
-Values = Annotated[tuple[PositiveInt, ...], Field(min_length=1), BeforeValidator(_items)]
+Values = Annotated[tuple[PositiveInt, ...], Field(min_length=1), BeforeValidator(comma_list)]
 
 
 class Grid(BaseModel):
@@ -78,11 +73,11 @@ class Grid(BaseModel):
 
     sizes: Annotated[
         tuple[Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_size)], ...],
-        Field(min_length=1), BeforeValidator(_items),
+        Field(min_length=1), BeforeValidator(comma_list),
     ] = ((128, 128), (256, 256), (384, 384), (512, 512))
     """(width, height) pairs."""
     steps: Values = (2, 4)
-    guidance: Annotated[tuple[Annotated[float, Field(ge=0)], ...], Field(min_length=1), BeforeValidator(_items)] = (1.0, 4.5)
+    guidance: Annotated[tuple[Annotated[float, Field(ge=0)], ...], Field(min_length=1), BeforeValidator(comma_list)] = (1.0, 4.5)
     """1 runs without classifier-free guidance; above 1 with it (the DiT runs twice per step)."""
     prompt_chars: Values = (16, 240)
     frames: Values = (1,)

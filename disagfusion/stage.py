@@ -87,7 +87,7 @@ class StageWorker:
         self.name = settings.worker_name or (
             f"{SERVICE_OF_STAGE[stage]}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
-        self.model_names = [m.strip() for m in settings.models.split(",") if m.strip()]
+        self.model_names = settings.model_names
         self._load_model = load_model
         self.models: dict[str, StageModel] = {}
         self.transports = Transports(settings)

@@ -2,7 +2,7 @@ import asyncio
 
 import typer
 
-from disagfusion.config import Settings
+from disagfusion.config import Settings, comma_list
 from services.engram_store.store import serve
 
 
@@ -12,7 +12,7 @@ def main(
     ),
 ) -> None:
     settings = Settings()
-    entries = arena or [e.strip() for e in settings.engram_arenas.split(",") if e.strip()]
+    entries = arena or comma_list(settings.engram_arenas)
     asyncio.run(serve(settings, entries))
 
 

@@ -17,11 +17,11 @@ from typing import Annotated
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field
 from pydantic_settings import NoDecode
 
 from disagfusion import bus
-from disagfusion.config import Settings
+from disagfusion.config import Settings, comma_list
 from disagfusion.health import health_path, write_health
 from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, WORK_STREAM, DecodeError, Result, StageTask, TimingSample, unpack
 from disagfusion.scheduler_state import SchedulerStatus, StageState, read_pins, scheduler_bucket, STATUS_KEY
@@ -39,12 +39,16 @@ log = logging.getLogger(__name__)
 STAGE_OF_SERVICE = {service: stage for stage, service in SERVICE_OF_STAGE.items()}
 
 
+CommaPaths = Annotated[list[Path], NoDecode, BeforeValidator(comma_list)]
+"""Paths given as one comma-separated variable (NoDecode: not as JSON)."""
+
+
 class LiveSettings(SchedulerSettings):
     stack_dir: Path = Field(default=Path(".df"), validation_alias=AliasChoices("DF_SCHED_STACK_DIR", "DF_STACK_DIR"))
     """The embedded stack the local actuator scales (the launcher sets DF_STACK_DIR)."""
-    compose_files: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("compose.yaml")])
+    compose_files: CommaPaths = Field(default_factory=lambda: [Path("compose.yaml")])
     """The compose actuator's ``-f`` files, comma-separated, relative to ``compose_dir``."""
-    compose_env_files: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    compose_env_files: CommaPaths = Field(default_factory=list)
     """Its ``--env-file`` files, comma-separated, relative to ``compose_dir``."""
     compose_dir: Path = Path(".")
     """Where the compose files are: the project directory, which deploy/compose.scheduler.yaml
@@ -53,10 +57,6 @@ class LiveSettings(SchedulerSettings):
     latency_window_s: float = Field(default=120.0, gt=0)
     """Results this recent make the published throughput and latency percentiles."""
 
-    @field_validator("compose_files", "compose_env_files", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 @dataclass
@@ -112,7 +112,7 @@ class LiveScheduler:
     def __init__(self, settings: LiveSettings, runtime: Settings, actuator: Actuator, policy: Policy | None = None):
         self.settings, self.runtime, self.actuator = settings, runtime, actuator
         self.pool = parse_pool(settings.pool)
-        self.models = [m.strip() for m in runtime.models.split(",") if m.strip()]
+        self.models = runtime.model_names
         self.predictor = Predictor(live_profiles(settings.profiles_dir, runtime))
         self.feedback = Feedback(self.predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.latency = LatencyWindow(settings.latency_window_s)

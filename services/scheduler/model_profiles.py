@@ -71,7 +71,7 @@ def runtime_profile(model: str, settings: Settings) -> RuntimeProfile | None:
 def live_profiles(directory: Path, settings: Settings) -> dict[str, CostProfile]:
     profiles = scheduler_profiles(directory)
     known = {m for p in profiles.values() for m in p.models}
-    for model in filter(None, (m.strip() for m in settings.models.split(","))):
+    for model in settings.model_names:
         runtime = runtime_profile(model, settings) if model not in known else None
         if runtime is not None:
             profiles[f"runtime-{model}"] = CostProfile(
