@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from python_on_whales import DockerClient
-from python_on_whales.exceptions import DockerException
+from python_on_whales.exceptions import DockerException, NoSuchContainer
 from typer.testing import CliRunner
 
 from disagfusion.cli import app
@@ -73,10 +73,21 @@ class ComposeStack:
 
     def health(self, service: str) -> list[str]:
         """Health of each container of a service: "healthy", "starting" or "unhealthy"."""
-        return [c.state.health.status for c in self.docker.compose.ps(services=[service]) if c.state.health]
+        return [state.health.status for state in self._states(service, all=False) if state.health]
 
     def running(self, service: str) -> int:
-        return sum(c.state.running for c in self.docker.compose.ps(services=[service], all=True))
+        return sum(state.running for state in self._states(service, all=True))
+
+    def _states(self, service: str, all: bool) -> list:
+        """The service's containers' states; one removed between listing and inspecting (a
+        drained replica the scheduler takes away) is simply gone."""
+        states = []
+        for container in self.docker.compose.ps(services=[service], all=all):
+            try:
+                states.append(container.state)
+            except NoSuchContainer:
+                pass
+        return states
 
     def options(self) -> list[str]:
         """The CLI's options that name this project: `disagfusion scale ... *stack.options()`."""
