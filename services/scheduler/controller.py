@@ -48,7 +48,7 @@ class Controller:
                 ready = capacity(fleet.running, self.pool, stage)
                 # Work piles up at the current capacity until new instances pull: plan for it now.
                 wait = fleet.ready_in.get(stage) or s.startup_s.get(stage, 0.0)
-                queued = obs.due_work(stage) if s.deadline_aware else obs.future_work(stage)
+                queued = obs.waiting_work(stage, due=s.deadline_aware)
                 backlog = queued + max(0.0, arriving - ready) * wait
                 need += backlog / s.horizon_s
             needs[stage] = need
@@ -133,21 +133,20 @@ class Controller:
         return {stage: {name: n for name, n in by.items() if n > 0} for stage, by in held.items()}
 
     def keep_or_change(self, needs: dict[str, float], raw: Allocation, pins: dict[str, int]) -> Allocation:
-        """Hysteresis when the pool is full: keep the last placement unless the new one serves the
-        stage furthest below its need better by more than ``switch_margin``. Without it, needs that sit near a tie
-        (arrival rates are noisy over a tick) flip an instance between two stages every tick,
-        and every flip cancels the instance that was starting, so neither ever serves."""
-        last, self._last = self._last, (raw, dict(pins))
+        """Hysteresis when the pool is full: keep the last decision unless the new placement serves
+        the stage furthest below its need better by more than ``switch_margin``. Without it, needs
+        that sit near a tie (arrival rates are noisy over a tick) flip an instance between two
+        stages every tick, and every flip cancels the instance that was starting, so neither ever
+        serves. The comparison is with what was decided (and deployed), not with the last raw
+        placement: a raw placement the hysteresis kept out never served anyone."""
+        last = self._last
         if last is None or last[1] != pins or not (self._fills_pool(last[0]) and self._fills_pool(raw)):
             return raw  # a placement that leaves slots free is driven by need alone (stabilise holds it)
 
         def served(allocation: Allocation) -> float:
             return min((capacity(allocation, self.pool, s) / n for s, n in needs.items() if n > 0), default=0.0)
 
-        if served(last[0]) >= (1.0 - self.settings.switch_margin) * served(raw):
-            self._last = last
-            return last[0]
-        return raw
+        return last[0] if served(last[0]) >= (1.0 - self.settings.switch_margin) * served(raw) else raw
 
     def _fills_pool(self, allocation: Allocation) -> bool:
         return sum(per_class(allocation).values()) == self.pool.total
@@ -156,5 +155,7 @@ class Controller:
         pins = pins or {}
         needs = self.need(obs, fleet)
         raw = self.keep_or_change(needs, self.place(needs, pins), pins)
-        return self.stabilise(obs.t, raw, pins, fleet)
+        decided = self.stabilise(obs.t, raw, pins, fleet)
+        self._last = (decided, dict(pins))
+        return decided
 

@@ -52,6 +52,11 @@ class StageView:
         return self.pending + self.in_flight
 
     @property
+    def held_fraction(self) -> float:
+        """Of the tasks at this stage, the part its instances hold (delivered, not yet acked)."""
+        return self.in_flight / self.backlog if self.backlog else 0.0
+
+    @property
     def utilisation(self) -> float:
         """Busy fraction of the running instances: those not holding an idle pull. A worker
         between two pull requests holds none, so a stage with nothing queued or in flight (no
@@ -80,6 +85,16 @@ class Observation:
         """Of ``future_work``, what is due within the drain horizon."""
         upto = STAGES.index(stage)
         return sum(self.stages[u].queued_due.get(stage, 0.0) for u in STAGES[: upto + 1])
+
+    def waiting_work(self, stage: str, due: bool = True) -> float:
+        """Of ``due_work`` (or all of ``future_work``), what no instance of ``stage`` holds yet:
+        the work its own instances hold is served by the capacity they occupy, which the
+        arrival term already provisions; only what waits needs more. Work held upstream (an
+        encoder's batch) still waits for this stage."""
+        view = self.stages[stage]
+        queued = view.queued_due if due else view.queued_work
+        total = self.due_work(stage) if due else self.future_work(stage)
+        return total - queued.get(stage, 0.0) * view.held_fraction
 
 
 def consumer_counts(view: StageView, info: ConsumerCounts) -> None:

@@ -142,3 +142,16 @@ def test_near_tied_needs_do_not_move_an_instance_back_and_forth(settings: Schedu
     calm = run_ticks(Controller(POOL, settings.model_copy(update={"switch_margin": 0.05, "stabilisation_s": 0.0})), start, ticks)
     assert len({d["encode"] for d in eager}) == 2  # without hysteresis it flips
     assert len({d["encode"] for d in calm}) == 1, calm
+
+
+def test_hysteresis_compares_with_the_fleet_it_decided(settings: SchedulerSettings) -> None:
+    # The first tick sees no arrivals yet: its raw placement is the minimums, while the decision
+    # (held by stabilisation) is the full fleet found running. A near-tie placement next must be
+    # weighed against that fleet, not against the minimums that never ran.
+    start = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
+    near_tie = {"encode": 1.02, "denoise": 8.3, "decode": 1.3}
+    ticks = [observe(0.0), observe(1.0, incoming=near_tie), observe(2.0, incoming=near_tie)]
+    calm = Controller(POOL, settings.model_copy(update={"switch_margin": 0.05, "stabilisation_s": 0.0}))
+    assert run_ticks(calm, start, ticks) == [{"encode": 2, "denoise": 8, "decode": 2}] * 3
+    eager = Controller(POOL, settings.model_copy(update={"switch_margin": 0.0, "stabilisation_s": 0.0}))
+    assert run_ticks(eager, start, ticks)[-1] != {"encode": 2, "denoise": 8, "decode": 2}

@@ -97,3 +97,24 @@ def test_utilisation_counts_a_stage_without_work_as_idle_between_pulls() -> None
     assert StageView("encode", running=2, waiting=0, in_flight=2).utilisation == 1.0
     assert StageView("encode", running=2, waiting=1, in_flight=1).utilisation == 0.5
     assert StageView("encode", running=0, pending=3).utilisation == 0.0
+
+
+def test_work_a_stage_holds_is_not_waiting_for_more_of_it(profiles: dict[str, CostProfile]) -> None:
+    predictor = Predictor(profiles)
+    feedback = Feedback(predictor)
+    for n in range(4):
+        feedback.on_enqueue("encode", video(n))
+    for n in range(4, 8):
+        feedback.on_enqueue("encode", video(n))
+    for n in range(4):  # four left the encoder and sit at the DiT: one held, three waiting
+        feedback.on_sample(TimingSample(stage="encode", model=video(n).model, worker="w", batch=1, seconds=1.0, jobs=[video(n)]))
+        feedback.on_enqueue("denoise", video(n))
+    feedback.on_consumer_info("encode", Info(num_pending=2, num_ack_pending=2, num_waiting=0))
+    feedback.on_consumer_info("denoise", Info(num_pending=3, num_ack_pending=1, num_waiting=0))
+    obs = feedback.snapshot(0.0, {"encode": 2, "denoise": 1, "decode": 1})
+    encode, denoise, decode = predictor.job_costs(video(0))
+    # The DiT's own held job is being served; the encoder's held jobs still wait for the DiT.
+    assert obs.future_work("denoise") == pytest.approx(8 * denoise)
+    assert obs.waiting_work("denoise", due=False) == pytest.approx(7 * denoise)
+    assert obs.waiting_work("encode", due=False) == pytest.approx(2 * encode)
+    assert obs.waiting_work("decode", due=False) == pytest.approx(8 * decode)
