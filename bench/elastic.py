@@ -54,7 +54,7 @@ from services.scheduler.planner import oracle_schedule, phase_metrics, simulate
 from services.scheduler.policies import Scheduled, make_policy
 from services.scheduler.pool import Allocation, parse_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor
-from services.scheduler.simulation import JobRecord
+from services.scheduler.simulation import JobRecord, SharedStartup
 from services.scheduler.trace import TraceEntry
 
 BENCH = Path(__file__).resolve().parent
@@ -81,6 +81,10 @@ PHASES = [
 # to report healthy); switch_margin damps the noisier arrival averages of 1 s ticks and 4 s tau.
 SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=4.0, threshold_cooldown_s=5.0,
                 switch_margin=0.05, startup_s={"encode": 8.5, "denoise": 8.5, "decode": 8.5})
+# How start-up behaves here, for the simulation: bench/startup.py measured one process alone
+# ready in 1.5-1.9 s and six started at once all ready after 6.2 s (median), i.e. each needs about
+# 2.1 s of one of the 2 cores (mostly importing torch), so ten at once take about 10 s.
+SHARED_STARTUP = SharedStartup(alone_s=1.7, cpu_s=2.1, cores=2)
 SCHEDULER_ENV = {
     "DF_SCHED_TICK_S": "1", "DF_SCHED_HORIZON_S": "10", "DF_SCHED_STABILISATION_S": "10",
     "DF_SCHED_ARRIVAL_TAU_S": "4", "DF_SCHED_THRESHOLD_COOLDOWN_S": "5", "DF_SCHED_SWITCH_MARGIN": "0.05",
@@ -240,7 +244,8 @@ def main() -> None:
     rows, timelines, load_avg = [], {}, {}
     for name in POLICIES:
         policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
-        result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed)
+        result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed,
+                                                shared_startup=SHARED_STARTUP)
         rows += rows_of(name, "simulated", result.jobs, sim_truth)
     with tempfile.TemporaryDirectory(prefix="df-elastic-") as tmp:
         work = Path(tmp)

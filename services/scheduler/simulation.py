@@ -33,6 +33,22 @@ class BatchLimits:
     """DiT and decoder batches hold at most this many megapixel-frames (a video is alone)."""
 
 
+@dataclass(frozen=True)
+class SharedStartup:
+    """Start-up that competes for one host's CPU, as on the emulated fleet of bench/elastic.py
+    where every stage process starts on one machine and spends its start-up importing torch:
+    one instance alone is ready after ``alone_s``; ``k`` starting at once share ``cores`` and are
+    ready after ``k x cpu_s / cores``, whichever is longer. An accelerator fleet (an instance
+    per device, weights loaded in parallel) has none of this and uses ``startup_s`` as is."""
+
+    alone_s: float
+    cpu_s: float
+    cores: int
+
+    def seconds(self, starting: int) -> float:
+        return max(self.alone_s, starting * self.cpu_s / self.cores)
+
+
 @dataclass
 class JobRecord:
     spec: JobSpec
@@ -94,6 +110,7 @@ class Simulation:
         redeliver_after_s: float = 30.0,
         max_time: float | None = None,
         observe: bool = True,
+        shared_startup: SharedStartup | None = None,
     ):
         self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
         self.predictor = predictor
@@ -103,6 +120,7 @@ class Simulation:
         self.feedback = Feedback(predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.redeliver_after_s = redeliver_after_s
         self.max_time = max_time
+        self.shared_startup = shared_startup
         self.observe = observe
         """False for policies that ignore observations (static ones): the search for the oracle
         runs many simulations and need not feed the scheduler's predictor."""
@@ -296,6 +314,12 @@ class Simulation:
             TimelinePoint(self.now, running, {s: sum(desired.get(s, {}).values()) for s in STAGES})
         )
 
+    def _startup_s(self, stage: str) -> float:
+        if self.shared_startup is None:
+            return self.settings.startup_s.get(stage, 0.0)
+        starting = sum(1 for i in self.instances if i.starting and not i.gone)
+        return self.shared_startup.seconds(starting + 1)
+
     def _apply(self, desired: Allocation, startup: bool) -> None:
         """Reconcile like a Deployment controller: start what is missing, drain what is extra
         (starting ones are cancelled first, then idle ones; busy ones finish their batch)."""
@@ -304,7 +328,7 @@ class Simulation:
                 want = desired.get(stage, {}).get(c.name, 0)
                 mine = [i for i in self.instances if i.stage == stage and i.device.name == c.name and not i.gone and not i.draining]
                 for _ in range(want - len(mine)):
-                    wait = self.settings.startup_s.get(stage, 0.0) if startup else 0.0
+                    wait = self._startup_s(stage) if startup else 0.0
                     instance = Instance(next(self._ids), stage, c, self.now + wait)
                     self.instances.append(instance)
                     self.instance_starts += 1

@@ -11,6 +11,7 @@ from services.scheduler.planner import simulate
 from services.scheduler.policies import Scheduled
 from services.scheduler.pool import parse_pool
 from services.scheduler.predictor import CostProfile
+from services.scheduler.simulation import SharedStartup
 
 from .conftest import small_image, steady, video
 
@@ -87,3 +88,20 @@ def test_a_pin_holds_in_the_running_fleet_until_released(profiles: dict[str, Cos
     assert all(p.running["denoise"] == 3 for p in result.timeline if 60.0 <= p.t < 100.0)  # drained down
     assert max(p.desired["denoise"] for p in result.timeline if p.t >= 100.0) >= 8  # released: back to the need
     assert all(not math.isnan(r.done) for r in result.jobs)
+
+
+def test_instances_starting_together_share_the_host(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    """bench/elastic.py's fleet starts every process on one 2-core machine: six at once take
+    three times as long as two."""
+    shared = SharedStartup(alone_s=1.5, cpu_s=2.0, cores=2)
+    assert shared.seconds(1) == 1.5 and shared.seconds(2) == 2.0 and shared.seconds(6) == 6.0
+    trace = steady(small_image, 2.0, 0.0, 30.0)
+    few = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
+    ready = {}
+    for grow in (1, 5):
+        more = {"encode": {"slot": 1}, "denoise": {"slot": 1 + grow}, "decode": {"slot": 1}}
+        policy = Scheduled("grow", [(0.0, few), (5.0, more)])
+        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=few, shared_startup=shared)
+        ready[grow] = next(p.t for p in result.timeline if p.running["denoise"] == 1 + grow)
+    assert ready[1] - 5.0 <= settings.tick_s + 2.0
+    assert ready[5] - 5.0 >= 5.0
