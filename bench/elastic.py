@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from disagfusion.client import Client
+from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
 from disagfusion.profiles import CostProfile as RuntimeProfile
@@ -54,7 +55,7 @@ from services.scheduler.planner import oracle_schedule, phase_metrics, simulate
 from services.scheduler.policies import Scheduled, make_policy
 from services.scheduler.pool import Allocation, parse_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor
-from services.scheduler.simulation import JobRecord, SharedStartup
+from services.scheduler.simulation import BatchLimits, JobRecord, SharedStartup
 from services.scheduler.trace import TraceEntry
 
 BENCH = Path(__file__).resolve().parent
@@ -85,6 +86,17 @@ SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=
 # ready in 1.5-1.9 s and six started at once all ready after 6.2 s (median), i.e. each needs about
 # 2.1 s of one of the 2 cores (mostly importing torch), so ten at once take about 10 s.
 SHARED_STARTUP = SharedStartup(alone_s=1.7, cpu_s=2.1, cores=2)
+
+
+def live_worker_limits() -> tuple[BatchLimits, int]:
+    """The stage workers' batching and fetching ahead (DF_MAX_BATCH, DF_MAX_IN_FLIGHT; the
+    bench leaves both at their defaults), for the simulation to run the fleet the live run runs:
+    batches of ``max_batch`` and the rest of the in-flight jobs held behind them."""
+    worker = Settings()
+    in_flight = max(worker.max_in_flight, 2 * worker.max_batch)  # as disagfusion.stage sizes it
+    return BatchLimits(jobs=dict.fromkeys(("encode", "denoise", "decode"), worker.max_batch)), in_flight - worker.max_batch
+
+
 SCHEDULER_ENV = {
     "DF_SCHED_TICK_S": "1", "DF_SCHED_HORIZON_S": "10", "DF_SCHED_STABILISATION_S": "10",
     "DF_SCHED_ARRIVAL_TAU_S": "4", "DF_SCHED_THRESHOLD_COOLDOWN_S": "5", "DF_SCHED_SWITCH_MARGIN": "0.05",
@@ -242,10 +254,11 @@ def main() -> None:
                   + "; ".join(str(services_of(a)) for _, a in oracle))
     static = oracle[0][1]
     rows, timelines, load_avg = [], {}, {}
+    limits, holds = live_worker_limits()
     for name in POLICIES:
         policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
         result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed,
-                                                shared_startup=SHARED_STARTUP)
+                                                shared_startup=SHARED_STARTUP, limits=limits, holds=holds)
         rows += rows_of(name, "simulated", result.jobs, sim_truth)
     with tempfile.TemporaryDirectory(prefix="df-elastic-") as tmp:
         work = Path(tmp)

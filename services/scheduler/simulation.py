@@ -66,6 +66,8 @@ class Instance:
     starting: bool = True
     batch: list[JobRecord] = field(default_factory=list)
     batch_seconds: float = 0.0
+    held: deque[JobRecord] = field(default_factory=deque)
+    """Jobs fetched ahead of the batch running (see ``Simulation.holds``)."""
     draining: bool = False
     gone: bool = False
 
@@ -111,6 +113,7 @@ class Simulation:
         max_time: float | None = None,
         observe: bool = True,
         shared_startup: SharedStartup | None = None,
+        holds: int = 0,
     ):
         self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
         self.predictor = predictor
@@ -121,6 +124,11 @@ class Simulation:
         self.redeliver_after_s = redeliver_after_s
         self.max_time = max_time
         self.shared_startup = shared_startup
+        self.holds = holds
+        """Jobs a busy instance fetches ahead, as the live stage worker does (``max_in_flight``
+        less its batch): JetStream may hand a task to a busy instance's pull while another
+        instance idles, the task then waits behind the running batch, and a draining instance
+        finishes what it holds. 0: instances pull only when idle."""
         self.observe = observe
         """False for policies that ignore observations (static ones): the search for the oracle
         runs many simulations and need not feed the scheduler's predictor."""
@@ -209,27 +217,39 @@ class Simulation:
         jitter = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise else 1.0
         return base * jitter / device.speed_for(stage)
 
-    def _take_batch(self, stage: str, idle_count: int) -> list[JobRecord]:
-        queue = self.queues[stage]
-        first = queue.popleft()
+    def _take_batch(self, stage: str, source: deque[JobRecord], sharers: int) -> list[JobRecord]:
+        first = source.popleft()
         batch = [first]
         # Share what waits among the idle instances instead of one instance taking it all.
-        limit = min(self.limits.jobs[stage], max(1, math.ceil((len(queue) + 1) / idle_count)))
+        limit = min(self.limits.jobs[stage], max(1, math.ceil((len(source) + 1) / sharers)))
         key = first.spec.shape_key
         unit = first.spec.height * first.spec.width * first.spec.frames / 1e6
         if stage != "encode":
             limit = min(limit, max(1, int(self.limits.mpx // unit)))
-        while queue and len(batch) < limit and queue[0].spec.shape_key == key:
-            batch.append(queue.popleft())
+        while source and len(batch) < limit and source[0].spec.shape_key == key:
+            batch.append(source.popleft())
         return batch
+
+    def _start(self, instance: Instance, batch: list[JobRecord]) -> None:
+        instance.batch = batch
+        instance.batch_seconds = self._service_time(instance.stage, batch, instance.device)
+        self._push(self.now + instance.batch_seconds, "done", instance)
 
     def _dispatch(self, stage: str) -> None:
         idle, queue = self.idle[stage], self.queues[stage]
-        while idle and queue:
-            instance = idle.pop()
-            instance.batch = self._take_batch(stage, len(idle) + 1)
-            instance.batch_seconds = self._service_time(stage, instance.batch, instance.device)
-            self._push(self.now + instance.batch_seconds, "done", instance)
+        while queue:
+            ahead = [
+                i for i in self.instances
+                if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
+            ] if self.holds else []
+            # Idle instances and busy ones with room each have a pull waiting; JetStream serves one.
+            if ahead and self.rng.randrange(len(idle) + len(ahead)) >= len(idle):
+                self.rng.choice(ahead).held.append(queue.popleft())
+            elif idle:
+                instance = idle.pop()
+                self._start(instance, self._take_batch(stage, queue, len(idle) + 1))
+            else:
+                break
 
     def _finish(self, instance: Instance) -> None:
         if instance.gone:
@@ -243,11 +263,14 @@ class Simulation:
                 record.done = self.now
             else:
                 self._enqueue(following, record)
-        if instance.draining:
+        if instance.held:
+            self._start(instance, self._take_batch(instance.stage, instance.held, 1))
+        elif instance.draining:
             instance.gone = True
+            return
         else:
             self.idle[instance.stage].append(instance)
-            self._dispatch(instance.stage)
+        self._dispatch(instance.stage)
 
     def _report(self, instance: Instance, batch: list[JobRecord]) -> None:
         """What a worker publishes on df.metrics.<stage>, handed to the scheduler's predictor."""
@@ -272,7 +295,7 @@ class Simulation:
         self._dispatch(instance.stage)
 
     def _kill(self, stage: str) -> None:
-        """An instance dies: its batch goes back to the queue once JetStream's AckWait expires."""
+        """An instance dies: what it held goes back to the queue once JetStream's AckWait expires."""
         alive = [i for i in self.instances if i.stage == stage and not i.gone and not i.starting]
         if not alive:
             return
@@ -280,10 +303,11 @@ class Simulation:
         victim.gone = True
         if victim in self.idle[stage]:
             self.idle[stage].remove(victim)
-        if victim.batch:
-            self.redelivered += len(victim.batch)
-            self._push(self.now + self.redeliver_after_s, "redeliver", (stage, victim.batch))
-            victim.batch = []
+        lost = victim.batch + list(victim.held)
+        victim.batch, victim.held = [], deque()
+        if lost:
+            self.redelivered += len(lost)
+            self._push(self.now + self.redeliver_after_s, "redeliver", (stage, lost))
 
     # -- the scheduler tick ----------------------------------------------------------------
 
@@ -302,7 +326,7 @@ class Simulation:
     def _tick(self) -> None:
         self.instances = [i for i in self.instances if not i.gone]
         for stage in STAGES:
-            in_flight = sum(len(i.batch) for i in self.instances if i.stage == stage)
+            in_flight = sum(len(i.batch) + len(i.held) for i in self.instances if i.stage == stage)
             self.feedback.on_consumer_info(stage, _Counts(len(self.queues[stage]), in_flight, len(self.idle[stage])))
         fleet = self.fleet()
         running = {s: sum(fleet.running[s].values()) for s in STAGES}

@@ -11,7 +11,7 @@ from services.scheduler.planner import simulate
 from services.scheduler.policies import Scheduled
 from services.scheduler.pool import parse_pool
 from services.scheduler.predictor import CostProfile
-from services.scheduler.simulation import SharedStartup
+from services.scheduler.simulation import BatchLimits, SharedStartup
 
 from .conftest import small_image, steady, video
 
@@ -105,3 +105,29 @@ def test_instances_starting_together_share_the_host(profiles: dict[str, CostProf
         ready[grow] = next(p.t for p in result.timeline if p.running["denoise"] == 1 + grow)
     assert ready[1] - 5.0 <= settings.tick_s + 2.0
     assert ready[5] - 5.0 >= 5.0
+
+
+def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    """``holds`` models the live worker's fetching ahead: a held job waits behind its instance's
+    running job even while another instance idles, a draining instance finishes it, and a dead
+    one's come back after AckWait."""
+    one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
+    trace = steady(video, 0.12, 0.0, 200.0)
+    many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
+    few = {"encode": {"slot": 1}, "denoise": {"slot": 2}, "decode": {"slot": 1}}
+
+    def run(holds: int) -> tuple[list[float], int]:
+        policy = Scheduled("step-down", [(0.0, many), (60.0, few)])
+        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many, limits=one, holds=holds)
+        assert len(result.jobs) == len(trace) and all(not math.isnan(r.done) for r in result.jobs)
+        return [r.done - r.arrived for r in result.jobs], result.redelivered
+
+    alone, redelivered = run(0)
+    ahead, redelivered_ahead = run(3)
+    assert redelivered == redelivered_ahead == 0
+    assert max(ahead) > max(alone)
+    busy = steady(video, 0.5, 0.0, 60.0)  # more than two DiTs serve: each holds jobs ahead
+    result, _, _ = simulate(busy, POOL, Scheduled("few", [(0.0, few)]), profiles, settings, initial=few, limits=one,
+                            holds=3, kills=[(40.0, "denoise")])
+    assert result.redelivered >= 2  # the running job and those held behind it
+    assert all(not math.isnan(r.done) for r in result.jobs)
