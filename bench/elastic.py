@@ -19,7 +19,9 @@ Policies: static (the oracle's phase-1 allocation), lag, threshold, predictor, h
 oracle (the planner's best static allocation per phase, found by search in simulation and set
 live at each phase start through scheduler pins). Per policy and phase: throughput, p95_s, slo
 (latency within 5x the unloaded time). Simulated vs live throughput agreement is reported for
-every policy run live.
+every policy run live; the simulation runs the fleet as it runs here (batches of one, the jobs
+each worker fetches ahead, start-up sharing the machine's two cores) and its figures are the
+mean of ``--sim-seeds`` simulations of the trace.
 
 Reproduce: PYTHONPATH=. python bench/elastic.py [--quick] [--phase-s 30] [--policies hybrid,static]
 Ends with one JSON line.
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -234,13 +237,28 @@ def rows_of(policy: str, mode: str, records: list[JobRecord], truth: Predictor) 
     return rows
 
 
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per phase, the mean of several simulations' rows, and their throughputs' relative spread."""
+    rows = []
+    for phase_rows in zip(*runs):
+        row = dict(phase_rows[0])
+        for key, digits in (("throughput", 4), ("p95_s", 2), ("slo", 4)):
+            row[key] = round(statistics.mean(r[key] for r in phase_rows), digits)
+        throughputs = [r["throughput"] for r in phase_rows]
+        spread = statistics.stdev(throughputs) / row["throughput"] if len(throughputs) > 1 and row["throughput"] else 0.0
+        row["sim_runs"], row["throughput_rel_sd"] = len(phase_rows), round(spread, 3)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="15 s phases, hybrid only live (under 3 minutes)")
     parser.add_argument("--phase-s", type=float, default=None)
     parser.add_argument("--policies", default=None, help="policies to run live, comma-separated (default: all)")
     parser.add_argument("--load", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the trace's seed")
+    parser.add_argument("--sim-seeds", type=int, default=5, help="simulations of the trace averaged per policy")
     args = parser.parse_args()
     console = Console(stderr=True)
     phase_s = args.phase_s or (15.0 if args.quick else 40.0)
@@ -256,10 +274,15 @@ def main() -> None:
     rows, timelines, load_avg = [], {}, {}
     limits, holds = live_worker_limits()
     for name in POLICIES:
-        policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
-        result, predictor, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=args.seed,
-                                                shared_startup=SHARED_STARTUP, limits=limits, holds=holds)
-        rows += rows_of(name, "simulated", result.jobs, sim_truth)
+        # The simulation is random too (service-time noise, which pull JetStream serves): its
+        # figure is the mean over --sim-seeds runs of the same trace, with their spread.
+        runs = []
+        for sim_seed in range(args.sim_seeds):
+            policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
+            result, _, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=sim_seed,
+                                            shared_startup=SHARED_STARTUP, limits=limits, holds=holds)
+            runs.append(rows_of(name, "simulated", result.jobs, sim_truth))
+        rows += mean_rows(runs)
     with tempfile.TemporaryDirectory(prefix="df-elastic-") as tmp:
         work = Path(tmp)
         write_model(work / "models" / MODEL, PIXART_SIGMA_GEOMETRY, ELASTIC_PROFILE)
