@@ -50,7 +50,7 @@ from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
 from disagfusion.profiles import CostProfile as RuntimeProfile
 from disagfusion.profiles import StageCost
-from disagfusion.protocol import SERVICE_OF_STAGE, JobSpec, Result, unpack
+from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.model_profiles import from_runtime
@@ -96,8 +96,7 @@ def live_worker_limits() -> tuple[BatchLimits, int]:
     bench leaves both at their defaults), for the simulation to run the fleet the live run runs:
     batches of ``max_batch`` and the rest of the in-flight jobs held behind them."""
     worker = Settings()
-    in_flight = max(worker.max_in_flight, 2 * worker.max_batch)  # as disagfusion.stage sizes it
-    return BatchLimits(jobs=dict.fromkeys(("encode", "denoise", "decode"), worker.max_batch)), in_flight - worker.max_batch
+    return BatchLimits(jobs=dict.fromkeys(STAGES, worker.max_batch)), worker.jobs_in_flight - worker.max_batch
 
 
 SCHEDULER_ENV = {

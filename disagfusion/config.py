@@ -36,11 +36,6 @@ class Settings(BaseSettings):
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
 
-    @property
-    def model_names(self) -> list[str]:
-        """``models`` as a list."""
-        return comma_list(self.models)
-
     device: str = "cpu"
     torch_threads: int = Field(default=0, ge=0)
     """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
@@ -115,3 +110,14 @@ class Settings(BaseSettings):
     engram_blocks: str = ""
     """``layer:block`` pairs (``0:0,1:2``): which text-encoder block each Engram layer of the
     arena feeds. Empty: Engram layer i feeds block i."""
+
+    @property
+    def model_names(self) -> list[str]:
+        """``models`` as a list."""
+        return comma_list(self.models)
+
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs a stage worker holds at once, from fetch to ack: one with the sync pipeline,
+        else ``max_in_flight`` raised to two batches (one computing, one being fetched)."""
+        return 1 if self.pipeline == "sync" else max(self.max_in_flight, 2 * self.max_batch)

@@ -94,8 +94,7 @@ class StageWorker:
         self._stopping = asyncio.Event()
         self._held: dict[int, Msg] = {}
         """Messages taken and not yet acked, termed or handed back (keyed by id: Msg is unhashable)."""
-        in_flight = 1 if settings.pipeline == "sync" else max(settings.max_in_flight, 2 * settings.max_batch)
-        self._slots = asyncio.Semaphore(in_flight)
+        self._slots = asyncio.Semaphore(settings.jobs_in_flight)
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)

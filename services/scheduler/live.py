@@ -58,7 +58,6 @@ class LiveSettings(SchedulerSettings):
     """Results this recent make the published throughput and latency percentiles."""
 
 
-
 @dataclass
 class _Counts:
     """Consumer counts summed over the models of one stage."""

@@ -102,9 +102,7 @@ def test_utilisation_counts_a_stage_without_work_as_idle_between_pulls() -> None
 def test_work_a_stage_holds_is_not_waiting_for_more_of_it(profiles: dict[str, CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor)
-    for n in range(4):
-        feedback.on_enqueue("encode", video(n))
-    for n in range(4, 8):
+    for n in range(8):
         feedback.on_enqueue("encode", video(n))
     for n in range(4):  # four left the encoder and sit at the DiT: one held, three waiting
         feedback.on_sample(TimingSample(stage="encode", model=video(n).model, worker="w", batch=1, seconds=1.0, jobs=[video(n)]))
