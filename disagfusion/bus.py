@@ -12,11 +12,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from disagfusion.config import Settings
-from disagfusion.protocol import OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, work_subject
+from disagfusion.protocol import HANDBACKS_BUCKET, OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, work_subject
 
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
@@ -91,6 +92,22 @@ async def outputs_bucket(js: JetStreamContext) -> ObjectStore:
             return await js.create_object_store(OUTPUTS_BUCKET)
         except BadRequestError:
             return await js.object_store(OUTPUTS_BUCKET)
+
+
+HANDBACK_TTL_S = 24 * 3600.0
+"""A hand-back is remembered this long; a task queued longer counts it as a failed delivery."""
+
+
+async def handbacks_bucket(js: JetStreamContext) -> KeyValue:
+    """How often a draining worker handed each task back (key ``<job_id>.<stage>``). Those
+    redeliveries are not failures, so they do not count against ``max_deliver``."""
+    try:
+        return await js.key_value(HANDBACKS_BUCKET)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=HANDBACKS_BUCKET, history=1, ttl=HANDBACK_TTL_S)
+        except BadRequestError:
+            return await js.key_value(HANDBACKS_BUCKET)
 
 
 def consumer_name(stage: str, model: str) -> str:

@@ -140,7 +140,8 @@ def scale_services(
     env_file: EnvFiles = [],
 ) -> None:
     """Set the replicas of each named service, on the embedded stack or docker compose.
-    Scaling down drains: a stopped replica finishes what it holds; nothing is lost.
+    Scaling down drains: a stopped replica finishes its batch and hands back the jobs it has not
+    started; nothing is lost.
     While a scheduler runs, a stage service's count is pinned: the scheduler keeps it until
     ``disagfusion scale --release SERVICE`` (or ``--release`` for every pin)."""
     deployment = _deployment(data_dir, compose_file, project_name, env_file)

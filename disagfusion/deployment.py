@@ -3,7 +3,8 @@
 ``disagfusion scale`` and ``status`` (and the scheduler's actuators) talk to a ``Deployment``
 and need not know how the services run. Both kinds drain on scale-down: the launcher sends
 SIGTERM and waits; docker compose stops surplus containers with SIGTERM and waits
-``stop_grace_period`` (compose.yaml), during which a stage finishes and acks what it holds.
+``stop_grace_period`` (compose.yaml), during which a stage finishes and acks its batch (the jobs
+it fetched ahead it hands back at once).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ SERVICE_OF_STAGE = {"encode": "encoder", "denoise": "dit", "decode": "decoder"}
 WORK_STREAM = "DF_WORK"
 RESULTS_STREAM = "DF_RESULTS"
 OUTPUTS_BUCKET = "DF_OUTPUTS"
+HANDBACKS_BUCKET = "DF_HANDBACKS"
 
 # Model names become one NATS subject token, so they may not contain dots, spaces or wildcards.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -18,7 +18,9 @@ redelivered and replayed. Publishes carry ``Nats-Msg-Id = <job_id>:<stage>`` so 
 harmless. Bad input (undecodable message, invalid spec, missing blob, too many deliveries)
 ends in an error result and a terminated message, never a redelivery loop.
 
-SIGTERM/SIGINT drain the worker: it stops pulling, finishes what it holds, acks, exits.
+SIGTERM/SIGINT drain the worker: it stops pulling, finishes and acks the batch it is running,
+hands back (nak) the jobs it fetched ahead but has not started, so that the instances that stay
+start them at once, and exits.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from disagfusion import bus
 from disagfusion.config import Settings
@@ -99,6 +103,7 @@ class StageWorker:
         self._carried: list[Job] = []
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
+        self._handbacks: KeyValue | None = None
 
     @property
     def js(self):
@@ -115,6 +120,7 @@ class StageWorker:
         for name in self.model_names:
             self.models[name] = await asyncio.to_thread(self._load_model, name, self.stage, self.settings)
         self._bus = await bus.connect(self.settings, self.name)
+        self._handbacks = await bus.handbacks_bucket(self.js)
         await self.setup()
         fetchers = []
         for name in self.model_names:
@@ -146,7 +152,8 @@ class StageWorker:
         """Hook for services that need more than the stage consumers (called once connected)."""
 
     async def _drain(self) -> None:
-        """Wait for held jobs to finish; hand back whatever outlasts the drain timeout."""
+        """Wait for the running batch to be sent and the rest to be handed back (the compute
+        loop does both); hand back whatever outlasts the drain timeout."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self._held and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -193,8 +200,10 @@ class StageWorker:
             return None
         spec = task.job
         if msg.metadata.num_delivered > self.settings.max_deliver:
-            await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
-            return None
+            failed = msg.metadata.num_delivered - await self._handbacks_of(spec)
+            if failed > self.settings.max_deliver:
+                await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
+                return None
         try:
             model = self.models.get(spec.model)
             if model is None:
@@ -240,6 +249,12 @@ class StageWorker:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if self._stopping.is_set():
+                # Scaling a stage down should move its queued work to the instances that stay,
+                # not keep it behind this one (a DiT holding three 14 s video jobs would take a
+                # minute to leave). JetStream redelivers a nak'd task before newer ones.
+                await self._hand_back(batch)
+                continue
             specs = [job.spec for job in batch]
 
             def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
@@ -267,6 +282,29 @@ class StageWorker:
                 # Before the output is published, so a client never sees the result first.
                 await self.publish_event(job.spec.job_id, "stage_done")
                 await self._to_send.put(job)
+
+    async def _hand_back(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            try:
+                handed = await self._handbacks_of(job.spec)
+                await self._handbacks.put(self._handback_key(job.spec), str(handed + 1).encode())
+                await job.msg.nak()
+            except Exception as exc:  # not lost: JetStream redelivers it after AckWait
+                log.warning("could not hand back job %s: %s", job.spec.job_id, exc)
+            self._held.pop(id(job.msg), None)
+            self._slots.release()
+        log.info("%s handed back %d job(s) it had not started", self.name, len(jobs))
+
+    def _handback_key(self, spec: JobSpec) -> str:
+        return f"{spec.job_id}.{self.stage}"
+
+    async def _handbacks_of(self, spec: JobSpec) -> int:
+        """Deliveries of this task that ended in a hand-back, not a failure."""
+        try:
+            entry = await self._handbacks.get(self._handback_key(spec))
+        except KeyNotFoundError:
+            return 0
+        return int(entry.value or 0)
 
     async def _send_loop(self) -> None:
         while True:
