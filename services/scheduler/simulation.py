@@ -88,6 +88,9 @@ class SimResult:
     end: float
     instance_starts: int
     redelivered: int
+    """Jobs a dead instance held, redelivered after AckWait."""
+    handed_back: int
+    """Jobs a draining instance had fetched ahead and handed back unstarted."""
 
 
 class Simulation:
@@ -128,7 +131,7 @@ class Simulation:
         """Jobs a busy instance fetches ahead, as the live stage worker does (``max_in_flight``
         less its batch): JetStream may hand a task to a busy instance's pull while another
         instance idles, the task then waits behind the running batch, and a draining instance
-        finishes what it holds. 0: instances pull only when idle."""
+        hands it back to the head of the queue. 0: instances pull only when idle."""
         self.observe = observe
         """False for policies that ignore observations (static ones): the search for the oracle
         runs many simulations and need not feed the scheduler's predictor."""
@@ -144,6 +147,7 @@ class Simulation:
         self.pins: dict[str, int] = {}
         self.instance_starts = 0
         self.redelivered = 0
+        self.handed_back = 0
         self.now = 0.0
         self._truth_cache: dict[tuple, float] = {}
         for t, stage in kills:
@@ -191,7 +195,9 @@ class Simulation:
                 self._kill(payload)  # type: ignore[arg-type]
             elif kind == "pin":
                 self.pins = dict(payload)  # type: ignore[arg-type]
-        return SimResult(self.jobs, self.timeline, self.allocations, self.now, self.instance_starts, self.redelivered)
+        return SimResult(
+            self.jobs, self.timeline, self.allocations, self.now, self.instance_starts, self.redelivered, self.handed_back
+        )
 
     def _arrive(self, entry: TraceEntry) -> None:
         record = JobRecord(entry.spec, entry.t, entry.phase)
@@ -346,7 +352,8 @@ class Simulation:
 
     def _apply(self, desired: Allocation, startup: bool) -> None:
         """Reconcile like a Deployment controller: start what is missing, drain what is extra
-        (starting ones are cancelled first, then idle ones; busy ones finish their batch)."""
+        (starting ones are cancelled first, then idle ones; busy ones finish their batch and
+        hand back the jobs they fetched ahead, which the next pulls take before newer ones)."""
         for stage in STAGES:
             for c in self.pool.classes:
                 want = desired.get(stage, {}).get(c.name, 0)
@@ -368,6 +375,14 @@ class Simulation:
                             self.idle[stage].remove(instance)
                     else:
                         instance.draining = True
+                        self._hand_back(instance)
+
+    def _hand_back(self, instance: Instance) -> None:
+        if instance.held:
+            self.handed_back += len(instance.held)
+            self.queues[instance.stage].extendleft(reversed(instance.held))
+            instance.held = deque()
+            self._dispatch(instance.stage)
 
 
 @dataclass

@@ -109,8 +109,8 @@ def test_instances_starting_together_share_the_host(profiles: dict[str, CostProf
 
 def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
     """``holds`` models the live worker's fetching ahead: a held job waits behind its instance's
-    running job even while another instance idles, a draining instance finishes it, and a dead
-    one's come back after AckWait."""
+    running job even while another instance idles, a draining instance hands it back, and a
+    dead one's come back after AckWait."""
     one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
     trace = steady(video, 0.12, 0.0, 200.0)
     many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
@@ -131,3 +131,8 @@ def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: d
                             holds=3, kills=[(40.0, "denoise")])
     assert result.redelivered >= 2  # the running job and those held behind it
     assert all(not math.isnan(r.done) for r in result.jobs)
+    one_dit = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
+    policy = Scheduled("step-down", [(0.0, few), (30.0, one_dit)])
+    result, _, _ = simulate(busy, POOL, policy, profiles, settings, initial=few, limits=one, holds=3)
+    assert result.handed_back == 3  # the DiT scaled away held three, full as every busy DiT is
+    assert result.redelivered == 0 and all(not math.isnan(r.done) for r in result.jobs)
