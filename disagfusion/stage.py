@@ -136,8 +136,7 @@ class StageWorker:
         log.info("%s serving %s for models %s (%s pipeline)", self.name, self.stage, self.model_names, self.settings.pipeline)
         await self._stopping.wait()
         log.info("%s draining", self.name)
-        await asyncio.gather(*fetchers)
-        await self._drain()
+        await self._drain(fetchers)
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
@@ -151,9 +150,16 @@ class StageWorker:
     async def setup(self) -> None:
         """Hook for services that need more than the stage consumers (called once connected)."""
 
-    async def _drain(self) -> None:
-        """Wait for the running batch to be sent and the rest to be handed back (the compute
-        loop does both); hand back whatever outlasts the drain timeout."""
+    async def _drain(self, fetchers: list[asyncio.Task]) -> None:
+        """Stop pulling, hand back the jobs not started, wait for the running batch to be sent;
+        hand back whatever outlasts the drain timeout.
+
+        Scaling a stage down should move its queued work to the instances that stay at once,
+        not keep it behind this one: a DiT holding three 14 s video jobs would take a minute to
+        leave. JetStream redelivers a nak'd task before newer ones."""
+        await self._hand_back(self._unstarted())  # also frees a fetcher blocked on a full queue
+        await asyncio.gather(*fetchers)
+        await self._hand_back(self._unstarted())  # what the fetchers took meanwhile
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self._held and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -166,6 +172,9 @@ class StageWorker:
     async def _fetch_loop(self, sub) -> None:
         while not self._stopping.is_set():
             await self._slots.acquire()
+            if self._stopping.is_set():  # the slot was freed by a drain's hand-back
+                self._slots.release()
+                break
             # Take as many tasks as there are free slots, so the inputs of several jobs can be
             # fetched at once (a slow handoff then hides behind the others and behind compute).
             extra = 0
@@ -249,10 +258,7 @@ class StageWorker:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            if self._stopping.is_set():
-                # Scaling a stage down should move its queued work to the instances that stay,
-                # not keep it behind this one (a DiT holding three 14 s video jobs would take a
-                # minute to leave). JetStream redelivers a nak'd task before newer ones.
+            if self._stopping.is_set():  # taken while draining: not started, so not ours to run
                 await self._hand_back(batch)
                 continue
             specs = [job.spec for job in batch]
@@ -283,7 +289,16 @@ class StageWorker:
                 await self.publish_event(job.spec.job_id, "stage_done")
                 await self._to_send.put(job)
 
+    def _unstarted(self) -> list[Job]:
+        """Take the jobs waiting for the compute loop out of its reach."""
+        jobs, self._carried = self._carried, []
+        while not self._to_compute.empty():
+            jobs.append(self._to_compute.get_nowait())
+        return jobs
+
     async def _hand_back(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
         for job in jobs:
             try:
                 handed = await self._handbacks_of(job.spec)

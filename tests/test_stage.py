@@ -129,12 +129,13 @@ async def test_batches_group_jobs_of_one_shape_and_keep_every_job(run_worker: Wo
 
 
 async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Worker, nats_server: str, tmp_path: Path) -> None:
-    """A stopped worker finishes the job it is running and hands the ones it fetched ahead
-    back at once, for the instance that stays; every job is run exactly once. A hand-back is
-    not a failed delivery: the staying worker allows one delivery and still runs them."""
+    """A stopped worker finishes the job it is running and at once hands the ones it fetched
+    ahead back, for the instance that stays: those are done before the running one. Every job
+    is run exactly once. A hand-back is not a failed delivery: the staying worker allows one
+    delivery and still runs them."""
     jobs = specs(4)
     stack = await submit_denoise_tasks(nats_server, jobs)
-    leaving = SlowModel(1.0)
+    leaving = SlowModel(3.0)
     settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", max_in_flight=4)
     worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: leaving)
     running = asyncio.create_task(worker.run())
@@ -142,11 +143,11 @@ async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Wo
     while len(worker._held) < len(jobs):  # one computing, three fetched ahead
         assert time.monotonic() < deadline, f"the worker took only {len(worker._held)} of {len(jobs)} jobs"
         await asyncio.sleep(0.05)
+    staying = await run_worker(SlowModel(0.05), max_deliver=1)
     worker.stop()
     await asyncio.wait_for(running, 30)
     assert sum(len(batch) for batch in leaving.batches) == 1, f"the stopped worker ran {leaving.batches}"
-    staying = await run_worker(SlowModel(0.05), max_deliver=1)
+    assert sum(len(batch) for batch in staying.batches) == len(jobs) - 1, "the handed-back jobs waited for the running one"
     outputs = await collect_outputs(stack, len(jobs))
     await stack.close()
     assert sorted(o.job.job_id for _, o in outputs) == sorted(j.job_id for j in jobs)
-    assert sum(len(batch) for batch in staying.batches) == len(jobs) - 1
