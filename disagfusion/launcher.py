@@ -120,7 +120,17 @@ def _alive(pid: int) -> bool:
     try:  # a zombie child of ours counts as gone
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
-        return True
+        # Another process's child, e.g. the scheduler draining a stage the long-lived process
+        # that ran `up` started: it has exited once it is a zombie its parent has not reaped.
+        return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): take it for alive, as kill(0) said
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # the state follows the parenthesised name
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:

@@ -1,0 +1,39 @@
+"""The launcher's view of the processes it manages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from disagfusion.launcher import _alive
+
+# A parent that starts one child, prints its pid and never reaps it.
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))", sys.argv[1]])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _grandchild(lives_s: float) -> tuple[subprocess.Popen, int]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(lives_s)], stdout=subprocess.PIPE, text=True)
+    return parent, int(parent.stdout.readline())
+
+
+def test_an_exited_process_another_parent_has_not_reaped_is_gone() -> None:
+    """The scheduler drains stage processes that the process which ran `up` started; one that
+    exited stays a zombie until that parent reaps it and must not count as still draining."""
+    parent, pid = _grandchild(0.0)
+    running_parent, running_pid = _grandchild(60.0)
+    try:
+        deadline = time.monotonic() + 20
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"pid {pid} exited but still counts as alive"
+            time.sleep(0.05)
+        assert _alive(running_pid)
+    finally:
+        for p in (parent, running_parent):
+            p.kill()
+            p.wait()
