@@ -18,9 +18,9 @@ class DeploymentActuator:
     """Scales only the services it is asked about, and only those whose count changes: first
     every service that grows, then every one that shrinks. A shrinking instance stops pulling at
     SIGTERM and only finishes the batch it runs, so its slot is as good as free while its
-    successor starts; growing first overlaps the drain (long for a DiT running a video job) with start-up
-    instead of making the new instances wait for it, at the price of briefly running the
-    draining instances on top of the pool (Kubernetes' maxSurge)."""
+    successor starts; growing first overlaps the drain (long for a DiT running a video job)
+    with start-up instead of making the new instances wait for it, at the price of briefly
+    running the draining instances on top of the pool (Kubernetes' maxSurge)."""
 
     def __init__(self, deployment: Deployment):
         self.deployment = deployment

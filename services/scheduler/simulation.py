@@ -189,8 +189,7 @@ class Simulation:
                 self._ready(payload)  # type: ignore[arg-type]
             elif kind == "redeliver":
                 stage, records = payload  # type: ignore[misc]
-                self.queues[stage].extendleft(reversed(records))
-                self._dispatch(stage)
+                self._requeue(stage, records)
             elif kind == "kill":
                 self._kill(payload)  # type: ignore[arg-type]
             elif kind == "pin":
@@ -380,9 +379,13 @@ class Simulation:
     def _hand_back(self, instance: Instance) -> None:
         if instance.held:
             self.handed_back += len(instance.held)
-            self.queues[instance.stage].extendleft(reversed(instance.held))
+            self._requeue(instance.stage, instance.held)
             instance.held = deque()
-            self._dispatch(instance.stage)
+
+    def _requeue(self, stage: str, records: Sequence[JobRecord]) -> None:
+        """Put tasks back at the head of the queue, in order: JetStream redelivers before newer ones."""
+        self.queues[stage].extendleft(reversed(records))
+        self._dispatch(stage)
 
 
 @dataclass
