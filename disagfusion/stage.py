@@ -10,7 +10,10 @@ A ``StageWorker`` serves one stage (encode, denoise or decode) for the models in
 
 In ``async`` mode (the default) the three overlap: while job k computes, job k+1's tensors
 are being fetched and job k-1's outputs shipped. ``DF_PIPELINE=sync`` allows one job in
-flight, which runs the same parts one after another, for comparison.
+flight, which runs the same parts one after another, for comparison. A busy worker fetches
+the next job only when the work in hand will be done within ``DF_FETCH_AHEAD_S``: a job
+fetched ahead waits behind it, and JetStream may give it to this worker's pull while another
+instance idles.
 
 Delivery: the input is acked only after the output's publish is acknowledged by JetStream,
 and input tensors are deleted only after that, so a crash at any point leaves the task to be
@@ -104,6 +107,14 @@ class StageWorker:
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
         self._handbacks: KeyValue | None = None
+        self._job_s: dict[tuple, float] = {}
+        """Measured seconds per job, by ``_cost_key``: how long the jobs in hand will take."""
+        self._waiting: dict[int, JobSpec] = {}
+        """Jobs admitted and not yet started (keyed like ``_held``)."""
+        self._running: tuple[float, float] | None = None
+        """The batch computing: (its estimated seconds, when it started)."""
+        self._progress = asyncio.Event()
+        """Set when a batch starts or ends (or the worker stops): the work in hand changed."""
 
     @property
     def js(self):
@@ -146,6 +157,7 @@ class StageWorker:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._progress.set()
 
     async def setup(self) -> None:
         """Hook for services that need more than the stage consumers (called once connected)."""
@@ -171,6 +183,7 @@ class StageWorker:
 
     async def _fetch_loop(self, sub) -> None:
         while not self._stopping.is_set():
+            await self._until_fetch_ahead()
             await self._slots.acquire()
             if self._stopping.is_set():  # the slot was freed by a drain's hand-back
                 self._slots.release()
@@ -195,7 +208,33 @@ class StageWorker:
                 if job is None:
                     self._slots.release()
                 else:
+                    self._waiting[id(job.msg)] = job.spec
                     await self._to_compute.put(job)
+
+    def _cost_key(self, spec: JobSpec) -> tuple:
+        # Prompt length matters only to the encoder; in powers of two, so keys stay few.
+        return (*spec.shape_key, len(spec.prompt).bit_length() if self.stage == "encode" else 0)
+
+    def _in_hand_s(self) -> float:
+        """Estimated seconds until this worker has done what it holds: the rest of the running
+        batch and the jobs waiting for the compute loop (a shape not yet seen counts 0)."""
+        left = 0.0
+        if self._running is not None:
+            estimate, started = self._running
+            left = max(0.0, estimate - (time.monotonic() - started))
+        return left + sum(self._job_s.get(self._cost_key(spec), 0.0) for spec in self._waiting.values())
+
+    async def _until_fetch_ahead(self) -> None:
+        """Wait until the work in hand will be done within ``fetch_ahead_s``."""
+        while not self._stopping.is_set():
+            wait = self._in_hand_s() - self.settings.fetch_ahead_s
+            if wait <= 0:
+                return
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), timeout=wait)
+            except TimeoutError:
+                pass
 
     async def _admit(self, msg: Msg) -> Job | None:
         """Decode and check a task and load its inputs; answer bad input with an error result."""
@@ -262,6 +301,8 @@ class StageWorker:
                 await self._hand_back(batch)
                 continue
             specs = [job.spec for job in batch]
+            for job in batch:
+                self._waiting.pop(id(job.msg), None)
 
             def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
                 for job_id in job_ids:
@@ -270,6 +311,8 @@ class StageWorker:
                     )
 
             started = time.perf_counter()
+            self._running = (sum(self._job_s.get(self._cost_key(s), 0.0) for s in specs), time.monotonic())
+            self._progress.set()
             try:
                 model = self.models[specs[0].model]
                 outputs = await asyncio.to_thread(model.run, specs, [job.inputs for job in batch], on_step)
@@ -281,7 +324,12 @@ class StageWorker:
                     await self._fail(job.msg, job.spec.job_id, f"stage {self.stage} failed: {exc}", field)
                     self._slots.release()
                 continue
+            finally:
+                self._running = None
+                self._progress.set()
             seconds = time.perf_counter() - started
+            for spec in specs:
+                self._job_s[self._cost_key(spec)] = seconds / len(specs)
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
                 job.outputs, job.compute_s = output, seconds
@@ -307,6 +355,7 @@ class StageWorker:
             except Exception as exc:  # not lost: JetStream redelivers it after AckWait
                 log.warning("could not hand back job %s: %s", job.spec.job_id, exc)
             self._held.pop(id(job.msg), None)
+            self._waiting.pop(id(job.msg), None)
             self._slots.release()
         log.info("%s handed back %d job(s) it had not started", self.name, len(jobs))
 

@@ -128,6 +128,26 @@ async def test_batches_group_jobs_of_one_shape_and_keep_every_job(run_worker: Wo
         assert torch.equal(latents, torch.full((4,), 2.0 * output.job.seed))
 
 
+async def test_a_busy_worker_leaves_jobs_it_cannot_start_soon_to_an_idle_one(run_worker: Worker, nats_server: str) -> None:
+    """Once a worker has timed a shape at 1.5 s, it fetches the next job of that shape only in
+    the last DF_FETCH_AHEAD_S of the running one: the jobs queued meanwhile stay in the queue
+    for an instance that idles, instead of waiting behind the busy one. Fetching all it may
+    hold (the old behaviour) left the second instance nothing."""
+    stack = await submit_denoise_tasks(nats_server, specs(1))
+    busy = await run_worker(SlowModel(1.5), fetch_ahead_s=0.3, max_in_flight=4)
+    await collect_outputs(stack, 1)  # the busy worker has timed the shape
+    jobs = specs(4)
+    await (await submit_denoise_tasks(nats_server, jobs)).close()
+    await asyncio.sleep(0.5)  # the busy worker is inside its first job
+    idle = await run_worker(SlowModel(1.5), fetch_ahead_s=0.3, max_in_flight=4)
+    outputs = await collect_outputs(stack, len(jobs))
+    await stack.close()
+    assert sorted(o.job.job_id for _, o in outputs) == sorted(j.job_id for j in jobs)
+    ran_busy, ran_idle = len(busy.batches) - 1, len(idle.batches)
+    assert ran_busy + ran_idle == len(jobs)
+    assert ran_idle >= 2, f"the idle worker ran {ran_idle} of {len(jobs)} jobs; the busy one held the rest"
+
+
 async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Worker, nats_server: str, tmp_path: Path) -> None:
     """A stopped worker finishes the job it is running and at once hands the ones it fetched
     ahead back, for the instance that stays: those are done before the running one. Every job
