@@ -91,12 +91,14 @@ SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=
 SHARED_STARTUP = SharedStartup(alone_s=1.7, cpu_s=2.1, cores=2)
 
 
-def live_worker_limits() -> tuple[BatchLimits, int]:
-    """The stage workers' batching and fetching ahead (DF_MAX_BATCH, DF_MAX_IN_FLIGHT; the
-    bench leaves both at their defaults), for the simulation to run the fleet the live run runs:
-    batches of ``max_batch`` and the rest of the in-flight jobs held behind them."""
+def live_worker_limits() -> dict:
+    """The stage workers' batching and fetching ahead (DF_MAX_BATCH, DF_MAX_IN_FLIGHT,
+    DF_FETCH_AHEAD_S; the bench leaves them at their defaults), for the simulation to run the
+    fleet the live run runs: batches of ``max_batch`` and up to the rest of the in-flight jobs
+    held behind them, fetched in the running batch's last ``fetch_ahead_s``."""
     worker = Settings()
-    return BatchLimits(jobs=dict.fromkeys(STAGES, worker.max_batch)), worker.jobs_in_flight - worker.max_batch
+    return {"limits": BatchLimits(jobs=dict.fromkeys(STAGES, worker.max_batch)),
+            "holds": worker.jobs_in_flight - worker.max_batch, "fetch_ahead_s": worker.fetch_ahead_s}
 
 
 SCHEDULER_ENV = {
@@ -271,7 +273,7 @@ def main() -> None:
                   + "; ".join(str(services_of(a)) for _, a in oracle))
     static = oracle[0][1]
     rows, timelines, load_avg = [], {}, {}
-    limits, holds = live_worker_limits()
+    worker_limits = live_worker_limits()
     for name in POLICIES:
         # The simulation is random too (service-time noise, which pull JetStream serves): its
         # figure is the mean over --sim-seeds runs of the same trace, with their spread.
@@ -279,7 +281,7 @@ def main() -> None:
         for sim_seed in range(args.sim_seeds):
             policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
             result, _, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=sim_seed,
-                                            shared_startup=SHARED_STARTUP, limits=limits, holds=holds)
+                                            shared_startup=SHARED_STARTUP, **worker_limits)
             runs.append(rows_of(name, "simulated", result.jobs, sim_truth))
         rows += mean_rows(runs)
     with tempfile.TemporaryDirectory(prefix="df-elastic-") as tmp:

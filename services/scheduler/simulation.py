@@ -66,6 +66,7 @@ class Instance:
     starting: bool = True
     batch: list[JobRecord] = field(default_factory=list)
     batch_seconds: float = 0.0
+    batch_ends: float = 0.0
     held: deque[JobRecord] = field(default_factory=deque)
     """Jobs fetched ahead of the batch running (see ``Simulation.holds``)."""
     draining: bool = False
@@ -117,6 +118,7 @@ class Simulation:
         observe: bool = True,
         shared_startup: SharedStartup | None = None,
         holds: int = 0,
+        fetch_ahead_s: float = math.inf,
     ):
         self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
         self.predictor = predictor
@@ -132,6 +134,10 @@ class Simulation:
         less its batch): JetStream may hand a task to a busy instance's pull while another
         instance idles, the task then waits behind the running batch, and a draining instance
         hands it back to the head of the queue. 0: instances pull only when idle."""
+        self.fetch_ahead_s = fetch_ahead_s
+        """A busy instance fetches ahead only once the work in its hands (the rest of its running
+        batch and the jobs it holds) will be done within this, as the live worker's
+        ``DF_FETCH_AHEAD_S``."""
         self.observe = observe
         """False for policies that ignore observations (static ones): the search for the oracle
         runs many simulations and need not feed the scheduler's predictor."""
@@ -183,6 +189,8 @@ class Simulation:
                 over = self.max_time is not None and t >= self.max_time
                 if (busy or t < last_arrival) and not over:
                     self._push(t + self.settings.tick_s, "tick", None)
+            elif kind == "fetch":
+                self._dispatch(payload)  # type: ignore[arg-type]
             elif kind == "done":
                 self._finish(payload)  # type: ignore[arg-type]
             elif kind == "ready":
@@ -238,7 +246,10 @@ class Simulation:
     def _start(self, instance: Instance, batch: list[JobRecord]) -> None:
         instance.batch = batch
         instance.batch_seconds = self._service_time(instance.stage, batch, instance.device)
-        self._push(self.now + instance.batch_seconds, "done", instance)
+        instance.batch_ends = self.now + instance.batch_seconds
+        self._push(instance.batch_ends, "done", instance)
+        if self.holds and instance.batch_seconds > self.fetch_ahead_s:
+            self._push(instance.batch_ends - self.fetch_ahead_s, "fetch", instance.stage)
 
     def _dispatch(self, stage: str) -> None:
         idle, queue = self.idle[stage], self.queues[stage]
@@ -246,6 +257,7 @@ class Simulation:
             ahead = [
                 i for i in self.instances
                 if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
+                and self._in_hand_s(i) < self.fetch_ahead_s
             ] if self.holds else []
             # Idle instances and busy ones with room each have a pull waiting; JetStream serves one.
             if ahead and self.rng.randrange(len(idle) + len(ahead)) >= len(idle):
@@ -255,6 +267,12 @@ class Simulation:
                 self._start(instance, self._take_batch(stage, queue, len(idle) + 1))
             else:
                 break
+
+    def _in_hand_s(self, instance: Instance) -> float:
+        """What the live worker estimates is left in its hands: the rest of its running batch
+        and the held jobs' service times."""
+        speed = instance.device.speed_for(instance.stage)
+        return instance.batch_ends - self.now + sum(self.truth.predict(instance.stage, [r.spec]) / speed for r in instance.held)
 
     def _finish(self, instance: Instance) -> None:
         if instance.gone:

@@ -110,22 +110,26 @@ def test_instances_starting_together_share_the_host(profiles: dict[str, CostProf
 def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
     """``holds`` models the live worker's fetching ahead: a held job waits behind its instance's
     running job even while another instance idles, a draining instance hands it back, and a
-    dead one's come back after AckWait."""
+    dead one's come back after AckWait. Fetching only in the last ``fetch_ahead_s`` of the
+    running job (the worker's DF_FETCH_AHEAD_S) all but removes the wait."""
     one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
     trace = steady(video, 0.12, 0.0, 200.0)
     many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
     few = {"encode": {"slot": 1}, "denoise": {"slot": 2}, "decode": {"slot": 1}}
 
-    def run(holds: int) -> tuple[list[float], int]:
+    def run(holds: int, fetch_ahead_s: float = math.inf) -> tuple[list[float], int]:
         policy = Scheduled("step-down", [(0.0, many), (60.0, few)])
-        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many, limits=one, holds=holds)
+        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many, limits=one, holds=holds,
+                                fetch_ahead_s=fetch_ahead_s)
         assert len(result.jobs) == len(trace) and all(not math.isnan(r.done) for r in result.jobs)
         return [r.done - r.arrived for r in result.jobs], result.redelivered
 
     alone, redelivered = run(0)
     ahead, redelivered_ahead = run(3)
+    late, _ = run(3, fetch_ahead_s=1.0)
     assert redelivered == redelivered_ahead == 0
     assert max(ahead) > max(alone)
+    assert max(late) < max(ahead) and sum(late) < sum(ahead)
     busy = steady(video, 0.5, 0.0, 60.0)  # more than two DiTs serve: each holds jobs ahead
     result, _, _ = simulate(busy, POOL, Scheduled("few", [(0.0, few)]), profiles, settings, initial=few, limits=one,
                             holds=3, kills=[(40.0, "denoise")])
