@@ -71,9 +71,10 @@ class Settings(BaseSettings):
     """Jobs a worker holds at once, from fetch to ack; raised to 2 x max_batch when smaller."""
     fetch_ahead_s: float = Field(default=1.0, ge=0)
     """A busy worker fetches the next job only once what it has in hand (the rest of the batch
-    running and the jobs waiting for it, each timed as the last job of its shape here) will be
-    done within this. Enough to hide a handoff behind compute; not so much that a 14 s video
-    job waits behind another while an idle instance could start it."""
+    running and the jobs waiting for it, each timed as the last job of its shape here; a shape
+    not run yet counts as endless) will be done within this. Enough to hide a handoff behind
+    compute; not so much that a 14 s video job waits behind another while an idle instance
+    could start it. ``inf`` fetches up to ``max_in_flight`` at once."""
     max_batch: int = Field(default=1, ge=1)
     """Jobs computed together: prompts of one model at the encoder, jobs of one shape
     (model, size, frames, steps, guidance) at dit and decoder. Set per stage service."""

@@ -100,6 +100,11 @@ class JobSpec(Message):
         """Jobs with the same key can share a DiT or decoder batch."""
         return (self.model, self.height, self.width, self.frames, self.steps, self.guidance)
 
+    def cost_key(self, stage: str) -> tuple:
+        """Jobs with the same key take about as long at ``stage``: one shape, and at the encoder
+        prompts of one length (in powers of two, so keys stay few)."""
+        return (*self.shape_key, len(self.prompt).bit_length() if stage == "encode" else 0)
+
 
 class StageTask(Message):
     """A unit of work on ``df.work.<stage>.<model>``: the job plus the previous stage's output."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -108,7 +109,7 @@ class StageWorker:
         self._bus: bus.Bus | None = None
         self._handbacks: KeyValue | None = None
         self._job_s: dict[tuple, float] = {}
-        """Measured seconds per job, by ``_cost_key``: how long the jobs in hand will take."""
+        """Measured seconds per job, by ``JobSpec.cost_key``: how long the jobs in hand take."""
         self._waiting: dict[int, JobSpec] = {}
         """Jobs admitted and not yet started (keyed like ``_held``)."""
         self._running: tuple[float, float] | None = None
@@ -211,28 +212,31 @@ class StageWorker:
                     self._waiting[id(job.msg)] = job.spec
                     await self._to_compute.put(job)
 
-    def _cost_key(self, spec: JobSpec) -> tuple:
-        # Prompt length matters only to the encoder; in powers of two, so keys stay few.
-        return (*spec.shape_key, len(spec.prompt).bit_length() if self.stage == "encode" else 0)
+    def _job_seconds(self, specs: list[JobSpec]) -> float:
+        """What these jobs take here, as the last of each shape took: unknown (infinite) for a
+        shape not run yet, so a worker does not take a second video job before it knows that
+        the first takes 14 s."""
+        return sum(self._job_s.get(spec.cost_key(self.stage), math.inf) for spec in specs)
 
     def _in_hand_s(self) -> float:
         """Estimated seconds until this worker has done what it holds: the rest of the running
-        batch and the jobs waiting for the compute loop (a shape not yet seen counts 0)."""
+        batch and the jobs waiting for the compute loop."""
         left = 0.0
         if self._running is not None:
             estimate, started = self._running
             left = max(0.0, estimate - (time.monotonic() - started))
-        return left + sum(self._job_s.get(self._cost_key(spec), 0.0) for spec in self._waiting.values())
+        return left + self._job_seconds(list(self._waiting.values()))
 
     async def _until_fetch_ahead(self) -> None:
         """Wait until the work in hand will be done within ``fetch_ahead_s``."""
         while not self._stopping.is_set():
-            wait = self._in_hand_s() - self.settings.fetch_ahead_s
-            if wait <= 0:
+            in_hand = self._in_hand_s()
+            if in_hand <= self.settings.fetch_ahead_s:
                 return
             self._progress.clear()
             try:
-                await asyncio.wait_for(self._progress.wait(), timeout=wait)
+                timeout = None if math.isinf(in_hand) else in_hand - self.settings.fetch_ahead_s
+                await asyncio.wait_for(self._progress.wait(), timeout=timeout)
             except TimeoutError:
                 pass
 
@@ -311,7 +315,7 @@ class StageWorker:
                     )
 
             started = time.perf_counter()
-            self._running = (sum(self._job_s.get(self._cost_key(s), 0.0) for s in specs), time.monotonic())
+            self._running = (self._job_seconds(specs), time.monotonic())
             self._progress.set()
             try:
                 model = self.models[specs[0].model]
@@ -329,7 +333,7 @@ class StageWorker:
                 self._progress.set()
             seconds = time.perf_counter() - started
             for spec in specs:
-                self._job_s[self._cost_key(spec)] = seconds / len(specs)
+                self._job_s[spec.cost_key(self.stage)] = seconds / len(specs)
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
                 job.outputs, job.compute_s = output, seconds

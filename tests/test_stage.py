@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -130,9 +131,9 @@ async def test_batches_group_jobs_of_one_shape_and_keep_every_job(run_worker: Wo
 
 async def test_a_busy_worker_leaves_jobs_it_cannot_start_soon_to_an_idle_one(run_worker: Worker, nats_server: str) -> None:
     """Once a worker has timed a shape at 1.5 s, it fetches the next job of that shape only in
-    the last DF_FETCH_AHEAD_S of the running one: the jobs queued meanwhile stay in the queue
-    for an instance that idles, instead of waiting behind the busy one. Fetching all it may
-    hold (the old behaviour) left the second instance nothing."""
+    the last DF_FETCH_AHEAD_S of the running one (before it has timed it, not at all): the jobs
+    queued meanwhile stay in the queue for an instance that idles, instead of waiting behind
+    the busy one. Fetching all it may hold (the old behaviour) left the second instance nothing."""
     stack = await submit_denoise_tasks(nats_server, specs(1))
     busy = await run_worker(SlowModel(1.5), fetch_ahead_s=0.3, max_in_flight=4)
     await collect_outputs(stack, 1)  # the busy worker has timed the shape
@@ -148,6 +149,28 @@ async def test_a_busy_worker_leaves_jobs_it_cannot_start_soon_to_an_idle_one(run
     assert ran_idle >= 2, f"the idle worker ran {ran_idle} of {len(jobs)} jobs; the busy one held the rest"
 
 
+async def test_a_worker_takes_no_job_ahead_of_a_shape_it_has_not_timed(nats_server: str, tmp_path: Path) -> None:
+    """The first job of a shape might take 14 s: until it is done the worker fetches nothing
+    more, so the other queued jobs stay free for other instances."""
+    jobs = specs(3)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    model = SlowModel(1.5)
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", max_in_flight=4)
+    worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: model)
+    running = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 30
+    while not worker._held:
+        assert time.monotonic() < deadline, "the worker took no job"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert len(worker._held) == 1, f"the worker took {len(worker._held)} jobs before it had timed one"
+    outputs = await collect_outputs(stack, len(jobs))
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    await stack.close()
+    assert sorted(o.job.job_id for _, o in outputs) == sorted(j.job_id for j in jobs)
+
+
 async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Worker, nats_server: str, tmp_path: Path) -> None:
     """A stopped worker finishes the job it is running and at once hands the ones it fetched
     ahead back, for the instance that stays: those are done before the running one. Every job
@@ -156,7 +179,8 @@ async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Wo
     jobs = specs(4)
     stack = await submit_denoise_tasks(nats_server, jobs)
     leaving = SlowModel(3.0)
-    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", max_in_flight=4)
+    # Told to fetch ahead without limit, it takes all four at once.
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", max_in_flight=4, fetch_ahead_s=math.inf)
     worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: leaving)
     running = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 30

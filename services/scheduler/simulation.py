@@ -67,6 +67,8 @@ class Instance:
     batch: list[JobRecord] = field(default_factory=list)
     batch_seconds: float = 0.0
     batch_ends: float = 0.0
+    timed: set[tuple] = field(default_factory=set)
+    """Cost keys of the jobs it has run: the live worker's estimates of what it holds."""
     held: deque[JobRecord] = field(default_factory=deque)
     """Jobs fetched ahead of the batch running (see ``Simulation.holds``)."""
     draining: bool = False
@@ -257,7 +259,7 @@ class Simulation:
             ahead = [
                 i for i in self.instances
                 if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
-                and self._in_hand_s(i) < self.fetch_ahead_s
+                and self._in_hand_s(i) <= self.fetch_ahead_s
             ] if self.holds else []
             # Idle instances and busy ones with room each have a pull waiting; JetStream serves one.
             if ahead and self.rng.randrange(len(idle) + len(ahead)) >= len(idle):
@@ -270,7 +272,10 @@ class Simulation:
 
     def _in_hand_s(self, instance: Instance) -> float:
         """What the live worker estimates is left in its hands: the rest of its running batch
-        and the held jobs' service times."""
+        and the held jobs' service times; unknown (infinite) while it holds a shape it has not
+        run yet."""
+        if any(r.spec.cost_key(instance.stage) not in instance.timed for r in (*instance.batch, *instance.held)):
+            return math.inf
         speed = instance.device.speed_for(instance.stage)
         return instance.batch_ends - self.now + sum(self.truth.predict(instance.stage, [r.spec]) / speed for r in instance.held)
 
@@ -278,6 +283,7 @@ class Simulation:
         if instance.gone:
             return  # it died mid-batch; the batch was handed back
         batch, instance.batch = instance.batch, []
+        instance.timed.update(r.spec.cost_key(instance.stage) for r in batch)
         if self.observe:
             self._report(instance, batch)
         following = next_stage(instance.stage)
