@@ -256,11 +256,7 @@ class Simulation:
     def _dispatch(self, stage: str) -> None:
         idle, queue = self.idle[stage], self.queues[stage]
         while queue:
-            ahead = [
-                i for i in self.instances
-                if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
-                and self._in_hand_s(i) <= self.fetch_ahead_s
-            ] if self.holds else []
+            ahead = self._fetching_ahead(stage)
             # Idle instances and busy ones with room each have a pull waiting; JetStream serves one.
             if ahead and self.rng.randrange(len(idle) + len(ahead)) >= len(idle):
                 self.rng.choice(ahead).held.append(queue.popleft())
@@ -269,6 +265,16 @@ class Simulation:
                 self._start(instance, self._take_batch(stage, queue, len(idle) + 1))
             else:
                 break
+
+    def _fetching_ahead(self, stage: str) -> list[Instance]:
+        """Busy instances of ``stage`` with a pull waiting for the job after theirs."""
+        if not self.holds:
+            return []
+        return [
+            i for i in self.instances
+            if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
+            and self._in_hand_s(i) <= self.fetch_ahead_s
+        ]
 
     def _in_hand_s(self, instance: Instance) -> float:
         """What the live worker estimates is left in its hands: the rest of its running batch
@@ -356,7 +362,9 @@ class Simulation:
         self.instances = [i for i in self.instances if not i.gone]
         for stage in STAGES:
             in_flight = sum(len(i.batch) + len(i.held) for i in self.instances if i.stage == stage)
-            self.feedback.on_consumer_info(stage, _Counts(len(self.queues[stage]), in_flight, len(self.idle[stage])))
+            # JetStream's num_waiting counts pulls, and a worker fetching ahead has one too.
+            pulls = len(self.idle[stage]) + len(self._fetching_ahead(stage))
+            self.feedback.on_consumer_info(stage, _Counts(len(self.queues[stage]), in_flight, pulls))
         fleet = self.fleet()
         running = {s: sum(fleet.running[s].values()) for s in STAGES}
         obs = self.feedback.snapshot(self.now, running)

@@ -6,11 +6,12 @@ import math
 
 from disagfusion.protocol import STAGES
 from services.scheduler.config import SchedulerSettings
-from services.scheduler.controller import Controller
+from services.scheduler.controller import Controller, FleetState
+from services.scheduler.feedback import Observation
 from services.scheduler.planner import simulate
 from services.scheduler.policies import Scheduled
-from services.scheduler.pool import parse_pool
-from services.scheduler.predictor import CostProfile
+from services.scheduler.pool import Allocation, parse_pool
+from services.scheduler.predictor import CostProfile, Predictor
 from services.scheduler.simulation import BatchLimits, SharedStartup
 
 from .conftest import small_image, steady, video
@@ -140,3 +141,33 @@ def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: d
     result, _, _ = simulate(busy, POOL, policy, profiles, settings, initial=few, limits=one, holds=3)
     assert result.handed_back == 3  # the DiT scaled away held three, full as every busy DiT is
     assert result.redelivered == 0 and all(not math.isnan(r.done) for r in result.jobs)
+
+
+class _Watching(Scheduled):
+    """A fixed allocation that notes the DiT consumer's waiting pulls at every tick."""
+
+    def __init__(self, allocation: Allocation):
+        super().__init__("watching", [(0.0, allocation)])
+        self.waiting: list[int] = []
+
+    def decide(self, obs: Observation, fleet: FleetState, pins: dict[str, int] | None = None) -> Allocation:
+        self.waiting.append(obs.stages["denoise"].waiting)
+        return super().decide(obs, fleet, pins)
+
+
+def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+    """JetStream's num_waiting counts the pull of a busy worker in its last DF_FETCH_AHEAD_S as
+    well as an idle one's; the threshold policy reads utilisation from it, so the simulation
+    must count both."""
+    one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
+    alone = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
+    every = Predictor(profiles).predict("denoise", [video(0)]) + 0.5  # the DiT idles half a second per job
+    trace = steady(video, 1.0 / every, 0.0, 20 * every)
+    often = settings.model_copy(update={"tick_s": 0.25})
+
+    def waiting_ticks(holds: int) -> int:
+        policy = _Watching(alone)
+        simulate(trace, POOL, policy, profiles, often, initial=alone, limits=one, holds=holds, fetch_ahead_s=2.0)
+        return sum(1 for w in policy.waiting if w)
+
+    assert waiting_ticks(3) > 1.5 * waiting_ticks(0)
