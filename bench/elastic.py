@@ -91,7 +91,7 @@ SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=
 SHARED_STARTUP = SharedStartup(alone_s=1.7, cpu_s=2.1, cores=2)
 
 
-def live_worker_limits() -> dict:
+def live_worker_limits() -> dict[str, BatchLimits | int | float]:
     """The stage workers' batching and fetching ahead (DF_MAX_BATCH, DF_MAX_IN_FLIGHT,
     DF_FETCH_AHEAD_S; the bench leaves them at their defaults), for the simulation to run the
     fleet the live run runs: batches of ``max_batch`` and up to the rest of the in-flight jobs

@@ -113,7 +113,7 @@ class StageWorker:
         self._waiting: dict[int, JobSpec] = {}
         """Jobs admitted and not yet started (keyed like ``_held``)."""
         self._running: tuple[float, float] | None = None
-        """The batch computing: (its estimated seconds, when it started)."""
+        """The batch computing: (its estimated seconds, its perf_counter() start)."""
         self._progress = asyncio.Event()
         """Set when a batch starts or ends (or the worker stops): the work in hand changed."""
 
@@ -224,7 +224,7 @@ class StageWorker:
         left = 0.0
         if self._running is not None:
             estimate, started = self._running
-            left = max(0.0, estimate - (time.monotonic() - started))
+            left = max(0.0, estimate - (time.perf_counter() - started))
         return left + self._job_seconds(list(self._waiting.values()))
 
     async def _until_fetch_ahead(self) -> None:
@@ -315,7 +315,7 @@ class StageWorker:
                     )
 
             started = time.perf_counter()
-            self._running = (self._job_seconds(specs), time.monotonic())
+            self._running = (self._job_seconds(specs), started)
             self._progress.set()
             try:
                 model = self.models[specs[0].model]
