@@ -50,7 +50,7 @@ from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
 from disagfusion.profiles import CostProfile as RuntimeProfile
 from disagfusion.profiles import StageCost
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, Result, unpack
+from disagfusion.protocol import STAGES, JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.model_profiles import from_runtime
@@ -133,7 +133,7 @@ def trace(phase_s: float, load: float, seed: int, settings: SchedulerSettings) -
 
 
 def services_of(allocation: Allocation) -> dict[str, int]:
-    return {SERVICE_OF_STAGE[s]: n for s, n in per_stage(allocation).items()}
+    return {s.service: n for s, n in per_stage(allocation).items()}
 
 
 async def drive(launcher: Launcher, entries: list[TraceEntry], pins: list[tuple[float, Allocation]], drain_s: float,

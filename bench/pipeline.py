@@ -36,14 +36,13 @@ from disagfusion.protocol import STAGES, JobSpec
 
 DELAYS = [("0", 0.0, 0.0), ("50ms", 50.0, 0.0), ("50+-40ms", 50.0, 40.0)]
 MODES = ["async", "sync"]
-SERVICE = {"encode": "encoder", "denoise": "dit", "decode": "decoder"}
 
 console = Console(stderr=True)
 
 
 def bound(profile: CostProfile, spec: JobSpec, instances: dict[str, int]) -> float:
     """Jobs/s the slowest stage can sustain: its instances ÷ its per-job service time."""
-    return min(instances[SERVICE[stage]] / profile.seconds(stage, [spec]) for stage in STAGES)
+    return min(instances[stage.service] / profile.seconds(stage, [spec]) for stage in STAGES)
 
 
 async def measure(launcher: Launcher, specs: list[JobSpec]) -> float:

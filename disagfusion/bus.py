@@ -16,8 +16,8 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from disagfusion.config import Settings
-from disagfusion.protocol import HANDBACKS_BUCKET, OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, work_subject
+from disagfusion.config import BusSettings
+from disagfusion.protocol import HANDBACKS_BUCKET, OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, consumer_name, work_subject
 
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
@@ -35,7 +35,7 @@ class Bus:
         await self.nc.close()
 
 
-async def connect(settings: Settings, name: str) -> Bus:
+async def connect(settings: BusSettings, name: str) -> Bus:
     """Connect and make sure the streams exist. Reconnects forever: a NATS restart must not
     take the services down with it."""
     nc = await nats.connect(
@@ -60,7 +60,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             await js.stream_info(config.name)  # created by a racing process in between
 
 
-async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     await _ensure_stream(
         js,
         StreamConfig(
@@ -110,18 +110,14 @@ async def handbacks_bucket(js: JetStreamContext) -> KeyValue:
             return await js.key_value(HANDBACKS_BUCKET)
 
 
-def consumer_name(stage: str, model: str) -> str:
-    """One durable pull consumer per (stage, model), shared by every instance of the stage."""
-    return f"{stage}-{model}"
-
-
-async def ensure_consumer(js: JetStreamContext, stage: str, model: str, settings: Settings) -> str:
+async def ensure_consumer(js: JetStreamContext, stage: str, model: str, ack_wait_s: float) -> str:
+    """The durable pull consumer every instance of ``stage`` serving ``model`` shares."""
     durable = consumer_name(stage, model)
     config = ConsumerConfig(
         durable_name=durable,
         filter_subject=work_subject(stage, model),
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_s,
+        ack_wait=ack_wait_s,
         # Redelivery is bounded by the worker itself (settings.max_deliver), which answers the
         # job with an error result; a server-side limit would drop the message silently.
         max_deliver=-1,

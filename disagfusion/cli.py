@@ -24,8 +24,8 @@ from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
 from disagfusion.models.base import SpecError
 from disagfusion.profiling import Grid, fit, load_stages, measure
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, JobSpec, ProgressEvent, Result, TimingSample
-from disagfusion.scheduler_state import SchedulerStatus, read_status, update_pins
+from disagfusion.protocol import STAGE_SERVICES, STAGES, JobSpec, ProgressEvent, Result, SchedulerStatus, TimingSample
+from disagfusion.scheduler_state import read_status, update_pins
 from disagfusion.status import StageStatus, stage_status
 
 app = typer.Typer(help="DisagFusion: diffusion models served as a disaggregated pipeline.", no_args_is_help=True)
@@ -154,8 +154,7 @@ def scale_services(
         console.print(f"released; pins now: {pins or 'none'}")
         return
     wanted = _parse_scales(replicas)
-    stage_services = set(SERVICE_OF_STAGE.values())
-    pinned = {name: n for name, n in wanted.items() if name in stage_services} if scheduler else {}
+    pinned = {name: n for name, n in wanted.items() if name in STAGE_SERVICES} if scheduler else {}
     if pinned:
         pins = asyncio.run(_pin(settings, pinned, None))
         console.print(f"pinned {pinned} (the {scheduler.policy} scheduler keeps them until --release); pins now: {pins}")

@@ -17,21 +17,24 @@ from nats.js.api import DeliverPolicy
 
 from disagfusion import bus
 from disagfusion.config import Settings
+from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
     JobSpec,
     ProgressEvent,
     Result,
+    Stage,
     StageTask,
     events_subject,
     pack,
     results_subject,
+    task_msg_id,
     unpack,
     work_subject,
 )
 
 
-class JobTimeout(TimeoutError):
-    pass
+class JobTimeout(DisagFusionError, TimeoutError):
+    """No result came within the time a caller was willing to wait."""
 
 
 class Client:
@@ -54,8 +57,8 @@ class Client:
 
     async def submit(self, spec: JobSpec) -> str:
         """Queue a job; returns its id. Submitting the same job id twice queues it once."""
-        task = StageTask(job=spec, stage="encode")
-        await bus.publish(self._js, work_subject("encode", spec.model), pack(task), f"{spec.job_id}:encode")
+        task = StageTask(job=spec, stage=Stage.ENCODE)
+        await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task), task_msg_id(spec.job_id, Stage.ENCODE))
         return spec.job_id
 
     async def result(self, job_id: str, timeout: float = 600.0) -> Result:

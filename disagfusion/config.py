@@ -1,15 +1,19 @@
 """Settings, read from the environment (``DF_*``) so compose.yaml, the embedded launcher and a
-shell all configure a service the same way."""
+shell all configure a service the same way.
+
+Each group is its own class, so a process reads only what it uses: a client needs the bus; a
+stage worker (``Settings``) the bus, the tensor transports, its models and its worker loop.
+The engram store and the scheduler own their settings, in their service packages.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from disagfusion.engram.spec import EngramArenaSpec
 
 
 def comma_list(value: object) -> object:
@@ -21,27 +25,28 @@ def comma_list(value: object) -> object:
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
 """The cost profiles in the source tree (deploy/profiles/); the image copies them elsewhere."""
 
+_ENV = SettingsConfigDict(env_prefix="DF_", extra="ignore")
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DF_", extra="ignore")
+
+class BusSettings(BaseSettings):
+    """How to reach NATS, and what every service that connects to it shares."""
+
+    model_config = _ENV
 
     nats_url: str = "nats://127.0.0.1:4222"
+    results_max_age_s: int = Field(default=24 * 3600, ge=1)
+    """Results (and their large outputs) are kept this long."""
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    """How often a service tells JetStream it still works on what it holds, and the container
+    runtime that it is alive (at most every 5 s)."""
+
+
+class TransportSettings(BaseSettings):
+    """How stage outputs reach the next stage."""
+
+    model_config = _ENV
+
     redis_url: str = "redis://127.0.0.1:6379/0"
-
-    models_dir: Path = Path.home() / ".cache" / "disagfusion" / "models"
-    """Model directories live here, one per model name. The presets (tiny, small) are written
-    on first use; a real checkpoint is any diffusers directory placed (or linked) here."""
-    profiles_dir: Path = SHIPPED_PROFILES_DIR
-    """Runtime cost profiles (``<name>.json``) that emulated presets are written with."""
-    models: str = "tiny"
-    """Comma-separated model names this worker serves (one durable consumer each)."""
-
-    device: str = "cpu"
-    torch_threads: int = Field(default=0, ge=0)
-    """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
-    one host should share the cores rather than each take all of them."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
     transport: Literal["shm", "redis", "cuda_ipc"] = "shm"
     """How stage outputs reach the next stage: shm on one host, redis across hosts, cuda_ipc
     between processes on one GPU (CPU tensors then go through shm)."""
@@ -52,60 +57,33 @@ class Settings(BaseSettings):
     shm_dir: Path = Path("/dev/shm/disagfusion")
     blob_ttl_s: int = Field(default=3600, ge=1)
     """Orphaned tensor blobs (from crashed or abandoned jobs) are removed after this long."""
-
-    result_inline_max_bytes: int = Field(default=512 * 1024, ge=0)
-    """Outputs larger than this go to the DF_OUTPUTS object store instead of the result message."""
-    results_max_age_s: int = Field(default=24 * 3600, ge=1)
-
-    ack_wait_s: float = Field(default=30.0, gt=0)
-    """JetStream redelivers a task not acked within this; long stages send in-progress heartbeats."""
-    heartbeat_s: float = Field(default=5.0, gt=0)
-    max_deliver: int = Field(default=5, ge=1)
-    """After this many deliveries a task gets an error result instead of another try."""
-
-    pipeline: Literal["async", "sync"] = "async"
-    """async overlaps fetch, compute and send across jobs; sync runs one job at a time."""
-    prefetch: int = Field(default=2, ge=1)
-    """Jobs fetched ahead of the one computing (and outputs queued for sending)."""
-    max_in_flight: int = Field(default=4, ge=1)
-    """Jobs a worker holds at once, from fetch to ack; raised to 2 x max_batch when smaller."""
-    fetch_ahead_s: float = Field(default=1.0, ge=0)
-    """A busy worker fetches the next job only once what it has in hand (the rest of the batch
-    running and the jobs waiting for it, each timed as the last job of its shape here; a shape
-    not run yet counts as endless) will be done within this. Enough to hide a handoff behind
-    compute; not so much that a 14 s video job waits behind another while an idle instance
-    could start it. ``inf`` fetches up to ``max_in_flight`` at once."""
-    max_batch: int = Field(default=1, ge=1)
-    """Jobs computed together: prompts of one model at the encoder, jobs of one shape
-    (model, size, frames, steps, guidance) at dit and decoder. Set per stage service."""
-    max_batch_wait_ms: float = Field(default=0.0, ge=0)
-    """How long a batch waits for more jobs after its first one."""
-
     handoff_delay_ms: float = Field(default=0.0, ge=0)
     handoff_jitter_ms: float = Field(default=0.0, ge=0)
     """Injected delay per handoff, uniform in delay ± jitter: emulates a slow network in tests
     and benchmarks. Keep both 0 in production."""
-    drain_timeout_s: float = Field(default=60.0, ge=0)
-    """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
 
+
+class ModelSettings(BaseSettings):
+    """Which models a stage serves, and where and how it runs them."""
+
+    model_config = _ENV
+
+    models_dir: Path = Path.home() / ".cache" / "disagfusion" / "models"
+    """Model directories live here, one per model name. The presets (tiny, small) are written
+    on first use; a real checkpoint is any diffusers directory placed (or linked) here."""
+    profiles_dir: Path = SHIPPED_PROFILES_DIR
+    """Cost profiles (``<name>.yaml``): emulated presets are written with one of them, and the
+    scheduler's predictor starts from those of the models it sees."""
+    models: str = "tiny"
+    """Comma-separated model names this worker serves (one durable consumer each)."""
+    device: str = "cpu"
+    torch_threads: int = Field(default=0, ge=0)
+    """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
+    one host should share the cores rather than each take all of them."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     emulated_speed: float = Field(default=1.0, gt=0)
     """Speed factor of emulated accelerators (model family ``emulated``): 2.0 halves every
     profiled service time, for heterogeneous pools."""
-
-    worker_name: str = ""
-    """Shown in metrics and logs; defaults to host:pid."""
-
-    engram_arenas: str = ""
-    """Comma-separated arenas engram_store serves: a location (a file on tmpfs/hugetlbfs/fsdax/
-    famfs, /dev/daxX.Y) holding a built arena, or ``LOCATION<=SOURCE`` to build LOCATION (also
-    ``numa:<node>:<name>``) at start from SOURCE (an arena file or a .safetensors file). A
-    location that holds no arena yet (a missing file, or ``numa:`` without a source) is built
-    from DF_ENGRAM_SPEC: ``DF_ENGRAM_ARENAS=default`` serves the presets out of the box."""
-    engram_spec: EngramArenaSpec = EngramArenaSpec()
-    """JSON (``{"engram_vocab": [20000, 20000], "tokenizer": "/models/x/tokenizer"}``): the
-    arena engram_store builds for a location that holds none. The defaults fit the presets."""
-    engram_scratch_dir: Path = Path("/dev/shm/disagfusion-engram/scratch")
-    """Where same-host clients put the files engram_store writes "shm" lookup replies into."""
 
     engram_arena: str = ""
     """Engram layers in the text encoder: off when empty. An arena path maps it in the encoder
@@ -122,8 +100,52 @@ class Settings(BaseSettings):
         """``models`` as a list."""
         return comma_list(self.models)
 
+
+class WorkerSettings(BaseSettings):
+    """How a stage worker takes, batches and answers its tasks."""
+
+    model_config = _ENV
+
+    result_inline_max_bytes: int = Field(default=512 * 1024, ge=0)
+    """Outputs larger than this go to the DF_OUTPUTS object store instead of the result message."""
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    """JetStream redelivers a task not acked within this; long stages send in-progress heartbeats."""
+    max_deliver: int = Field(default=5, ge=1)
+    """After this many deliveries a task gets an error result instead of another try."""
+    pipeline: Literal["async", "sync"] = "async"
+    """async overlaps fetch, compute and send across jobs; sync runs one job at a time."""
+    prefetch: int = Field(default=2, ge=1)
+    """Jobs fetched ahead of the one computing (and outputs queued for sending)."""
+    max_in_flight: int = Field(default=4, ge=1)
+    """Jobs a worker holds at once, from fetch to ack; raised to 2 x max_batch when smaller."""
+    fetch_ahead_s: float = Field(default=1.0, ge=0)
+    """A busy worker fetches the next job only once what it has in hand (the rest of the batch
+    running and the jobs waiting for it, each timed as the last job of its shape here; a shape
+    not run yet counts as endless) will be done within this. Enough to hide a handoff behind
+    compute; not so much that a 14 s video job waits behind another while an idle instance
+    could start it. ``inf`` fetches up to ``max_in_flight`` at once; 0 fetches only when idle."""
+    max_batch: int = Field(default=1, ge=1)
+    """Jobs computed together: prompts of one model at the encoder, jobs of one shape
+    (model, size, frames, steps, guidance) at dit and decoder. Set per stage service."""
+    max_batch_mpx: float = Field(default=math.inf, gt=0)
+    """A batch holds at most this many megapixel-frames (``JobSpec.megapixel_frames``) beyond
+    its first job, so a batch of large images or videos does not outgrow the device's memory.
+    Unlimited by default; the encoder's batches have no pixels."""
+    max_batch_wait_ms: float = Field(default=0.0, ge=0)
+    """How long a batch waits for more jobs after its first one."""
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
+    worker_name: str = ""
+    """Shown in metrics and logs; defaults to host:pid."""
+
     @property
     def jobs_in_flight(self) -> int:
         """Jobs a stage worker holds at once, from fetch to ack: one with the sync pipeline,
         else ``max_in_flight`` raised to two batches (one computing, one being fetched)."""
         return 1 if self.pipeline == "sync" else max(self.max_in_flight, 2 * self.max_batch)
+
+
+class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings):
+    """Everything a stage service reads (``python -m services.encoder`` and its peers)."""
+
+    model_config = _ENV

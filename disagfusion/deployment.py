@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Protocol
 
 from disagfusion.config import Settings
+from disagfusion.errors import DisagFusionError
 from disagfusion.launcher import COMPOSE_FILE, Launcher, LauncherError, load_services
 
 
-class DeploymentError(RuntimeError):
-    pass
+class DeploymentError(DisagFusionError, RuntimeError):
+    """The running deployment could not be found or refused a change."""
 
 
 class Deployment(Protocol):

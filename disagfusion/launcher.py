@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from disagfusion.config import Settings, comma_list
+from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_age
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
@@ -62,8 +63,8 @@ class StackState(BaseModel):
     services: dict[str, list[Proc]] = {}
 
 
-class LauncherError(RuntimeError):
-    pass
+class LauncherError(DisagFusionError, RuntimeError):
+    """The embedded stack could not do what was asked (start, scale, find its state)."""
 
 
 def interpolate(value: str, environ: dict[str, str] | os._Environ = os.environ) -> str:

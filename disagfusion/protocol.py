@@ -1,4 +1,5 @@
-"""Every message that crosses NATS: pydantic models, subject names and the msgpack codec.
+"""Every name and message that crosses NATS: stages, subjects, streams and buckets, message ids,
+pydantic message models, the errors a message can carry, and the msgpack codec.
 
 Messages are msgpack maps validated by these models; ``v`` carries the schema version so a
 worker can refuse what it does not understand instead of guessing. Tensors never travel here
@@ -11,26 +12,65 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from disagfusion.transport.ref import TensorRef
+from disagfusion.errors import DisagFusionError
 
 SCHEMA_VERSION = 1
 
-STAGES = ("encode", "denoise", "decode")
-"""Stage names in pipeline order; the services running them are encoder, dit and decoder."""
+# --------------------------------------------------------------------- stages
 
-SERVICE_OF_STAGE = {"encode": "encoder", "denoise": "dit", "decode": "decoder"}
+
+class Stage(StrEnum):
+    """The three stages of every job, in pipeline order. A member is its wire name."""
+
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    DECODE = "decode"
+
+    @property
+    def service(self) -> str:
+        """The service that runs this stage (its compose service and ``services/`` package)."""
+        return _SERVICES[self]
+
+    @property
+    def next(self) -> Stage | None:
+        """The stage this one hands its output to; None after the last."""
+        following = STAGES.index(self) + 1
+        return STAGES[following] if following < len(STAGES) else None
+
+    @property
+    def is_last(self) -> bool:
+        return self.next is None
+
+    @classmethod
+    def of_service(cls, service: str) -> Stage | None:
+        """The stage ``service`` runs, or None for a service that runs none (the scheduler)."""
+        return next((stage for stage, name in _SERVICES.items() if name == service), None)
+
+
+STAGES: tuple[Stage, ...] = tuple(Stage)
+"""Stage names in pipeline order; the services running them are encoder, dit and decoder."""
+_SERVICES = {Stage.ENCODE: "encoder", Stage.DENOISE: "dit", Stage.DECODE: "decoder"}
+STAGE_SERVICES: tuple[str, ...] = tuple(_SERVICES.values())
+
+# --------------------------------------------------------------------- names on the bus
 
 WORK_STREAM = "DF_WORK"
 RESULTS_STREAM = "DF_RESULTS"
 OUTPUTS_BUCKET = "DF_OUTPUTS"
 HANDBACKS_BUCKET = "DF_HANDBACKS"
+SCHEDULER_BUCKET = "DF_SCHEDULER"
+SCHEDULER_STATUS_KEY = "status"
+SCHEDULER_PINS_KEY = "pins"
+ENGRAM_ARENAS_BUCKET = "DF_ENGRAM_ARENAS"
+ENGRAM_QUEUE_GROUP = "engram_store"
 
-# Model names become one NATS subject token, so they may not contain dots, spaces or wildcards.
+# Model names and job ids become one NATS subject token, so they may not contain dots, spaces or wildcards.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -50,19 +90,75 @@ def metrics_subject(stage: str) -> str:
     return f"df.metrics.{stage}"
 
 
-def next_stage(stage: str) -> str | None:
-    i = STAGES.index(stage)
-    return STAGES[i + 1] if i + 1 < len(STAGES) else None
+def ipc_release_subject(producer: str) -> str:
+    """Where a CUDA IPC producer hears that a consumer is done with one of its tensors."""
+    return f"df.ipc.release.{producer}"
+
+
+def engram_lookup_subject(arena: str) -> str:
+    """One subject per arena: services on one NATS may serve arenas with the same table names
+    (every arena built from a spec has ``compression``), and a lookup must reach a service
+    holding the arena the client read the descriptor of."""
+    return f"df.engram.lookup.{arena}"
+
+
+def task_msg_id(job_id: str, stage: str) -> str:
+    """``Nats-Msg-Id`` of a job's task for ``stage``: a replayed publish is stored once."""
+    return f"{job_id}:{stage}"
+
+
+def result_msg_id(job_id: str) -> str:
+    """``Nats-Msg-Id`` of a job's result: one result per job, whoever publishes it."""
+    return f"{job_id}:result"
+
+
+def consumer_name(stage: str, model: str) -> str:
+    """One durable pull consumer per (stage, model), shared by every instance of the stage."""
+    return f"{stage}-{model}"
+
+
+def parse_consumer_name(name: str) -> tuple[Stage, str] | None:
+    """(stage, model) of a stage's consumer from its name; None for any other consumer."""
+    stage, _, model = name.partition("-")
+    return (Stage(stage), model) if stage in STAGES and model else None
+
+
+def unserved_consumer_name(model: str) -> str:
+    """The short-lived consumer an encoder uses to answer jobs for a model nobody serves."""
+    return f"unserved-{model}"
+
+
+def handback_key(job_id: str, stage: str) -> str:
+    """Key in ``DF_HANDBACKS``: how often a draining worker handed this task back unstarted."""
+    return f"{job_id}.{stage}"
+
+
+def tensor_key(job_id: str, stage: str, name: str) -> str:
+    """The producer's name of one output tensor of a stage, part of its ``TensorRef.key``."""
+    return f"{job_id}.{stage}.{name}"
+
+
+def output_object_name(job_id: str, extension: str) -> str:
+    """A large output's object name in ``DF_OUTPUTS``."""
+    return f"{job_id}.{extension}"
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-class Message(BaseModel):
-    """Base of every wire message: strict about unknown fields, versioned."""
+# --------------------------------------------------------------------- messages
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors, and a value once received is not changed."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(Strict):
+    """Base of every wire message: strict about unknown fields, versioned."""
+
     v: int = SCHEMA_VERSION
 
     @field_validator("v")
@@ -105,6 +201,35 @@ class JobSpec(Message):
         prompts of one length (in powers of two, so keys stay few)."""
         return (*self.shape_key, len(self.prompt).bit_length() if stage == "encode" else 0)
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on: the DiT runs twice per step and the negative prompt
+        is encoded too."""
+        return self.guidance > 1.0
+
+    @property
+    def megapixel_frames(self) -> float:
+        """The size of the output, in millions of pixels times frames."""
+        return self.height * self.width * self.frames / 1e6
+
+
+TransportName = Literal["inline", "shm", "redis", "cuda_ipc"]
+
+
+class TensorRef(Strict):
+    """One stored tensor, as the next stage's task names it (inside a versioned ``StageTask``).
+    The bytes are the tensor's memory in C order; ``dtype`` is a numpy name or ``bfloat16``."""
+
+    transport: TransportName
+    key: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    checksum: str
+    """xxh3-64 of the raw bytes, hex. Fast enough (tens of GB/s) to check on every handoff."""
+    data: bytes | None = None
+    """The bytes themselves, for the inline transport only."""
+
 
 class StageTask(Message):
     """A unit of work on ``df.work.<stage>.<model>``: the job plus the previous stage's output."""
@@ -113,8 +238,24 @@ class StageTask(Message):
     stage: Literal["encode", "denoise", "decode"]
     tensors: dict[str, TensorRef] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
-    """Seconds of compute per stage so far (stage name → seconds), carried to the result."""
+    """Seconds of compute per job per stage so far (stage name → seconds: a batch's time over
+    its jobs), carried to the result."""
+    batch_sizes: dict[str, int] = Field(default_factory=dict)
+    """Jobs in the batch each stage so far ran this job in."""
     submitted_at: float = Field(default_factory=time.time)
+
+    def handed_on(self, tensors: dict[str, TensorRef], seconds: float, batch_size: int) -> StageTask:
+        """The next stage's task: this stage's outputs, and its time and batch size added."""
+        following = Stage(self.stage).next
+        if following is None:
+            raise ValueError(f"stage {self.stage} is the last: its output is the job's result")
+        timings, batch_sizes = self.with_stage(seconds, batch_size)
+        return StageTask(job=self.job, stage=following, tensors=tensors, timings=timings, batch_sizes=batch_sizes,
+                         submitted_at=self.submitted_at)
+
+    def with_stage(self, seconds: float, batch_size: int) -> tuple[dict[str, float], dict[str, int]]:
+        """``timings`` and ``batch_sizes`` with this stage's own added."""
+        return {**self.timings, self.stage: seconds}, {**self.batch_sizes, self.stage: batch_size}
 
 
 class Result(Message):
@@ -128,21 +269,40 @@ class Result(Message):
     stage: str | None = None
     content_type: str | None = None
     data: bytes | None = None
-    """Output bytes (PNG) when small enough to travel inline."""
+    """Output bytes (PNG, WebP) when small enough to travel inline."""
     object_name: str | None = None
     """Else the name of the output in the DF_OUTPUTS object store bucket."""
     width: int | None = None
     height: int | None = None
+    frames: int | None = None
+    """For a video: how many frames the output holds."""
     timings: dict[str, float] = Field(default_factory=dict)
+    batch_sizes: dict[str, int] = Field(default_factory=dict)
     submitted_at: float | None = None
     finished_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def ok(cls, task: StageTask, seconds: float, batch_size: int, **output: Any) -> Result:
+        """The result of a job whose last stage, ``task``, took ``seconds`` in a batch of
+        ``batch_size``; ``output`` holds the output fields (content_type, data or object_name, ...)."""
+        timings, batch_sizes = task.with_stage(seconds, batch_size)
+        return cls(job_id=task.job.job_id, status="ok", stage=task.stage, timings=timings, batch_sizes=batch_sizes,
+                   submitted_at=task.submitted_at, **output)
+
+    @classmethod
+    def failed(cls, job_id: str, error: str, stage: str, field: str | None = None) -> Result:
+        """A job that cannot be done: ``error`` says why in words a person can act on."""
+        return cls(job_id=job_id, status="error", error=error, field=field, stage=stage)
+
+
+ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error"]
 
 
 class ProgressEvent(Message):
     """Best-effort progress on ``df.events.<job_id>`` (core NATS, not persisted)."""
 
     job_id: str
-    kind: Literal["stage_started", "step", "stage_done", "done", "error"]
+    kind: ProgressKind
     stage: str | None = None
     step: int | None = None
     total: int | None = None
@@ -161,14 +321,68 @@ class TimingSample(Message):
     t: float = Field(default_factory=time.time)
 
 
-M = TypeVar("M", bound=Message)
+class IpcRelease(Message):
+    """A consumer is done with a CUDA IPC tensor: on ``df.ipc.release.<producer>``."""
+
+    key: str
+    """The tensor's name in the producer's registry."""
 
 
-def pack(message: Message) -> bytes:
-    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+class StageState(Message):
+    """The scheduler's view of one stage, part of ``SchedulerStatus``."""
+
+    stage: str
+    service: str
+    desired: int
+    running: int
+    backlog: int
+    """Tasks queued or held by a worker (num_pending + num_ack_pending)."""
+    in_flight: int
+    waiting: int
+    """Idle pull requests."""
+    arrival_rate: float
+    """Jobs per second entering the stage (smoothed)."""
+    throughput: float
+    """Jobs per second the stage finished (smoothed)."""
+    predicted_s: float | None = None
+    """Predicted seconds per job on the reference device, for the jobs measured."""
+    measured_s: float | None = None
+    predictor_error: float | None = None
+    """Running mean of |predicted - measured| / measured over the stage's models."""
+    pinned: bool = False
 
 
-class DecodeError(ValueError):
+class SchedulerStatus(Message):
+    """What the elastic scheduler publishes about itself each tick: JSON under key ``status``
+    of the KV bucket ``DF_SCHEDULER``."""
+
+    t: float = Field(default_factory=time.time)
+    policy: str
+    actuator: str
+    pool: str
+    tick_s: float
+    stages: list[StageState]
+    pins: dict[str, int] = Field(default_factory=dict)
+    """Replicas per service an operator fixed (``disagfusion scale``), until released."""
+    results: int = 0
+    """Results seen in the latency window."""
+    throughput: float = 0.0
+    """Results per second over the latency window."""
+    p50_s: float | None = None
+    p95_s: float | None = None
+    """End-to-end latency (submitted to finished) of the results in the window."""
+    last_error: str | None = None
+    """The last actuator failure, if the last apply failed."""
+
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether a scheduler published this recently enough to be running."""
+        return (now or time.time()) - self.t < max(30.0, 3 * self.tick_s)
+
+
+# --------------------------------------------------------------------- errors a message can carry
+
+
+class DecodeError(DisagFusionError, ValueError):
     """A message that is not valid msgpack or does not fit its model. ``job_id`` is set when it
     could still be read, so the worker can answer the job with an error result."""
 
@@ -176,6 +390,23 @@ class DecodeError(ValueError):
         super().__init__(message)
         self.job_id = job_id
         self.field = field
+
+
+class MissingBlobError(DisagFusionError, LookupError):
+    """The tensor a ``TensorRef`` points to is gone (expired, deleted or never written here)."""
+
+
+class ChecksumError(DisagFusionError, RuntimeError):
+    """The bytes a transport returned for a ``TensorRef`` are not the bytes that were stored."""
+
+
+# --------------------------------------------------------------------- codec
+
+M = TypeVar("M", bound=Message)
+
+
+def pack(message: Message) -> bytes:
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
 
 
 def unpack(model: type[M], data: bytes) -> M:
@@ -205,4 +436,3 @@ def _find_job_id(raw: Any) -> str | None:
     if isinstance(candidate, str) and _TOKEN.match(candidate):
         return candidate
     return None
-

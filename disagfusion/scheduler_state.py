@@ -1,66 +1,18 @@
-"""What the elastic scheduler publishes about itself, and the pins an operator sets: both live
-in the JetStream KV bucket ``DF_SCHEDULER``, so the CLI (and any NATS client) reads and writes
-them without importing the scheduler service."""
+"""Where the elastic scheduler's view and an operator's pins live: the JetStream KV bucket
+``DF_SCHEDULER``, so the CLI (and any NATS client) reads and writes them without importing the
+scheduler service. The records themselves are ``disagfusion.protocol.SchedulerStatus`` (JSON
+under key ``status``) and a JSON map of service → replicas (key ``pins``)."""
 
 from __future__ import annotations
-
-import json
-import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, Field
+from pydantic import TypeAdapter
 
-SCHEDULER_BUCKET = "DF_SCHEDULER"
-STATUS_KEY = "status"
-PINS_KEY = "pins"
+from disagfusion.protocol import SCHEDULER_BUCKET, SCHEDULER_PINS_KEY, SCHEDULER_STATUS_KEY, SchedulerStatus
 
-
-class StageState(BaseModel):
-    stage: str
-    service: str
-    desired: int
-    running: int
-    backlog: int
-    """Tasks queued or held by a worker (num_pending + num_ack_pending)."""
-    in_flight: int
-    waiting: int
-    """Idle pull requests."""
-    arrival_rate: float
-    """Jobs per second entering the stage (smoothed)."""
-    throughput: float
-    """Jobs per second the stage finished (smoothed)."""
-    predicted_s: float | None = None
-    """Predicted seconds per job on the reference device, for the jobs measured."""
-    measured_s: float | None = None
-    predictor_error: float | None = None
-    """Running mean of |predicted - measured| / measured over the stage's models."""
-    pinned: bool = False
-
-
-class SchedulerStatus(BaseModel):
-    t: float = Field(default_factory=time.time)
-    policy: str
-    actuator: str
-    pool: str
-    tick_s: float
-    stages: list[StageState]
-    pins: dict[str, int] = Field(default_factory=dict)
-    """Replicas per service an operator fixed (``disagfusion scale``), until released."""
-    results: int = 0
-    """Results seen in the latency window."""
-    throughput: float = 0.0
-    """Results per second over the latency window."""
-    p50_s: float | None = None
-    p95_s: float | None = None
-    """End-to-end latency (submitted to finished) of the results in the window."""
-    last_error: str | None = None
-    """The last actuator failure, if the last apply failed."""
-
-    def fresh(self, now: float | None = None) -> bool:
-        """Whether a scheduler published this recently enough to be running."""
-        return (now or time.time()) - self.t < max(30.0, 3 * self.tick_s)
+_PINS = TypeAdapter(dict[str, int])
 
 
 async def scheduler_bucket(js: JetStreamContext, create: bool = False) -> KeyValue | None:
@@ -77,18 +29,27 @@ async def read_status(js: JetStreamContext) -> SchedulerStatus | None:
     if kv is None:
         return None
     try:
-        entry = await kv.get(STATUS_KEY)
+        entry = await kv.get(SCHEDULER_STATUS_KEY)
     except KeyNotFoundError:
         return None
     return SchedulerStatus.model_validate_json(entry.value) if entry.value else None
 
 
+async def write_status(kv: KeyValue, status: SchedulerStatus) -> None:
+    await kv.put(SCHEDULER_STATUS_KEY, status.model_dump_json().encode())
+
+
+async def withdraw_status(kv: KeyValue) -> None:
+    """A scheduler that stops says so: ``disagfusion scale`` must not pin for one that is gone."""
+    await kv.delete(SCHEDULER_STATUS_KEY)
+
+
 async def read_pins(kv: KeyValue) -> dict[str, int]:
     try:
-        entry = await kv.get(PINS_KEY)
+        entry = await kv.get(SCHEDULER_PINS_KEY)
     except (KeyNotFoundError, NoKeysError):
         return {}
-    return {str(k): int(v) for k, v in json.loads(entry.value or b"{}").items()}
+    return _PINS.validate_json(entry.value or b"{}")
 
 
 async def update_pins(js: JetStreamContext, pin: dict[str, int], release: list[str] | None) -> dict[str, int]:
@@ -99,5 +60,5 @@ async def update_pins(js: JetStreamContext, pin: dict[str, int], release: list[s
     if release is not None:
         pins = {k: v for k, v in pins.items() if release and k not in release}
     pins.update(pin)
-    await kv.put(PINS_KEY, json.dumps(pins).encode())
+    await kv.put(SCHEDULER_PINS_KEY, _PINS.dump_json(pins))
     return pins

@@ -49,22 +49,25 @@ from disagfusion.health import health_path, write_health
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.protocol import (
-    SERVICE_OF_STAGE,
+    ChecksumError,
     DecodeError,
     JobSpec,
+    MissingBlobError,
     ProgressEvent,
     Result,
+    Stage,
     StageTask,
     TimingSample,
     events_subject,
     metrics_subject,
-    next_stage,
     pack,
+    result_msg_id,
     results_subject,
+    task_msg_id,
     unpack,
     work_subject,
 )
-from disagfusion.transport import ChecksumError, MissingBlobError, Transports
+from disagfusion.transport import Transports
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Job:
     inputs: Tensors = field(default_factory=dict)
     outputs: Tensors = field(default_factory=dict)
     compute_s: float = 0.0
+    """This job's share of its batch's compute time."""
+    batch_size: int = 1
 
     @property
     def spec(self) -> JobSpec:
@@ -93,7 +98,7 @@ class StageWorker:
         # The random tail keeps names unique where host and pid are not: replicas of one
         # container image with host networking all run as the same pid on the same host name.
         self.name = settings.worker_name or (
-            f"{SERVICE_OF_STAGE[stage]}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+            f"{Stage(stage).service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.model_names = settings.model_names
         self._load_model = load_model
@@ -136,7 +141,7 @@ class StageWorker:
         await self.setup()
         fetchers = []
         for name in self.model_names:
-            durable = await bus.ensure_consumer(self.js, self.stage, name, self.settings)
+            durable = await bus.ensure_consumer(self.js, self.stage, name, self.settings.ack_wait_s)
             sub = await self.js.pull_subscribe_bind(durable, bus.WORK_STREAM)
             fetchers.append(asyncio.create_task(self._fetch_loop(sub)))
         helpers = [
@@ -336,7 +341,7 @@ class StageWorker:
                 self._job_s[spec.cost_key(self.stage)] = seconds / len(specs)
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
-                job.outputs, job.compute_s = output, seconds
+                job.outputs, job.compute_s, job.batch_size = output, seconds / len(batch), len(batch)
                 # Before the output is published, so a client never sees the result first.
                 await self.publish_event(job.spec.job_id, "stage_done")
                 await self._to_send.put(job)
@@ -396,18 +401,10 @@ class StageWorker:
 
     async def emit(self, job: Job) -> None:
         """Ship a finished job downstream. The decoder overrides this to publish the result."""
-        nxt = next_stage(self.stage)
-        assert nxt is not None, f"stage {self.stage} must override emit()"
         spec = job.spec
         refs = await asyncio.to_thread(self._store_outputs, job)
-        task = StageTask(
-            job=spec,
-            stage=nxt,
-            tensors=refs,
-            timings={**job.task.timings, self.stage: job.compute_s},
-            submitted_at=job.task.submitted_at,
-        )
-        await bus.publish(self.js, work_subject(nxt, spec.model), pack(task), f"{spec.job_id}:{nxt}")
+        task = job.task.handed_on(refs, job.compute_s, job.batch_size)
+        await bus.publish(self.js, work_subject(task.stage, spec.model), pack(task), task_msg_id(spec.job_id, task.stage))
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -416,16 +413,20 @@ class StageWorker:
         }
 
     async def publish_result(self, result: Result) -> None:
-        await bus.publish(self.js, results_subject(result.job_id), pack(result), f"{result.job_id}:result")
+        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id))
+
+    async def reject(self, job_id: str, error: str, field: str | None = None) -> None:
+        """Answer a job that cannot be done: an ``error`` event, then its error result."""
+        log.warning("job %s rejected at %s: %s", job_id, self.stage, error)
+        await self.publish_event(job_id, "error")
+        await self.publish_result(Result.failed(job_id, error, self.stage, field))
 
     async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None) -> None:
         """Answer a job that cannot be done with an error result, and terminate its message."""
-        log.warning("job %s rejected at %s: %s", job_id or "<unreadable>", self.stage, error)
         if job_id is not None:
-            await self.publish_result(Result(job_id=job_id, status="error", error=error, field=field, stage=self.stage))
-            await self.publish_event(job_id, "error")
+            await self.reject(job_id, error, field)
         else:
-            log.error("dropping an unreadable message with no job id (subject %s)", msg.subject)
+            log.error("dropping an unreadable message with no job id (subject %s): %s", msg.subject, error)
         await msg.term()
         self._held.pop(id(msg), None)
 

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from disagfusion import bus
 from disagfusion.config import Settings
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, WORK_STREAM
+from disagfusion.protocol import STAGES, WORK_STREAM, parse_consumer_name
 
 
 class StageStatus(BaseModel):
@@ -29,13 +29,14 @@ async def stage_status(settings: Settings) -> list[StageStatus]:
         await stack.close()
     rows = []
     for info in consumers:
-        stage, _, model = info.name.partition("-")
-        if stage not in STAGES:
+        named = parse_consumer_name(info.name)
+        if named is None:
             continue
+        stage, model = named
         rows.append(
             StageStatus(
                 stage=stage,
-                service=SERVICE_OF_STAGE[stage],
+                service=stage.service,
                 model=model,
                 backlog=info.num_pending + info.num_ack_pending,
                 in_flight=info.num_ack_pending,

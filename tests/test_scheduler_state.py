@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import nats
 
-from disagfusion.scheduler_state import PINS_KEY, SchedulerStatus, STATUS_KEY, read_pins, read_status, scheduler_bucket, update_pins
+from disagfusion.protocol import SCHEDULER_PINS_KEY, SchedulerStatus
+from disagfusion.scheduler_state import read_pins, read_status, scheduler_bucket, update_pins, write_status
 
 
 async def test_pins_are_added_and_released(nats_server: str) -> None:
@@ -17,7 +18,7 @@ async def test_pins_are_added_and_released(nats_server: str) -> None:
         assert await update_pins(js, {}, ["dit"]) == {"encoder": 2}
         assert await update_pins(js, {"decoder": 1}, []) == {"decoder": 1}  # release all, then pin
         assert await read_pins(await scheduler_bucket(js)) == {"decoder": 1}
-        await (await scheduler_bucket(js)).delete(PINS_KEY)
+        await (await scheduler_bucket(js)).delete(SCHEDULER_PINS_KEY)
     finally:
         await nc.close()
 
@@ -28,7 +29,7 @@ async def test_status_round_trips_and_knows_when_it_is_stale(nats_server: str) -
     try:
         kv = await scheduler_bucket(js, create=True)
         status = SchedulerStatus(t=1000.0, policy="hybrid", actuator="local", pool="slot:6", tick_s=5.0, stages=[])
-        await kv.put(STATUS_KEY, status.model_dump_json().encode())
+        await write_status(kv, status)
         read = await read_status(js)
         assert read == status
         assert read.fresh(now=1010.0) and not read.fresh(now=1100.0)

@@ -33,6 +33,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.engram.hashing import NgramHasher
+from disagfusion.errors import DisagFusionError
 from disagfusion.engram.spec import RowDType
 
 MAGIC = b"DFENGRM\0"
@@ -52,7 +53,7 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class ArenaError(RuntimeError):
+class ArenaError(DisagFusionError, RuntimeError):
     """The arena cannot be opened or built as asked."""
 
 
@@ -60,7 +61,7 @@ class ArenaCorruptError(ArenaError):
     """The bytes in the arena are not the bytes it was built with."""
 
 
-class LookupRequestError(ValueError):
+class LookupRequestError(DisagFusionError, ValueError):
     """A lookup that names no table of the arena or a row outside its table."""
 
 

@@ -25,14 +25,15 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from disagfusion.engram import wire
+from disagfusion.errors import DisagFusionError
 from disagfusion.engram.arena import Arena, ArenaDirectory, LookupRequestError, TableInfo, numpy_dtype
 from disagfusion.engram.hashing import CompressionMap, NgramHasher
-from disagfusion.protocol import pack, unpack
+from disagfusion.protocol import ENGRAM_ARENAS_BUCKET, engram_lookup_subject, pack, unpack
 
 ReplyMode = Literal["chunks", "shm"]
 
 
-class EngramServiceError(RuntimeError):
+class EngramServiceError(DisagFusionError, RuntimeError):
     """The service could not be reached or did not answer in time."""
 
 
@@ -99,7 +100,7 @@ class RemoteRows:
             self._stop_loop()
             raise
         self.descriptor = descriptor
-        self._subject = wire.lookup_subject(descriptor.name)
+        self._subject = engram_lookup_subject(descriptor.name)
         self.directory = ArenaDirectory.model_validate_json(descriptor.directory_json)
         self._scratch = _ScratchFile(descriptor.scratch_dir) if reply == "shm" else None
         self._scratch_lock = threading.Lock()
@@ -109,7 +110,7 @@ class RemoteRows:
 
     async def _descriptor(self, arena: str | None) -> wire.ArenaDescriptor:
         try:
-            kv = await self._nc.jetstream().key_value(wire.ARENAS_BUCKET)
+            kv = await self._nc.jetstream().key_value(ENGRAM_ARENAS_BUCKET)
             names = [arena] if arena else await kv.keys()
             if len(names) != 1:
                 raise EngramServiceError(f"several arenas are published ({', '.join(sorted(names))}); name one")
@@ -118,7 +119,7 @@ class RemoteRows:
             raise
         except Exception as exc:  # no bucket, no key, or JetStream off: say what to start
             raise EngramServiceError(
-                f"arena {arena or '(any)'} is not published in KV bucket {wire.ARENAS_BUCKET}: "
+                f"arena {arena or '(any)'} is not published in KV bucket {ENGRAM_ARENAS_BUCKET}: "
                 f"is engram_store running? ({type(exc).__name__}: {exc})"
             ) from exc
         return unpack(wire.ArenaDescriptor, entry.value)

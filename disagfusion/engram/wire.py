@@ -4,6 +4,8 @@ A request is a msgpack ``LookupRequest`` on ``df.engram.lookup.<arena name>``. T
 bytes (row-major [n, dim], little-endian, the table's dtype) described by NATS headers, either
 in chunks that each fit the server's max_payload ("chunks") or written by the service straight
 into a scratch file under the shared scratch directory that the client named ("shm"; same host).
+The subject and the arenas' KV bucket are named in ``disagfusion.protocol`` with every other
+name on the bus.
 """
 
 from __future__ import annotations
@@ -14,16 +16,6 @@ from pydantic import Field
 
 from disagfusion.protocol import Message
 
-LOOKUP_PREFIX = "df.engram.lookup"
-SERVICE_QUEUE = "engram_store"
-
-
-def lookup_subject(arena: str) -> str:
-    """One subject per arena (``df.engram.lookup.<arena name>``): services on one NATS may serve
-    arenas with the same table names (every arena built from a spec has ``compression``), and
-    a lookup must reach a service holding the arena the client read the descriptor of."""
-    return f"{LOOKUP_PREFIX}.{arena}"
-ARENAS_BUCKET = "DF_ENGRAM_ARENAS"
 MAX_IDS_PER_REQUEST = 65536
 """512 KiB of ids: a request always fits NATS's default 1 MiB max_payload."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import JobSpec
 
 Tensors = dict[str, torch.Tensor]
@@ -23,7 +24,7 @@ StepCallback = Callable[[int, int], None]
 """Called as ``on_step(step, total)`` after each denoising step, from the compute thread."""
 
 
-class SpecError(ValueError):
+class SpecError(DisagFusionError, ValueError):
     """A job this model cannot run as asked; ``field`` names the JobSpec field to fix."""
 
     def __init__(self, field: str, message: str):

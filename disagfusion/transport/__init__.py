@@ -18,8 +18,9 @@ import torch
 
 from disagfusion.config import Settings
 from disagfusion.transport.redis import RedisTransport
-from disagfusion.transport.ref import ChecksumError, TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
-from disagfusion.transport.shm import MissingBlobError, ShmTransport
+from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef
+from disagfusion.transport.ref import describe, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.transport.shm import ShmTransport
 
 if TYPE_CHECKING:
     from disagfusion.transport.cuda_ipc import CudaIpcTransport

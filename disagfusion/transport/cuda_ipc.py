@@ -37,17 +37,10 @@ import nats
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from disagfusion.transport.ref import DTYPE_NAMES, DTYPES, TensorRef
-from disagfusion.transport.shm import MissingBlobError
+from disagfusion.protocol import IpcRelease, MissingBlobError, TensorRef, ipc_release_subject, pack, unpack
+from disagfusion.transport.ref import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
-
-RELEASE_SUBJECT_PREFIX = "df.ipc.release."
-
-
-def release_subject(producer: str) -> str:
-    return RELEASE_SUBJECT_PREFIX + producer
-
 
 class CudaIpcHandle(BaseModel):
     """Everything a consumer needs to map a producer's CUDA tensor, as msgpack-able fields."""
@@ -152,11 +145,11 @@ class ReleaseChannel:
 
         async def handle(msg) -> None:
             try:
-                self._on_release(msgpack.unpackb(msg.data, raw=False)["key"])
+                self._on_release(unpack(IpcRelease, msg.data).key)
             except Exception:
                 log.exception("bad CUDA IPC release message on %s", msg.subject)
 
-        await nc.subscribe(release_subject(self.producer), cb=handle)
+        await nc.subscribe(ipc_release_subject(self.producer), cb=handle)
         await nc.flush()
         return nc
 
@@ -170,7 +163,7 @@ class ReleaseChannel:
 
     def send(self, producer: str, key: str) -> None:
         async def publish() -> None:
-            await self._nc.publish(release_subject(producer), msgpack.packb({"key": key}))
+            await self._nc.publish(ipc_release_subject(producer), pack(IpcRelease(key=key)))
             await self._nc.flush()
 
         self._call(publish())

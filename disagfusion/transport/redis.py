@@ -6,8 +6,8 @@ import redis
 
 import torch
 
-from disagfusion.transport.ref import TensorRef, describe, tensor_bytes, tensor_from_buffer, verify
-from disagfusion.transport.shm import MissingBlobError
+from disagfusion.protocol import MissingBlobError, TensorRef
+from disagfusion.transport.ref import describe, tensor_bytes, tensor_from_buffer, verify
 
 KEY_PREFIX = "df:blob:"
 

@@ -1,20 +1,18 @@
-"""TensorRef: how a tensor is named on the wire, and the raw-byte view of a tensor.
+"""The raw-byte view of a tensor, as every transport stores it.
 
 A stage output is a set of named tensors. Each is stored by a transport and described by a
-``TensorRef``; the consumer asks the same transport kind for it back. The bytes are the
-tensor's own memory in C order, so any language can rebuild it from dtype and shape.
+``TensorRef`` (``disagfusion.protocol``); the consumer asks the same transport kind for it
+back. The bytes are the tensor's own memory in C order, so any language can rebuild it from
+dtype and shape.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict
 
-TransportName = Literal["inline", "shm", "redis", "cuda_ipc"]
+from disagfusion.protocol import ChecksumError, TensorRef, TransportName
 
 # Wire names are numpy-style names, plus bfloat16 which numpy lacks.
 DTYPES: dict[str, torch.dtype] = {
@@ -30,24 +28,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class TensorRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    transport: TransportName
-    key: str
-    dtype: str
-    shape: list[int]
-    nbytes: int
-    checksum: str
-    """xxh3-64 of the raw bytes, hex. Fast enough (tens of GB/s) to check on every handoff."""
-    data: bytes | None = None
-    """The bytes themselves, for the inline transport only."""
-
-
-class ChecksumError(RuntimeError):
-    """The bytes a transport returned are not the bytes that were stored."""
 
 
 def checksum(buf: memoryview | bytes | np.ndarray) -> str:

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import xxhash
 
-from disagfusion.transport.ref import DTYPE_NAMES, ChecksumError, TensorRef, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef
+from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer, verify
 
 HEADER_BYTES = mmap.PAGESIZE
 """The slot's data starts on the next page, so it can be mapped on its own."""
@@ -65,10 +66,6 @@ _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid), for open-file-description
 locks: unlike classic fcntl locks, closing another descriptor of the file (a mapping's
 duplicate, a janitor's probe) does not drop them, and the kernel drops them when the process dies."""
-
-
-class MissingBlobError(LookupError):
-    """The tensor a message points to is gone (expired, deleted or never written here)."""
 
 
 def pack_word(generation: int, pins: int, state: int) -> int:

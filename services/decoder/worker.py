@@ -1,17 +1,20 @@
-"""The last stage: its output is not a tensor for another stage but the job's result."""
+"""The last stage: its output is not a tensor for another stage but the job's result: a PNG for
+an image, a lossless animated WebP for a video (the decoder's ``video`` tensor)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import time
 
 import numpy as np
 from PIL import Image
 
 from disagfusion import bus
-from disagfusion.protocol import Result
+from disagfusion.protocol import Result, output_object_name
 from disagfusion.stage import Job, StageWorker
+
+VIDEO_FPS = 16
+"""Frame rate written into animated outputs until a job can ask for one."""
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -20,29 +23,35 @@ def encode_png(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def encode_webp(video: np.ndarray, fps: int = VIDEO_FPS) -> bytes:
+    """Frames [F, H, W, 3] as a lossless animated WebP: every frame's pixels come back exactly."""
+    frames = [Image.fromarray(frame) for frame in video]
+    out = io.BytesIO()
+    frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:], lossless=True,
+                   duration=round(1000 / fps), loop=0)
+    return out.getvalue()
+
+
 class DecoderWorker(StageWorker):
     async def setup(self) -> None:
         self.outputs = await bus.outputs_bucket(self.js)
 
     async def emit(self, job: Job) -> None:
-        spec = job.spec
-        image = job.outputs["image"].numpy()
-        png = await asyncio.to_thread(encode_png, image)
-        result = Result(
-            job_id=spec.job_id,
-            status="ok",
-            content_type="image/png",
-            width=image.shape[1],
-            height=image.shape[0],
-            timings={**job.task.timings, self.stage: job.compute_s},
-            submitted_at=job.task.submitted_at,
-            finished_at=time.time(),
-        )
-        if len(png) <= self.settings.result_inline_max_bytes:
-            result = result.model_copy(update={"data": png})
+        if "video" in job.outputs:
+            video = job.outputs["video"].numpy()
+            data = await asyncio.to_thread(encode_webp, video)
+            kind, extension, (frames, height, width) = "image/webp", "webp", video.shape[:3]
         else:
-            name = f"{spec.job_id}.png"
-            await self.outputs.put(name, png)
-            result = result.model_copy(update={"object_name": name})
-        await self.publish_event(spec.job_id, "done")
+            image = job.outputs["image"].numpy()
+            data = await asyncio.to_thread(encode_png, image)
+            kind, extension, (height, width), frames = "image/png", "png", image.shape[:2], None
+        if len(data) <= self.settings.result_inline_max_bytes:
+            where = {"data": data}
+        else:
+            name = output_object_name(job.spec.job_id, extension)
+            await self.outputs.put(name, data)
+            where = {"object_name": name}
+        result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=kind, width=width, height=height,
+                           frames=frames, **where)
+        await self.publish_event(job.spec.job_id, "done")
         await self.publish_result(result)

@@ -13,8 +13,16 @@ import logging
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
-from disagfusion import bus
-from disagfusion.protocol import WORK_STREAM, DecodeError, Result, StageTask, unpack, work_subject
+from disagfusion.protocol import (
+    WORK_STREAM,
+    DecodeError,
+    Stage,
+    StageTask,
+    parse_consumer_name,
+    unpack,
+    unserved_consumer_name,
+    work_subject,
+)
 from disagfusion.stage import StageWorker
 
 log = logging.getLogger(__name__)
@@ -35,21 +43,21 @@ class EncoderWorker(StageWorker):
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _sweep(self) -> None:
-        info = await self.js.stream_info(WORK_STREAM, subjects_filter=work_subject("encode", "*"))
+        info = await self.js.stream_info(WORK_STREAM, subjects_filter=work_subject(Stage.ENCODE, "*"))
         waiting = info.state.subjects or {}
         if not waiting:
             return
-        served = {c.name for c in await self.js.consumers_info(WORK_STREAM)}
-        known = sorted(name.removeprefix("encode-") for name in served if name.startswith("encode-"))
+        consumers = [parse_consumer_name(c.name) for c in await self.js.consumers_info(WORK_STREAM)]
+        known = sorted(model for stage, model in filter(None, consumers) if stage == Stage.ENCODE)
         for subject in waiting:
             model = subject.rsplit(".", 1)[1]
-            if bus.consumer_name("encode", model) not in served:
+            if model not in known:
                 await self._reject_all(subject, model, known)
 
     async def _reject_all(self, subject: str, model: str, known: list[str]) -> None:
         # A WorkQueue stream allows one consumer per subject; this one is removed right after,
         # so an encoder that starts serving the model later can create its own.
-        durable = f"unserved-{model}"
+        durable = unserved_consumer_name(model)
         sub = await self.js.pull_subscribe(
             subject, durable=durable, stream=WORK_STREAM, config=ConsumerConfig(inactive_threshold=30.0)
         )
@@ -66,7 +74,7 @@ class EncoderWorker(StageWorker):
                         job_id = exc.job_id
                     if job_id is not None:
                         error = f"unknown model {model!r}: no encoder serves it (served models: {', '.join(known) or 'none'})"
-                        await self.publish_result(Result(job_id=job_id, status="error", error=error, field="model", stage="encode"))
+                        await self.reject(job_id, error, field="model")
                     await msg.term()
         finally:
             await sub.unsubscribe()

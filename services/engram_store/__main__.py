@@ -2,7 +2,8 @@ import asyncio
 
 import typer
 
-from disagfusion.config import Settings, comma_list
+from disagfusion.config import comma_list
+from services.engram_store.config import EngramStoreSettings
 from services.engram_store.store import serve
 
 
@@ -11,7 +12,7 @@ def main(
         [], help="LOCATION or LOCATION<=SOURCE; repeatable. Defaults to DF_ENGRAM_ARENAS."
     ),
 ) -> None:
-    settings = Settings()
+    settings = EngramStoreSettings()
     entries = arena or comma_list(settings.engram_arenas)
     asyncio.run(serve(settings, entries))
 

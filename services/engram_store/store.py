@@ -23,13 +23,13 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 
 from disagfusion.bus import connect
-from disagfusion.config import Settings
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, Location, numpy_dtype
 from disagfusion.engram.build import OwnedArena, build, from_source, from_spec
 from disagfusion.engram.spec import EngramArenaSpec
 from disagfusion.health import health_path, write_health
-from disagfusion.protocol import DecodeError, pack, unpack
+from disagfusion.protocol import ENGRAM_ARENAS_BUCKET, ENGRAM_QUEUE_GROUP, DecodeError, engram_lookup_subject, pack, unpack
+from services.engram_store.config import EngramStoreSettings
 
 log = logging.getLogger("engram_store")
 _HEADER_ROOM = 4096
@@ -94,7 +94,7 @@ class ScratchMaps:
 
 
 class EngramStore:
-    def __init__(self, settings: Settings, entries: list[str]) -> None:
+    def __init__(self, settings: EngramStoreSettings, entries: list[str]) -> None:
         if not entries:
             raise SystemExit("engram_store needs at least one arena (--arena or DF_ENGRAM_ARENAS)")
         self.settings = settings
@@ -124,14 +124,14 @@ class EngramStore:
         self.nc = nc
         js = nc.jetstream()
         try:
-            kv = await js.key_value(wire.ARENAS_BUCKET)
+            kv = await js.key_value(ENGRAM_ARENAS_BUCKET)
         except BucketNotFoundError:
-            kv = await js.create_key_value(bucket=wire.ARENAS_BUCKET, history=1)
+            kv = await js.create_key_value(bucket=ENGRAM_ARENAS_BUCKET, history=1)
         for name, descriptor in self.descriptors().items():
             await kv.put(name, pack(descriptor))
         for name, arena in self.arenas.items():
-            await nc.subscribe(wire.lookup_subject(name), queue=wire.SERVICE_QUEUE, cb=functools.partial(self.handle, arena))
-            log.info("serving arena %s (tables %s) on %s", name, [t.name for t in arena.directory.tables], wire.lookup_subject(name))
+            await nc.subscribe(engram_lookup_subject(name), queue=ENGRAM_QUEUE_GROUP, cb=functools.partial(self.handle, arena))
+            log.info("serving arena %s (tables %s) on %s", name, [t.name for t in arena.directory.tables], engram_lookup_subject(name))
         await nc.flush()  # the server knows the subscriptions before anyone is told we serve
 
     async def handle(self, arena: Arena, msg: Msg) -> None:
@@ -181,7 +181,7 @@ class EngramStore:
     async def stop(self) -> None:
         if self.nc is not None:
             try:
-                kv = await self.nc.jetstream().key_value(wire.ARENAS_BUCKET)
+                kv = await self.nc.jetstream().key_value(ENGRAM_ARENAS_BUCKET)
                 for name in self.arenas:
                     await kv.delete(name)
             finally:
@@ -193,7 +193,7 @@ class EngramStore:
                 os.close(owned.numa_fd)
 
 
-async def serve(settings: Settings, entries: list[str]) -> None:
+async def serve(settings: EngramStoreSettings, entries: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engram_store %(levelname)s %(message)s")
     store = EngramStore(settings, entries)
     stopping = asyncio.Event()
@@ -209,7 +209,7 @@ async def serve(settings: Settings, entries: list[str]) -> None:
     await store.stop()
 
 
-async def _heartbeat(nc: NatsClient, settings: Settings, detail: str) -> None:
+async def _heartbeat(nc: NatsClient, settings: EngramStoreSettings, detail: str) -> None:
     """The container HEALTHCHECK's file, touched only while connected: lookups are served."""
     path = health_path()
     while True:

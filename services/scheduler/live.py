@@ -23,8 +23,20 @@ from pydantic_settings import NoDecode
 from disagfusion import bus
 from disagfusion.config import Settings, comma_list
 from disagfusion.health import health_path, write_health
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES, WORK_STREAM, DecodeError, Result, StageTask, TimingSample, unpack
-from disagfusion.scheduler_state import SchedulerStatus, StageState, read_pins, scheduler_bucket, STATUS_KEY
+from disagfusion.protocol import (
+    STAGES,
+    WORK_STREAM,
+    DecodeError,
+    Result,
+    SchedulerStatus,
+    Stage,
+    StageState,
+    StageTask,
+    TimingSample,
+    consumer_name,
+    unpack,
+)
+from disagfusion.scheduler_state import read_pins, scheduler_bucket, withdraw_status, write_status
 from services.scheduler.actuators import Actuator
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
@@ -36,7 +48,6 @@ from services.scheduler.pool import Allocation, Pool, deployment_replicas, empty
 from services.scheduler.predictor import Predictor
 
 log = logging.getLogger(__name__)
-STAGE_OF_SERVICE = {service: stage for stage, service in SERVICE_OF_STAGE.items()}
 
 
 CommaPaths = Annotated[list[Path], NoDecode, BeforeValidator(comma_list)]
@@ -101,7 +112,7 @@ def fleet_of(running: dict[str, int], pool: Pool, template: str) -> Allocation:
     for stage in STAGES:
         for c in pool.classes:
             if stage in c.stages:
-                name = template.format(service=SERVICE_OF_STAGE[stage], device=c.name, stage=stage)
+                name = template.format(service=stage.service, device=c.name, stage=stage)
                 if running.get(name):
                     allocation[stage][c.name] = running[name]
     return allocation
@@ -161,7 +172,7 @@ class LiveScheduler:
             total, found = _Counts(), False
             for model in self.models:
                 try:
-                    info = await js.consumer_info(WORK_STREAM, bus.consumer_name(stage, model))
+                    info = await js.consumer_info(WORK_STREAM, consumer_name(stage, model))
                 except NotFoundError:
                     continue  # no worker of this stage has started yet
                 found = True
@@ -184,14 +195,14 @@ class LiveScheduler:
         await self.consumer_counts(js)
         obs = self.feedback.snapshot(now, per_stage(fleet.running))
         pins = await read_pins(kv)
-        stage_pins = {STAGE_OF_SERVICE[s]: n for s, n in pins.items() if s in STAGE_OF_SERVICE}
+        stage_pins = {stage: n for s, n in pins.items() if (stage := Stage.of_service(s)) is not None}
         if self.policy is None:
             self.policy = self._initial_policy(fleet)
         allocation = self.policy.decide(obs, fleet, stage_pins)
         desired = workload_names(allocation, self.pool, self.template)
         self.start_changes(desired, running)
         status = self.status(now, obs, allocation, running, pins)
-        await kv.put(STATUS_KEY, status.model_dump_json().encode())
+        await write_status(kv, status)
         return status
 
     def start_changes(self, desired: dict[str, int], running: dict[str, int]) -> None:
@@ -230,7 +241,7 @@ class LiveScheduler:
             stages.append(
                 StageState(
                     stage=stage,
-                    service=SERVICE_OF_STAGE[stage],
+                    service=stage.service,
                     desired=wanted[stage],
                     running=serving[stage],
                     backlog=view.backlog,
@@ -241,7 +252,7 @@ class LiveScheduler:
                     predicted_s=view.predicted_s,
                     measured_s=view.measured_s,
                     predictor_error=sum(stage_errors) / len(stage_errors) if stage_errors else None,
-                    pinned=SERVICE_OF_STAGE[stage] in pins,
+                    pinned=stage.service in pins,
                 )
             )
         results, throughput, p50, p95 = self.latency.summary(now)
@@ -285,7 +296,7 @@ class LiveScheduler:
             # that stopped (it takes a recent status for a running scheduler). Best effort: with
             # NATS already gone the status goes stale on its own.
             try:
-                await kv.delete(STATUS_KEY)
+                await withdraw_status(kv)
             except Exception:
                 log.warning("could not withdraw the scheduler's status", exc_info=True)
         finally:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from disagfusion.protocol import SERVICE_OF_STAGE, STAGES
+from disagfusion.protocol import STAGES
 
 
 class DeviceClass(BaseModel):
@@ -115,7 +115,7 @@ def deployment_replicas(allocation: Allocation, pool: Pool, template: str) -> di
     for stage in STAGES:
         for c in pool.classes:
             if stage in c.stages:
-                name = template.format(service=SERVICE_OF_STAGE[stage], device=c.name, stage=stage)
+                name = template.format(service=stage.service, device=c.name, stage=stage)
                 replicas[name] = replicas.get(name, 0) + allocation.get(stage, {}).get(c.name, 0)
     return replicas
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from disagfusion.protocol import STAGES, JobSpec, TimingSample, next_stage
+from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
 from services.scheduler.feedback import Feedback
@@ -292,7 +292,7 @@ class Simulation:
         instance.timed.update(r.spec.cost_key(instance.stage) for r in batch)
         if self.observe:
             self._report(instance, batch)
-        following = next_stage(instance.stage)
+        following = Stage(instance.stage).next
         for record in batch:
             if following is None:
                 record.done = self.now

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from compose_support import Batch, ComposeStack, cli, compose_client, specs_for
-from disagfusion.bus import consumer_name
+from disagfusion.protocol import consumer_name
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import Launcher, load_services

@@ -19,7 +19,7 @@ from disagfusion.engram.build import build, random_filler
 from disagfusion.engram.client import EngramClient, EngramServiceError
 from disagfusion.engram.spec import EngramArenaSpec
 from disagfusion.health import health_age
-from disagfusion.protocol import unpack
+from disagfusion.protocol import ENGRAM_ARENAS_BUCKET, engram_lookup_subject, unpack
 from tests.engram.conftest import new_arena_path, start_engram_store, stop_engram_store
 from tests.engram.test_client import engram_arena, expected_embeddings
 
@@ -78,7 +78,7 @@ def test_service_refuses_bad_ids_and_tables(nats_server: str, served: tuple[str,
 async def raw_request(nats_url: str, arena: str, payload: bytes) -> dict[str, str]:
     nc = await nats.connect(nats_url)
     try:
-        msg = await nc.request(wire.lookup_subject(arena), payload, timeout=10)
+        msg = await nc.request(engram_lookup_subject(arena), payload, timeout=10)
         return msg.headers or {}
     finally:
         await nc.close()
@@ -112,7 +112,7 @@ def test_descriptors_are_published_and_withdrawn(nats_server: str, shm_arena_pat
     async def descriptor() -> wire.ArenaDescriptor | None:
         nc = await nats.connect(nats_server)
         try:
-            kv = await nc.jetstream().key_value(wire.ARENAS_BUCKET)
+            kv = await nc.jetstream().key_value(ENGRAM_ARENAS_BUCKET)
             try:
                 return unpack(wire.ArenaDescriptor, (await kv.get(name)).value)
             except nats.js.errors.KeyNotFoundError:

@@ -11,7 +11,7 @@ import pytest
 
 from disagfusion import bus
 from disagfusion.client import Client
-from disagfusion.protocol import WORK_STREAM, JobSpec, new_job_id, work_subject
+from disagfusion.protocol import WORK_STREAM, JobSpec, consumer_name, new_job_id, task_msg_id, work_subject
 
 GOOD = JobSpec(prompt="x", steps=2, width=64, height=64).model_dump(mode="python")
 
@@ -36,7 +36,7 @@ async def test_invalid_spec_gets_error_result_naming_the_field(stack, changes, f
     model = changes.get("model", "tiny")
     async with Client(stack.client_settings()) as client:
         started = time.monotonic()
-        await bus.publish(client._js, work_subject("encode", model), payload, f"{job_id}:encode")
+        await bus.publish(client._js, work_subject("encode", model), payload, task_msg_id(job_id, "encode"))
         result = await client.result(job_id, timeout=5)
         assert time.monotonic() - started < 5
         assert result.status == "error"
@@ -64,5 +64,5 @@ async def _assert_nothing_left(client: Client, model: str) -> None:
         await asyncio.sleep(0.1)
     assert not info.state.subjects, f"messages left in the work queue: {info.state.subjects}"
     if model == "tiny":
-        consumer = await client._js.consumer_info(WORK_STREAM, bus.consumer_name("encode", model))
+        consumer = await client._js.consumer_info(WORK_STREAM, consumer_name("encode", model))
         assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0

@@ -20,7 +20,8 @@ from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.protocol import JobSpec, Result, unpack
-from disagfusion.scheduler_state import SchedulerStatus, read_status
+from disagfusion.protocol import SchedulerStatus
+from disagfusion.scheduler_state import read_status
 from services.scheduler.deploy_actuators import ComposeActuator
 from services.scheduler.live import LatencyWindow, LiveScheduler, LiveSettings, build, fleet_of
 from services.scheduler.pool import parse_pool

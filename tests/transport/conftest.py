@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from disagfusion.transport.ref import TensorRef
+from disagfusion.protocol import TensorRef
 from disagfusion.transport.shm import PeerSlot, parse_key
 
 

@@ -18,8 +18,8 @@ from disagfusion.config import Settings
 from disagfusion.protocol import JobSpec, StageTask, pack, unpack
 from disagfusion.transport import Transports
 from disagfusion.transport.cuda_ipc import CudaIpcHandle, LeaseRegistry, ReleaseChannel
-from disagfusion.transport.ref import TensorRef, checksum, tensor_bytes
-from disagfusion.transport.shm import MissingBlobError
+from disagfusion.protocol import MissingBlobError, TensorRef
+from disagfusion.transport.ref import checksum, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(
@@ -101,7 +101,8 @@ CONSUMER = textwrap.dedent(
     import sys, torch
     from disagfusion.config import Settings
     from disagfusion.transport import Transports
-    from disagfusion.transport.ref import TensorRef, checksum, tensor_bytes
+    from disagfusion.protocol import TensorRef
+    from disagfusion.transport.ref import checksum, tensor_bytes
     ref = TensorRef.model_validate_json(sys.stdin.read())
     transports = Transports(Settings(transport="cuda_ipc", nats_url=sys.argv[1]))
     tensor = transports.get(ref)

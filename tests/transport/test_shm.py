@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disagfusion.transport.ref import TensorRef
-from disagfusion.transport.shm import MissingBlobError, ShmTransport, parse_key, size_class
+from disagfusion.protocol import MissingBlobError, TensorRef
+from disagfusion.transport.shm import ShmTransport, parse_key, size_class
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = 300_000  # 1.2 MB
