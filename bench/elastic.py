@@ -50,7 +50,7 @@ from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
 from disagfusion.profiles import CostProfile as RuntimeProfile
 from disagfusion.profiles import StageCost
-from disagfusion.protocol import STAGES, JobSpec, Result, unpack
+from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.model_profiles import from_runtime
@@ -58,7 +58,7 @@ from services.scheduler.planner import oracle_schedule, phase_metrics, simulate
 from services.scheduler.policies import Scheduled, make_policy
 from services.scheduler.pool import Allocation, parse_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor
-from services.scheduler.simulation import BatchLimits, JobRecord, SharedStartup
+from services.scheduler.simulation import JobRecord, SharedStartup, deployed_workers
 from services.scheduler.trace import TraceEntry
 
 BENCH = Path(__file__).resolve().parent
@@ -89,16 +89,6 @@ SETTINGS = dict(tick_s=1.0, horizon_s=10.0, stabilisation_s=10.0, arrival_tau_s=
 # ready in 1.5-1.9 s and six started at once all ready after 6.2 s (median), i.e. each needs about
 # 2.1 s of one of the 2 cores (mostly importing torch), so ten at once take about 10 s.
 SHARED_STARTUP = SharedStartup(alone_s=1.7, cpu_s=2.1, cores=2)
-
-
-def live_worker_limits() -> dict[str, BatchLimits | int | float]:
-    """The stage workers' batching and fetching ahead (DF_MAX_BATCH, DF_MAX_IN_FLIGHT,
-    DF_FETCH_AHEAD_S; the bench leaves them at their defaults), for the simulation to run the
-    fleet the live run runs: batches of ``max_batch`` and up to the rest of the in-flight jobs
-    held behind them, fetched in the running batch's last ``fetch_ahead_s``."""
-    worker = Settings()
-    return {"limits": BatchLimits(jobs=dict.fromkeys(STAGES, worker.max_batch)),
-            "holds": worker.jobs_in_flight - worker.max_batch, "fetch_ahead_s": worker.fetch_ahead_s}
 
 
 SCHEDULER_ENV = {
@@ -268,12 +258,15 @@ def main() -> None:
     pool, profiles = parse_pool(POOL), predictor_profiles()
     entries = trace(phase_s, args.load, args.seed, settings)
     truth = Predictor(profiles)
-    oracle = oracle_schedule(entries, pool, profiles, settings)
+    # The stage workers' batching and fetching ahead as the live stack runs them (the bench
+    # leaves DF_MAX_BATCH, DF_MAX_IN_FLIGHT and DF_FETCH_AHEAD_S at their defaults): the oracle
+    # is searched, and every policy simulated, with the fleet the live run runs.
+    workers = deployed_workers(Settings())
+    oracle = oracle_schedule(entries, pool, profiles, settings, workers=workers)
     console.print(f"{len(entries)} jobs in 4 phases of {phase_s:.0f} s at load {args.load}; oracle: "
                   + "; ".join(str(services_of(a)) for _, a in oracle))
     static = oracle[0][1]
     rows, timelines, load_avg = [], {}, {}
-    worker_limits = live_worker_limits()
     for name in POLICIES:
         # The simulation is random too (service-time noise, which pull JetStream serves): its
         # figure is the mean over --sim-seeds runs of the same trace, with their spread.
@@ -281,7 +274,7 @@ def main() -> None:
         for sim_seed in range(args.sim_seeds):
             policy = Scheduled("oracle", oracle) if name == "oracle" else make_policy(name, pool, settings, static=static)
             result, _, sim_truth = simulate(entries, pool, policy, profiles, settings, initial=static, seed=sim_seed,
-                                            shared_startup=SHARED_STARTUP, **worker_limits)
+                                            shared_startup=SHARED_STARTUP, workers=workers)
             runs.append(rows_of(name, "simulated", result.jobs, sim_truth))
         rows += mean_rows(runs)
     with tempfile.TemporaryDirectory(prefix="df-elastic-") as tmp:

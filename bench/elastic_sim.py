@@ -32,16 +32,28 @@ from rich.table import Table  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from traces import four_phase_trace  # noqa: E402
 
+from disagfusion.config import WorkerSettings  # noqa: E402
 from disagfusion.protocol import STAGES  # noqa: E402
 from services.scheduler.config import PROFILES_DIR, SchedulerSettings  # noqa: E402
 from services.scheduler.planner import oracle_schedule, phases_of, report, simulate  # noqa: E402
 from services.scheduler.policies import Scheduled, make_policy  # noqa: E402
 from services.scheduler.pool import parse_pool, per_stage  # noqa: E402
 from services.scheduler.predictor import load_profiles  # noqa: E402
+from services.scheduler.simulation import deployed_workers  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 POLICIES = ["static", "lag", "threshold", "predictor", "hybrid", "oracle"]
 
+
+# The stage workers of an accelerator fleet, as its deployment would set them per service:
+# large batches (a text encoder batches 16 prompts; a DiT or VAE 8 jobs of a shape, at most 4
+# megapixel-frames, so a video runs alone) and no fetching ahead (DF_FETCH_AHEAD_S=0: a busy
+# instance leaves the queue to idle ones).
+FLEET_WORKERS = {
+    "encode": WorkerSettings(max_batch=16, fetch_ahead_s=0),
+    "denoise": WorkerSettings(max_batch=8, max_batch_mpx=4.0, fetch_ahead_s=0),
+    "decode": WorkerSettings(max_batch=8, max_batch_mpx=4.0, fetch_ahead_s=0),
+}
 
 PROFILE_ERROR = {"encode": 0.5, "denoise": 1.5, "decode": 2.0}
 """What the predicting policies' starting profile is off by, per stage (predicted / true): as if
@@ -54,9 +66,10 @@ def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: i
     profiles = load_profiles([PROFILES_DIR])
     start = {key: p.scaled(profile_error) for key, p in profiles.items()}
     settings = SchedulerSettings()
+    workers = deployed_workers(FLEET_WORKERS)
     trace = four_phase_trace(pool, phase_s, load, seed)
     started = time.perf_counter()
-    oracle = oracle_schedule(trace, pool, profiles, settings)
+    oracle = oracle_schedule(trace, pool, profiles, settings, workers=workers)
     search_s = time.perf_counter() - started
     console.print(f"[bold]{name}[/]: pool {pool_text}, {len(trace)} jobs, phases of {phase_s:.0f} s at load {load}; "
                   f"oracle search {search_s:.1f} s: " + "; ".join(str(per_stage(a)) for _, a in oracle))
@@ -68,7 +81,7 @@ def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: i
         # Every policy's scheduler starts from the same wrong profile (only predictor and hybrid
         # use it) and refines it from timing samples; the oracle was found with the true one.
         result, predictor, truth = simulate(trace, pool, policy, start, settings, initial=static, seed=seed,
-                                            truth_profiles=profiles)
+                                            truth_profiles=profiles, workers=workers)
         plan = report(policy_name, pool_text, result, truth, predictor)
         timelines[policy_name] = result.timeline
         for phase in plan.phases:

@@ -397,7 +397,7 @@ def generate(
     if result.status != "ok":
         _fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
     output.write_bytes(data)
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    stages = ", ".join(f"{k} {v:.2f}s{_batched(result.batch_sizes.get(k, 1))}" for k, v in result.timings.items())
     console.print(f"wrote {output} ({result.width}x{result.height}); {stages}", soft_wrap=True)
 
 
@@ -444,7 +444,7 @@ def submit(
                     i = index[result.job_id]
                     entry = {"job_id": result.job_id, "prompt": specs[i].prompt, "status": result.status,
                              "latency_s": result.finished_at - (result.submitted_at or started),
-                             "timings": result.timings}
+                             "timings": result.timings, "batch_sizes": result.batch_sizes}
                     if result.status == "ok":
                         name = f"{i:04d}-{result.job_id}.png"
                         (out / name).write_bytes(await client.output(result))
@@ -472,5 +472,11 @@ def _print_summary(manifest: list[dict], elapsed: float, out: Path) -> None:
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     console.print(f"latency p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s")
     split = {stage: statistics.mean(m["timings"].get(stage, 0.0) for m in ok) for stage in STAGES}
+    batches = {stage: statistics.mean(m["batch_sizes"].get(stage, 1) for m in ok) for stage in STAGES}
     total = sum(split.values()) or 1.0
-    console.print("mean stage time: " + ", ".join(f"{s} {t:.3f} s ({100 * t / total:.0f}%)" for s, t in split.items()))
+    console.print("mean stage time per job: " + ", ".join(
+        f"{s} {t:.3f} s ({100 * t / total:.0f}%, batches of {batches[s]:.3g})" for s, t in split.items()))
+
+
+def _batched(size: int) -> str:
+    return f" (batch of {size})" if size > 1 else ""

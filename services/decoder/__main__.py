@@ -1,4 +1,4 @@
-from disagfusion.stage import main
+from disagfusion.worker.stage_worker import main
 from services.decoder.worker import DecoderWorker
 
 main("decode", DecoderWorker)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from disagfusion import bus
 from disagfusion.protocol import Result, output_object_name
-from disagfusion.stage import Job, StageWorker
+from disagfusion.worker.stage_worker import Job, StageWorker
 
 VIDEO_FPS = 16
 """Frame rate written into animated outputs until a job can ask for one."""

@@ -1,3 +1,3 @@
-from disagfusion.stage import main
+from disagfusion.worker.stage_worker import main
 
 main("denoise")

@@ -1,4 +1,5 @@
-"""The first stage, which also answers jobs sent for a model nobody serves.
+"""The first stage, which batches any prompts of a model and answers jobs sent for a model
+nobody serves.
 
 Jobs enter the system on ``df.work.encode.<model>``. If no encoder serves that model, no
 consumer reads the subject and the job would wait in the stream forever. The encoder looks
@@ -23,7 +24,8 @@ from disagfusion.protocol import (
     unserved_consumer_name,
     work_subject,
 )
-from disagfusion.stage import StageWorker
+from disagfusion.worker import policy
+from disagfusion.worker.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,9 @@ SWEEP_INTERVAL_S = 1.0
 
 
 class EncoderWorker(StageWorker):
+    batch_key = staticmethod(policy.by_model)
+    """A text encoder pads every prompt to one length, so any prompts of a model share a batch."""
+
     async def setup(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_loop())
 

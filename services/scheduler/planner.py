@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -17,7 +17,7 @@ from services.scheduler.controller import Controller
 from services.scheduler.policies import Policy, Scheduled, make_policy
 from services.scheduler.pool import Allocation, Pool, empty_allocation, fit_to_pool, per_stage
 from services.scheduler.predictor import CostProfile, Predictor
-from services.scheduler.simulation import JobRecord, SimResult, Simulation
+from services.scheduler.simulation import JobRecord, SimResult, Simulation, StageWorkers
 from services.scheduler.trace import TraceEntry
 
 SLO_FACTOR = 5.0
@@ -154,16 +154,19 @@ def search_static(
     settings: SchedulerSettings,
     exhaustive_up_to: int = 24,
     rounds: int = 6,
+    workers: Mapping[str, StageWorkers] | None = None,
 ) -> tuple[Allocation, PhaseReport]:
     """The static allocation with the best throughput on ``trace`` (then best p95), every
     instance ready from the start. Small single-class pools: every composition. Otherwise: start
     from the demand ratio the controller's placement gives, then hill-climb moving slots between
-    stages (in halving steps), each candidate judged by simulation."""
+    stages (in halving steps), each candidate judged by simulation of instances that take work
+    as ``workers`` say (default: as this environment's stage settings would)."""
     shifted = [entry.model_copy(update={"t": entry.t - trace[0].t}) for entry in trace]
 
     def score(allocation: Allocation) -> tuple[tuple[float, float], PhaseReport]:
         static = Scheduled("static", [(0.0, allocation)])
-        result, _, truth = simulate(shifted, pool, static, profiles, settings, initial=allocation, observe=False)
+        result, _, truth = simulate(shifted, pool, static, profiles, settings, initial=allocation, observe=False,
+                                    workers=workers)
         metrics = phase_metrics("search", result.jobs, truth)
         # Throughputs within 1% are a tie (the measured span jitters); then lower p95 wins.
         bucket = math.floor(math.log(metrics.throughput) / math.log(1.01)) if metrics.throughput > 0 else -math.inf
@@ -211,12 +214,17 @@ def search_static(
 
 
 def oracle_schedule(
-    trace: Sequence[TraceEntry], pool: Pool, profiles: dict[str, CostProfile], settings: SchedulerSettings
+    trace: Sequence[TraceEntry],
+    pool: Pool,
+    profiles: dict[str, CostProfile],
+    settings: SchedulerSettings,
+    workers: Mapping[str, StageWorkers] | None = None,
 ) -> list[tuple[float, Allocation]]:
     """The best static allocation of each phase, switched to when the phase begins."""
     schedule = []
     for name, start, _ in phases_of(trace):
-        allocation, _ = search_static([e for e in trace if (e.phase or "all") == name], pool, profiles, settings)
+        phase = [e for e in trace if (e.phase or "all") == name]
+        allocation, _ = search_static(phase, pool, profiles, settings, workers=workers)
         schedule.append((start, allocation))
     return schedule
 

@@ -2,7 +2,8 @@
 per-stage queues, instances on device classes that start up before they pull, batches whose
 service time comes from a cost profile, instances that drain (finish their batch) when scaled
 down, and a scheduler tick that runs the very same Feedback, Predictor and Policy code the
-live scheduler runs."""
+live scheduler runs. Instances batch and fetch ahead by the live stage worker's own rules
+(``disagfusion.worker.policy``), with limits from the same settings a deployment gives it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
+from disagfusion.config import WorkerSettings
 from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
+from disagfusion.worker import policy
+from disagfusion.worker.policy import BatchKey, WorkerLimits
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
 from services.scheduler.feedback import Feedback
@@ -24,13 +29,27 @@ from services.scheduler.predictor import Predictor, prompt_tokens
 from services.scheduler.trace import TraceEntry
 
 
-@dataclass
-class BatchLimits:
-    """How much one instance pulls at once (jobs share a batch only with the same shape)."""
+@dataclass(frozen=True)
+class StageWorkers:
+    """How the instances of one stage take work: the live worker's limits, and which jobs may
+    share a batch (the rule the stage's service supplies)."""
 
-    jobs: dict[str, int] = field(default_factory=lambda: {"encode": 16, "denoise": 8, "decode": 8})
-    mpx: float = 4.0
-    """DiT and decoder batches hold at most this many megapixel-frames (a video is alone)."""
+    limits: WorkerLimits
+    batch_key: BatchKey
+
+
+BATCH_KEYS: dict[str, BatchKey] = {Stage.ENCODE: policy.by_model, Stage.DENOISE: policy.by_shape, Stage.DECODE: policy.by_shape}
+"""The batch rule each stage service supplies: services/encoder's ``EncoderWorker.batch_key``;
+the dit and the decoder keep the worker's."""
+
+
+def deployed_workers(settings: WorkerSettings | Mapping[str, WorkerSettings] | None = None) -> dict[str, StageWorkers]:
+    """Each stage's instances as a deployment with these worker settings runs them: one
+    ``WorkerSettings`` for every stage, or one per stage (as compose sets ``DF_MAX_BATCH`` per
+    service); by default the settings of this process's environment."""
+    settings = WorkerSettings() if settings is None else settings
+    per_stage = settings if isinstance(settings, Mapping) else dict.fromkeys(STAGES, settings)
+    return {stage: StageWorkers(WorkerLimits.of(per_stage[stage]), BATCH_KEYS[stage]) for stage in STAGES}
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,8 @@ class Instance:
     timed: set[tuple] = field(default_factory=set)
     """Cost keys of the jobs it has run: the live worker's estimates of what it holds."""
     held: deque[JobRecord] = field(default_factory=deque)
-    """Jobs fetched ahead of the batch running (see ``Simulation.holds``)."""
+    """Jobs it holds besides the batch running: fetched ahead, or carried from a pull whose
+    other jobs did not share their batch."""
     draining: bool = False
     gone: bool = False
 
@@ -110,7 +130,7 @@ class Simulation:
         settings: SchedulerSettings,
         truth: Predictor,
         initial: Allocation | None = None,
-        limits: BatchLimits | None = None,
+        workers: Mapping[str, StageWorkers] | None = None,
         noise: float = 0.05,
         seed: int = 0,
         kills: Sequence[tuple[float, str]] = (),
@@ -119,27 +139,20 @@ class Simulation:
         max_time: float | None = None,
         observe: bool = True,
         shared_startup: SharedStartup | None = None,
-        holds: int = 0,
-        fetch_ahead_s: float = math.inf,
     ):
         self.trace, self.pool, self.policy, self.settings = trace, pool, policy, settings
         self.predictor = predictor
         self.truth = truth
-        self.limits = limits or BatchLimits()
+        self.workers = deployed_workers() if workers is None else workers
+        """Per stage, the live worker's limits and batch rule: JetStream may hand a task to a
+        busy instance's pull (one fetching ahead) while another instance idles; the task then
+        waits behind the running batch, and a draining instance hands it back to the head of
+        the queue."""
         self.noise, self.rng = noise, random.Random(seed)
         self.feedback = Feedback(predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.redeliver_after_s = redeliver_after_s
         self.max_time = max_time
         self.shared_startup = shared_startup
-        self.holds = holds
-        """Jobs a busy instance fetches ahead, as the live stage worker does (``max_in_flight``
-        less its batch): JetStream may hand a task to a busy instance's pull while another
-        instance idles, the task then waits behind the running batch, and a draining instance
-        hands it back to the head of the queue. 0: instances pull only when idle."""
-        self.fetch_ahead_s = fetch_ahead_s
-        """A busy instance fetches ahead only once the work in its hands (the rest of its running
-        batch and the jobs it holds) will be done within this, as the live worker's
-        ``DF_FETCH_AHEAD_S``."""
         self.observe = observe
         """False for policies that ignore observations (static ones): the search for the oracle
         runs many simulations and need not feed the scheduler's predictor."""
@@ -232,26 +245,25 @@ class Simulation:
         jitter = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise else 1.0
         return base * jitter / device.speed_for(stage)
 
-    def _take_batch(self, stage: str, source: deque[JobRecord], sharers: int) -> list[JobRecord]:
-        first = source.popleft()
-        batch = [first]
-        # Share what waits among the idle instances instead of one instance taking it all.
-        limit = min(self.limits.jobs[stage], max(1, math.ceil((len(source) + 1) / sharers)))
-        key = first.spec.shape_key
-        unit = first.spec.height * first.spec.width * first.spec.frames / 1e6
-        if stage != "encode":
-            limit = min(limit, max(1, int(self.limits.mpx // unit)))
-        while source and len(batch) < limit and source[0].spec.shape_key == key:
-            batch.append(source.popleft())
-        return batch
+    def _pull(self, stage: str, sharers: int) -> list[JobRecord]:
+        """What an idle instance's pull brings: the tasks at the head of the queue, up to a
+        batch, the waiting ones shared among the idle instances' pulls."""
+        queue = self.queues[stage]
+        most = min(self.workers[stage].limits.max_batch, max(1, math.ceil(len(queue) / sharers)))
+        return [queue.popleft() for _ in range(min(most, len(queue)))]
 
-    def _start(self, instance: Instance, batch: list[JobRecord]) -> None:
-        instance.batch = batch
-        instance.batch_seconds = self._service_time(instance.stage, batch, instance.device)
+    def _start(self, instance: Instance, jobs: list[JobRecord]) -> None:
+        """Run the next batch of ``jobs`` (in the order the instance got them); it holds the
+        others for the batches after."""
+        workers = self.workers[instance.stage]
+        instance.batch, rest = policy.split_batch(jobs, attrgetter("spec"), workers.batch_key, workers.limits)
+        instance.held = deque(rest)
+        instance.batch_seconds = self._service_time(instance.stage, instance.batch, instance.device)
         instance.batch_ends = self.now + instance.batch_seconds
         self._push(instance.batch_ends, "done", instance)
-        if self.holds and instance.batch_seconds > self.fetch_ahead_s:
-            self._push(instance.batch_ends - self.fetch_ahead_s, "fetch", instance.stage)
+        ahead_s = workers.limits.fetch_ahead_s
+        if workers.limits.holds and instance.batch_seconds > ahead_s:
+            self._push(instance.batch_ends - ahead_s, "fetch", instance.stage)
 
     def _dispatch(self, stage: str) -> None:
         idle, queue = self.idle[stage], self.queues[stage]
@@ -262,28 +274,35 @@ class Simulation:
                 self.rng.choice(ahead).held.append(queue.popleft())
             elif idle:
                 instance = idle.pop()
-                self._start(instance, self._take_batch(stage, queue, len(idle) + 1))
+                self._start(instance, self._pull(stage, len(idle) + 1))
             else:
                 break
 
     def _fetching_ahead(self, stage: str) -> list[Instance]:
         """Busy instances of ``stage`` with a pull waiting for the job after theirs."""
-        if not self.holds:
+        limits = self.workers[stage].limits
+        if not limits.holds:
             return []
         return [
             i for i in self.instances
-            if i.stage == stage and i.batch and len(i.held) < self.holds and not (i.gone or i.draining)
-            and self._in_hand_s(i) <= self.fetch_ahead_s
+            if i.stage == stage and i.batch and len(i.held) < limits.holds and not (i.gone or i.draining)
+            and policy.may_fetch_ahead(self._in_hand_s(i), limits)
         ]
 
     def _in_hand_s(self, instance: Instance) -> float:
         """What the live worker estimates is left in its hands: the rest of its running batch
         and the held jobs' service times; unknown (infinite) while it holds a shape it has not
         run yet."""
-        if any(r.spec.cost_key(instance.stage) not in instance.timed for r in (*instance.batch, *instance.held)):
-            return math.inf
-        speed = instance.device.speed_for(instance.stage)
-        return instance.batch_ends - self.now + sum(self.truth.predict(instance.stage, [r.spec]) / speed for r in instance.held)
+        stage, speed = instance.stage, instance.device.speed_for(instance.stage)
+
+        def timed(spec: JobSpec) -> bool:
+            return spec.cost_key(stage) in instance.timed
+
+        def estimate(spec: JobSpec) -> float:
+            return self.truth.predict(stage, [spec]) / speed if timed(spec) else math.inf
+
+        running_left = instance.batch_ends - self.now if all(timed(r.spec) for r in instance.batch) else math.inf
+        return policy.seconds_in_hand(running_left, (r.spec for r in instance.held), estimate)
 
     def _finish(self, instance: Instance) -> None:
         if instance.gone:
@@ -299,7 +318,7 @@ class Simulation:
             else:
                 self._enqueue(following, record)
         if instance.held:
-            self._start(instance, self._take_batch(instance.stage, instance.held, 1))
+            self._start(instance, list(instance.held))
         elif instance.draining:
             instance.gone = True
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from disagfusion.protocol import STAGES
+from disagfusion.worker.policy import WorkerLimits
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import Controller, FleetState
 from services.scheduler.feedback import Observation
@@ -12,7 +13,7 @@ from services.scheduler.planner import simulate
 from services.scheduler.policies import Scheduled
 from services.scheduler.pool import Allocation, parse_pool
 from services.scheduler.predictor import CostProfile, Predictor
-from services.scheduler.simulation import BatchLimits, SharedStartup
+from services.scheduler.simulation import BATCH_KEYS, SharedStartup, StageWorkers
 
 from .conftest import small_image, steady, video
 
@@ -108,20 +109,25 @@ def test_instances_starting_together_share_the_host(profiles: dict[str, CostProf
     assert ready[5] - 5.0 >= 5.0
 
 
+def batches_of_one(holds: int, fetch_ahead_s: float = math.inf) -> dict[str, StageWorkers]:
+    """Workers that batch nothing and hold up to ``holds`` jobs ahead, fetched in the last
+    ``fetch_ahead_s`` of their work (0 holds: they pull only when idle)."""
+    limits = WorkerLimits(max_batch=1, holds=holds, fetch_ahead_s=fetch_ahead_s)
+    return {stage: StageWorkers(limits, BATCH_KEYS[stage]) for stage in STAGES}
+
+
 def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
-    """``holds`` models the live worker's fetching ahead: a held job waits behind its instance's
+    """Holding jobs models the live worker's fetching ahead: a held job waits behind its instance's
     running job even while another instance idles, a draining instance hands it back, and a
     dead one's come back after AckWait. Fetching only in the last ``fetch_ahead_s`` of the
     running job (the worker's DF_FETCH_AHEAD_S) all but removes the wait."""
-    one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
     trace = steady(video, 0.12, 0.0, 200.0)
     many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
     few = {"encode": {"slot": 1}, "denoise": {"slot": 2}, "decode": {"slot": 1}}
 
     def run(holds: int, fetch_ahead_s: float = math.inf) -> tuple[list[float], int]:
         policy = Scheduled("step-down", [(0.0, many), (60.0, few)])
-        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many, limits=one, holds=holds,
-                                fetch_ahead_s=fetch_ahead_s)
+        result, _, _ = simulate(trace, POOL, policy, profiles, settings, initial=many, workers=batches_of_one(holds, fetch_ahead_s))
         assert len(result.jobs) == len(trace) and all(not math.isnan(r.done) for r in result.jobs)
         return [r.done - r.arrived for r in result.jobs], result.redelivered
 
@@ -132,13 +138,12 @@ def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: d
     assert max(ahead) > max(alone)
     assert max(late) < max(ahead) and sum(late) < sum(ahead)
     busy = steady(video, 0.5, 0.0, 60.0)  # more than two DiTs serve: each holds jobs ahead
-    result, _, _ = simulate(busy, POOL, Scheduled("few", [(0.0, few)]), profiles, settings, initial=few, limits=one,
-                            holds=3, kills=[(40.0, "denoise")])
+    result, _, _ = simulate(busy, POOL, Scheduled("few", [(0.0, few)]), profiles, settings, initial=few, workers=batches_of_one(3), kills=[(40.0, "denoise")])
     assert result.redelivered >= 2  # the running job and those held behind it
     assert all(not math.isnan(r.done) for r in result.jobs)
     one_dit = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
     policy = Scheduled("step-down", [(0.0, few), (30.0, one_dit)])
-    result, _, _ = simulate(busy, POOL, policy, profiles, settings, initial=few, limits=one, holds=3)
+    result, _, _ = simulate(busy, POOL, policy, profiles, settings, initial=few, workers=batches_of_one(3))
     assert result.handed_back == 3  # the DiT scaled away held three, full as every busy DiT is
     assert result.redelivered == 0 and all(not math.isnan(r.done) for r in result.jobs)
 
@@ -159,7 +164,6 @@ def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: dict[str, Cos
     """JetStream's num_waiting counts the pull of a busy worker in its last DF_FETCH_AHEAD_S as
     well as an idle one's; the threshold policy reads utilisation from it, so the simulation
     must count both."""
-    one = BatchLimits(jobs={"encode": 1, "denoise": 1, "decode": 1})
     alone = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
     every = Predictor(profiles).predict("denoise", [video(0)]) + 0.5  # the DiT idles half a second per job
     trace = steady(video, 1.0 / every, 0.0, 20 * every)
@@ -167,7 +171,15 @@ def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: dict[str, Cos
 
     def waiting_ticks(holds: int) -> int:
         policy = _Watching(alone)
-        simulate(trace, POOL, policy, profiles, often, initial=alone, limits=one, holds=holds, fetch_ahead_s=2.0)
+        simulate(trace, POOL, policy, profiles, often, initial=alone, workers=batches_of_one(holds, 2.0))
         return sum(1 for w in policy.waiting if w)
 
     assert waiting_ticks(3) > 1.5 * waiting_ticks(0)
+
+
+def test_the_simulation_batches_by_the_rules_the_stage_services_supply() -> None:
+    from disagfusion.worker.stage_worker import StageWorker  # the dit runs it as it is
+    from services.decoder.worker import DecoderWorker
+    from services.encoder.worker import EncoderWorker
+
+    assert BATCH_KEYS == {"encode": EncoderWorker.batch_key, "denoise": StageWorker.batch_key, "decode": DecoderWorker.batch_key}

@@ -15,7 +15,7 @@ from disagfusion import bus
 from disagfusion.config import Settings
 from disagfusion.models.base import StageModel, Tensors
 from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, pack, unpack, work_subject
-from disagfusion.stage import StageWorker
+from disagfusion.worker.stage_worker import StageWorker
 from disagfusion.transport import Transports
 
 
@@ -28,6 +28,7 @@ class SlowModel(StageModel):
         self.seconds = seconds
         self.batches: list[list[tuple]] = []
         """The shape key of every job, per batch run."""
+        self.job_ids: list[list[str]] = []
 
     def check(self, spec: JobSpec) -> None:
         pass
@@ -35,6 +36,7 @@ class SlowModel(StageModel):
     def run(self, specs, inputs, on_step=None) -> list[Tensors]:
         time.sleep(self.seconds)
         self.batches.append([spec.shape_key for spec in specs])
+        self.job_ids.append([spec.job_id for spec in specs])
         return [{"latents": x["embeds"] * 2} for x in inputs]
 
 
@@ -129,6 +131,22 @@ async def test_batches_group_jobs_of_one_shape_and_keep_every_job(run_worker: Wo
         assert torch.equal(latents, torch.full((4,), 2.0 * output.job.seed))
 
 
+async def test_a_batched_job_reports_its_share_of_the_batch_and_the_batch_size(run_worker: Worker, nats_server: str) -> None:
+    """Timings are seconds per job: a batch of n that held the device for s seconds gives each
+    of its jobs s/n, and says n."""
+    jobs = specs(4)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    model = await run_worker(SlowModel(0.4), max_batch=4, max_batch_wait_ms=300)
+    outputs = await collect_outputs(stack, len(jobs))
+    await stack.close()
+    size_of = {job_id: len(batch) for batch in model.job_ids for job_id in batch}
+    for _, output in outputs:
+        n = output.batch_sizes["denoise"]
+        assert n == size_of[output.job.job_id]
+        assert 0.4 / n <= output.timings["denoise"] < 0.4 * 2 / n  # its share, not the whole batch's 0.4 s
+    assert max(size_of.values()) > 1, f"no batching happened: {model.job_ids}"
+
+
 async def test_a_busy_worker_leaves_jobs_it_cannot_start_soon_to_an_idle_one(run_worker: Worker, nats_server: str) -> None:
     """Once a worker has timed a shape at 1.5 s, it fetches the next job of that shape only in
     the last DF_FETCH_AHEAD_S of the running one (before it has timed it, not at all): the jobs
@@ -159,11 +177,11 @@ async def test_a_worker_takes_no_job_ahead_of_a_shape_it_has_not_timed(nats_serv
     worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: model)
     running = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 30
-    while not worker._held:
+    while not worker.held:
         assert time.monotonic() < deadline, "the worker took no job"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-    assert len(worker._held) == 1, f"the worker took {len(worker._held)} jobs before it had timed one"
+    assert worker.held == 1, f"the worker took {worker.held} jobs before it had timed one"
     outputs = await collect_outputs(stack, len(jobs))
     worker.stop()
     await asyncio.wait_for(running, 30)
@@ -184,8 +202,8 @@ async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Wo
     worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: leaving)
     running = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 30
-    while len(worker._held) < len(jobs):  # one computing, three fetched ahead
-        assert time.monotonic() < deadline, f"the worker took only {len(worker._held)} of {len(jobs)} jobs"
+    while worker.held < len(jobs):  # one computing, three fetched ahead
+        assert time.monotonic() < deadline, f"the worker took only {worker.held} of {len(jobs)} jobs"
         await asyncio.sleep(0.05)
     staying = await run_worker(SlowModel(0.05), max_deliver=1)
     worker.stop()

@@ -1,30 +1,4 @@
-"""The worker every stage service runs.
-
-A ``StageWorker`` serves one stage (encode, denoise or decode) for the models in
-``DF_MODELS``. Each job goes through three parts joined by bounded queues:
-
-    fetcher  ──▶  compute  ──▶  sender
-    pull the task and      run the model in a     store outputs, publish
-    load its input         thread, so the loop    downstream, ack the input,
-    tensors                keeps fetching/sending  then delete the input tensors
-
-In ``async`` mode (the default) the three overlap: while job k computes, job k+1's tensors
-are being fetched and job k-1's outputs shipped. ``DF_PIPELINE=sync`` allows one job in
-flight, which runs the same parts one after another, for comparison. A busy worker fetches
-the next job only when the work in hand will be done within ``DF_FETCH_AHEAD_S``: a job
-fetched ahead waits behind it, and JetStream may give it to this worker's pull while another
-instance idles.
-
-Delivery: the input is acked only after the output's publish is acknowledged by JetStream,
-and input tensors are deleted only after that, so a crash at any point leaves the task to be
-redelivered and replayed. Publishes carry ``Nats-Msg-Id = <job_id>:<stage>`` so replays are
-harmless. Bad input (undecodable message, invalid spec, missing blob, too many deliveries)
-ends in an error result and a terminated message, never a redelivery loop.
-
-SIGTERM/SIGINT drain the worker: it stops pulling, finishes and acks the batch it is running,
-hands back (nak) the jobs it fetched ahead but has not started, so that the instances that stay
-start them at once, and exits.
-"""
+"""The worker every stage service runs: ``StageWorker`` and the services' entry point ``main``."""
 
 from __future__ import annotations
 
@@ -38,10 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
 from disagfusion import bus
 from disagfusion.config import Settings
@@ -54,6 +27,7 @@ from disagfusion.protocol import (
     JobSpec,
     MissingBlobError,
     ProgressEvent,
+    ProgressKind,
     Result,
     Stage,
     StageTask,
@@ -64,10 +38,13 @@ from disagfusion.protocol import (
     result_msg_id,
     results_subject,
     task_msg_id,
+    tensor_key,
     unpack,
     work_subject,
 )
 from disagfusion.transport import Transports
+from disagfusion.worker import policy
+from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +69,77 @@ class Job:
 
 
 class StageWorker:
+    """Serves one stage (encode, denoise or decode) of the models in ``DF_MODELS``.
+
+    Each job goes through three parts joined by bounded queues::
+
+        fetcher  ──▶  compute  ──▶  sender
+        pull the task and      run the model in a     store outputs, publish
+        load its input         thread, so the loop    downstream, ack the input,
+        tensors                keeps fetching/sending  then delete the input tensors
+
+    In ``async`` mode the three overlap: while job k computes, job k+1's tensors are being
+    fetched and job k-1's outputs shipped, so handoffs hide behind compute. Which jobs share a
+    batch is the service's rule (``batch_key``: by shape here; the encoder batches by model);
+    how many, and when a busy worker takes its next job, are ``disagfusion.worker.policy``'s.
+
+    Delivery: the input is acked only after the output's publish is acknowledged by JetStream,
+    and input tensors are deleted only after that, so a crash at any point leaves the task to
+    be redelivered and replayed. Publishes carry ``Nats-Msg-Id = <job_id>:<stage>`` so replays
+    are harmless. Bad input (undecodable message, invalid spec, missing blob, too many
+    deliveries) ends in an error result and a terminated message, never a redelivery loop.
+
+    SIGTERM/SIGINT drain the worker: it stops pulling, hands back (nak) the jobs it fetched
+    ahead but has not started, so that the instances that stay start them at once, finishes and
+    acks the batch it is running, and exits.
+
+    Options (``disagfusion.config.Settings``, from ``DF_*`` variables):
+
+    - ``models``: the models served, one shared durable consumer each.
+    - ``pipeline``: ``async`` overlaps fetch, compute and send; ``sync`` holds one job at a time.
+    - ``max_in_flight``: jobs held at once from fetch to ack (at least two batches).
+    - ``prefetch``: jobs queued for compute and outputs queued for sending.
+    - ``max_batch``, ``max_batch_mpx``, ``max_batch_wait_ms``: how big a batch may grow, and how
+      long its first job waits for more.
+    - ``fetch_ahead_s``: a busy worker takes its next job only in the last this-many seconds of
+      the work in hand (each job timed as the last of its shape here; an untimed shape counts
+      as endless).
+    - ``ack_wait_s``, ``heartbeat_s``: JetStream redelivers a task not acked within AckWait; the
+      worker heartbeats what it holds, so only a dead worker's tasks are redelivered.
+    - ``max_deliver``: deliveries (hand-backs not counted) before a task gets an error result.
+    - ``drain_timeout_s``: how long a drain waits for the running batch before handing it back.
+    - ``result_inline_max_bytes``: the decoder's outputs above this go to ``DF_OUTPUTS``.
+    - ``worker_name``: the name in logs and timing samples (default ``<service>@<host>:<pid>:<id>``).
+    - transport (``transport``, ``inline_max_bytes``, ``shm_dir``, ...) and model (``device``,
+      ``dtype``, ``models_dir``, ...) settings are read by ``disagfusion.transport`` and
+      ``disagfusion.models``.
+    """
+
+    batch_key: policy.BatchKey = staticmethod(policy.by_shape)
+    """Jobs with equal keys may share a batch; a service overrides it (the encoder: by model)."""
+
     def __init__(self, stage: str, settings: Settings, load_model: ModelLoader = load_stage_model):
-        self.stage = stage
+        self.stage = Stage(stage)
         self.settings = settings
+        self.limits = policy.WorkerLimits.of(settings)
         # The random tail keeps names unique where host and pid are not: replicas of one
         # container image with host networking all run as the same pid on the same host name.
         self.name = settings.worker_name or (
-            f"{Stage(stage).service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+            f"{self.stage.service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.model_names = settings.model_names
         self._load_model = load_model
         self.models: dict[str, StageModel] = {}
         self.transports = Transports(settings)
         self._stopping = asyncio.Event()
-        self._held: dict[int, Msg] = {}
-        """Messages taken and not yet acked, termed or handed back (keyed by id: Msg is unhashable)."""
-        self._slots = asyncio.Semaphore(settings.jobs_in_flight)
+        self._in_flight: InFlight | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
+        """Jobs taken for compute that did not fit the batch they came with, in order."""
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
-        self._handbacks: KeyValue | None = None
         self._job_s: dict[tuple, float] = {}
         """Measured seconds per job, by ``JobSpec.cost_key``: how long the jobs in hand take."""
-        self._waiting: dict[int, JobSpec] = {}
-        """Jobs admitted and not yet started (keyed like ``_held``)."""
         self._running: tuple[float, float] | None = None
         """The batch computing: (its estimated seconds, its perf_counter() start)."""
         self._progress = asyncio.Event()
@@ -126,6 +149,16 @@ class StageWorker:
     def js(self):
         assert self._bus is not None, "worker is not connected"
         return self._bus.js
+
+    @property
+    def held(self) -> int:
+        """Tasks this worker holds now, from the pull that took them to their ack."""
+        return 0 if self._in_flight is None else len(self._in_flight)
+
+    @property
+    def in_flight(self) -> InFlight:
+        assert self._in_flight is not None, "worker is not connected"
+        return self._in_flight
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -137,7 +170,9 @@ class StageWorker:
         for name in self.model_names:
             self.models[name] = await asyncio.to_thread(self._load_model, name, self.stage, self.settings)
         self._bus = await bus.connect(self.settings, self.name)
-        self._handbacks = await bus.handbacks_bucket(self.js)
+        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js))
+        if self._stopping.is_set():  # stopped while loading
+            self._in_flight.close()
         await self.setup()
         fetchers = []
         for name in self.model_names:
@@ -164,6 +199,8 @@ class StageWorker:
     def stop(self) -> None:
         self._stopping.set()
         self._progress.set()
+        if self._in_flight is not None:
+            self._in_flight.close()
 
     async def setup(self) -> None:
         """Hook for services that need more than the stage consumers (called once connected)."""
@@ -178,76 +215,61 @@ class StageWorker:
         await self._hand_back(self._unstarted())  # also frees a fetcher blocked on a full queue
         await asyncio.gather(*fetchers)
         await self._hand_back(self._unstarted())  # what the fetchers took meanwhile
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self._held and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for msg in list(self._held.values()):
-            await msg.nak()  # redelivered at once to another instance
-        self._held.clear()
+        await self.in_flight.drained(self.settings.drain_timeout_s)
 
     # ----------------------------------------------------------------- the three parts
 
     async def _fetch_loop(self, sub) -> None:
         while not self._stopping.is_set():
             await self._until_fetch_ahead()
-            await self._slots.acquire()
-            if self._stopping.is_set():  # the slot was freed by a drain's hand-back
-                self._slots.release()
+            # As many tasks as there are free slots, up to a batch, so the inputs of several
+            # jobs are fetched at once (a slow handoff then hides behind the others and compute).
+            slots = await self.in_flight.reserve(self.limits.max_batch)
+            if not slots:  # stopping
                 break
-            # Take as many tasks as there are free slots, so the inputs of several jobs can be
-            # fetched at once (a slow handoff then hides behind the others and behind compute).
-            extra = 0
-            while not self._slots.locked() and extra < self.settings.max_batch - 1:
-                await self._slots.acquire()
-                extra += 1
             try:
-                msgs = await sub.fetch(1 + extra, timeout=1.0)
+                msgs = await sub.fetch(slots, timeout=1.0)
             except TimeoutError:
                 msgs = []
             except Exception as exc:  # connection trouble: nats-py reconnects on its own
                 log.warning("fetch failed: %s", exc)
                 msgs = []
                 await asyncio.sleep(0.5)
-            for _ in range(1 + extra - len(msgs)):
-                self._slots.release()
+            self.in_flight.take(slots, msgs)
             for job in await asyncio.gather(*(self._admit(msg) for msg in msgs)):
-                if job is None:
-                    self._slots.release()
-                else:
-                    self._waiting[id(job.msg)] = job.spec
+                if job is not None:
+                    self.in_flight.admitted(job.msg, job.spec)
                     await self._to_compute.put(job)
 
-    def _job_seconds(self, specs: list[JobSpec]) -> float:
-        """What these jobs take here, as the last of each shape took: unknown (infinite) for a
-        shape not run yet, so a worker does not take a second video job before it knows that
-        the first takes 14 s."""
-        return sum(self._job_s.get(spec.cost_key(self.stage), math.inf) for spec in specs)
+    def _estimate(self, spec: JobSpec) -> float:
+        """What a job takes here, as the last of its shape took: unknown (infinite) for a shape
+        not run yet, so a worker does not take a second video job before it knows that the
+        first takes 14 s."""
+        return self._job_s.get(spec.cost_key(self.stage), math.inf)
 
     def _in_hand_s(self) -> float:
-        """Estimated seconds until this worker has done what it holds: the rest of the running
-        batch and the jobs waiting for the compute loop."""
-        left = 0.0
+        """Estimated seconds until this worker has done what it holds."""
+        running_left = 0.0
         if self._running is not None:
             estimate, started = self._running
-            left = max(0.0, estimate - (time.perf_counter() - started))
-        return left + self._job_seconds(list(self._waiting.values()))
+            running_left = max(0.0, estimate - (time.perf_counter() - started))
+        return policy.seconds_in_hand(running_left, self.in_flight.waiting(), self._estimate)
 
     async def _until_fetch_ahead(self) -> None:
-        """Wait until the work in hand will be done within ``fetch_ahead_s``."""
+        """Wait until the fetch-ahead rule lets this worker take its next job."""
         while not self._stopping.is_set():
             in_hand = self._in_hand_s()
-            if in_hand <= self.settings.fetch_ahead_s:
+            if policy.may_fetch_ahead(in_hand, self.limits):
                 return
             self._progress.clear()
             try:
-                timeout = None if math.isinf(in_hand) else in_hand - self.settings.fetch_ahead_s
+                timeout = None if math.isinf(in_hand) else in_hand - self.limits.fetch_ahead_s
                 await asyncio.wait_for(self._progress.wait(), timeout=timeout)
             except TimeoutError:
                 pass
 
     async def _admit(self, msg: Msg) -> Job | None:
         """Decode and check a task and load its inputs; answer bad input with an error result."""
-        self._held[id(msg)] = msg
         try:
             task = unpack(StageTask, msg.data)
         except DecodeError as exc:
@@ -257,7 +279,7 @@ class StageWorker:
             return None
         spec = task.job
         if msg.metadata.num_delivered > self.settings.max_deliver:
-            failed = msg.metadata.num_delivered - await self._handbacks_of(spec)
+            failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
             if failed > self.settings.max_deliver:
                 await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
                 return None
@@ -266,7 +288,7 @@ class StageWorker:
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
             model.check(spec)
-            inputs = await asyncio.to_thread(self._load_inputs, task)
+            inputs = await asyncio.to_thread(self.transports.get_all, task.tensors)
         except SpecError as exc:
             await self._fail(msg, spec.job_id, str(exc), exc.field)
             return None
@@ -276,31 +298,20 @@ class StageWorker:
         await self.publish_event(spec.job_id, "stage_started")
         return Job(msg=msg, task=task, inputs=inputs)
 
-    def _load_inputs(self, task: StageTask) -> Tensors:
-        return self.transports.get_all(task.tensors)
-
     async def _next_batch(self) -> list[Job]:
-        """The next job plus, within ``max_batch_wait_ms``, up to ``max_batch - 1`` more that can
-        share its batch. Jobs that cannot are kept, in order, for the following batches."""
+        """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
+        do not are carried, in order, to the following batches."""
         first = self._carried.pop(0) if self._carried else await self._to_compute.get()
-        batch, kept = [first], []
-        for job in self._carried:
-            (batch if len(batch) < self.settings.max_batch and self._batchable(first, job) else kept).append(job)
-        self._carried = kept
+        batch, self._carried = policy.split_batch([first, *self._carried], attrgetter("spec"), self.batch_key, self.limits)
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
-        while len(batch) < self.settings.max_batch:
+        while len(batch) < self.limits.max_batch:
             try:
                 job = await asyncio.wait_for(self._to_compute.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 break
-            (batch if self._batchable(first, job) else self._carried).append(job)
+            joins = policy.fits([j.spec for j in batch], job.spec, self.batch_key, self.limits)
+            (batch if joins else self._carried).append(job)
         return batch
-
-    def _batchable(self, first: Job, other: Job) -> bool:
-        # The encoder batches any prompts of one model; later stages need identical shapes.
-        if self.stage == "encode":
-            return first.spec.model == other.spec.model
-        return first.spec.shape_key == other.spec.shape_key
 
     async def _compute_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -311,7 +322,7 @@ class StageWorker:
                 continue
             specs = [job.spec for job in batch]
             for job in batch:
-                self._waiting.pop(id(job.msg), None)
+                self.in_flight.started(job.msg)
 
             def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
                 for job_id in job_ids:
@@ -320,7 +331,7 @@ class StageWorker:
                     )
 
             started = time.perf_counter()
-            self._running = (self._job_seconds(specs), started)
+            self._running = (sum(map(self._estimate, specs)), started)
             self._progress.set()
             try:
                 model = self.models[specs[0].model]
@@ -331,7 +342,6 @@ class StageWorker:
                     log.exception("stage %s failed on jobs %s", self.stage, [s.job_id for s in specs])
                 for job in batch:
                     await self._fail(job.msg, job.spec.job_id, f"stage {self.stage} failed: {exc}", field)
-                    self._slots.release()
                 continue
             finally:
                 self._running = None
@@ -354,30 +364,10 @@ class StageWorker:
         return jobs
 
     async def _hand_back(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
         for job in jobs:
-            try:
-                handed = await self._handbacks_of(job.spec)
-                await self._handbacks.put(self._handback_key(job.spec), str(handed + 1).encode())
-                await job.msg.nak()
-            except Exception as exc:  # not lost: JetStream redelivers it after AckWait
-                log.warning("could not hand back job %s: %s", job.spec.job_id, exc)
-            self._held.pop(id(job.msg), None)
-            self._waiting.pop(id(job.msg), None)
-            self._slots.release()
-        log.info("%s handed back %d job(s) it had not started", self.name, len(jobs))
-
-    def _handback_key(self, spec: JobSpec) -> str:
-        return f"{spec.job_id}.{self.stage}"
-
-    async def _handbacks_of(self, spec: JobSpec) -> int:
-        """Deliveries of this task that ended in a hand-back, not a failure."""
-        try:
-            entry = await self._handbacks.get(self._handback_key(spec))
-        except KeyNotFoundError:
-            return 0
-        return int(entry.value or 0)
+            await self.in_flight.hand_back(job.msg, job.spec)
+        if jobs:
+            log.info("%s handed back %d job(s) it had not started", self.name, len(jobs))
 
     async def _send_loop(self) -> None:
         while True:
@@ -390,8 +380,7 @@ class StageWorker:
                 # Not acked: JetStream redelivers after AckWait and the stage is replayed.
                 log.exception("could not hand off job %s; it will be redelivered", job.spec.job_id)
             finally:
-                self._held.pop(id(job.msg), None)
-                self._slots.release()
+                self.in_flight.release(job.msg)
 
     def _delete_inputs(self, task: StageTask) -> None:
         for ref in task.tensors.values():
@@ -401,14 +390,13 @@ class StageWorker:
 
     async def emit(self, job: Job) -> None:
         """Ship a finished job downstream. The decoder overrides this to publish the result."""
-        spec = job.spec
         refs = await asyncio.to_thread(self._store_outputs, job)
         task = job.task.handed_on(refs, job.compute_s, job.batch_size)
-        await bus.publish(self.js, work_subject(task.stage, spec.model), pack(task), task_msg_id(spec.job_id, task.stage))
+        await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task), task_msg_id(task.job.job_id, task.stage))
 
     def _store_outputs(self, job: Job) -> dict:
         return {
-            name: self.transports.put(f"{job.spec.job_id}.{self.stage}.{name}", tensor)
+            name: self.transports.put(tensor_key(job.spec.job_id, self.stage, name), tensor)
             for name, tensor in job.outputs.items()
         }
 
@@ -422,17 +410,17 @@ class StageWorker:
         await self.publish_result(Result.failed(job_id, error, self.stage, field))
 
     async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None) -> None:
-        """Answer a job that cannot be done with an error result, and terminate its message."""
+        """Answer a task that cannot be done with an error result, and terminate it."""
         if job_id is not None:
             await self.reject(job_id, error, field)
         else:
             log.error("dropping an unreadable message with no job id (subject %s): %s", msg.subject, error)
         await msg.term()
-        self._held.pop(id(msg), None)
+        self.in_flight.release(msg)
 
     # ----------------------------------------------------------------- side channels
 
-    async def publish_event(self, job_id: str, kind: str, **fields) -> None:
+    async def publish_event(self, job_id: str, kind: ProgressKind, **fields) -> None:
         event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
         await self._bus.nc.publish(events_subject(job_id), pack(event))
 
@@ -449,7 +437,7 @@ class StageWorker:
         while True:
             if self._bus.nc.is_connected:
                 await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
-            for msg in list(self._held.values()):
+            for msg in self.in_flight.messages():
                 try:
                     await msg.in_progress()
                 except Exception as exc:
