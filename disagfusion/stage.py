@@ -458,7 +458,7 @@ class StageWorker:
 
     async def _janitor_loop(self) -> None:
         while True:
-            removed = await asyncio.to_thread(self.transports.shm.remove_expired, self.settings.blob_ttl_s)
+            removed = await asyncio.to_thread(self.transports.sweep)
             if removed:
                 log.info("janitor removed %d expired tensor blobs", removed)
             await asyncio.sleep(min(60.0, self.settings.blob_ttl_s))

@@ -2,10 +2,11 @@
 
 ``Transports.put`` stores a tensor and returns the ``TensorRef`` that travels in the next
 stage's message; ``get`` turns a ref back into a tensor, verifying its checksum; ``delete``
-frees it once the consumer's own output is durably published. Small tensors go inline, the
-rest through the configured transport (shm on one host, redis across hosts, CUDA IPC between
-processes on one GPU, where CPU tensors still go through shm). The calls are blocking; the
-stage worker runs them off its event loop.
+frees it once the consumer's own output is durably published; ``sweep`` is the janitor's round
+over what crashed jobs left behind. Small tensors go inline, the rest through the configured
+transport (shm on one host, redis across hosts, CUDA IPC between processes on one GPU, where
+CPU tensors still go through shm). Each backend implements the ``Transport`` protocol
+(``base.py``). The calls are blocking; the stage worker runs them off its event loop.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from typing import TYPE_CHECKING
 import torch
 
 from disagfusion.config import Settings
+from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef, TransportName
+from disagfusion.transport.base import Transport
+from disagfusion.transport.inline import InlineTransport
 from disagfusion.transport.redis import RedisTransport
-from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef
-from disagfusion.transport.ref import describe, tensor_bytes, tensor_from_buffer, verify
 from disagfusion.transport.shm import ShmTransport
 
 if TYPE_CHECKING:
     from disagfusion.transport.cuda_ipc import CudaIpcTransport
 
-__all__ = ["ChecksumError", "MissingBlobError", "TensorRef", "Transports"]
+__all__ = ["ChecksumError", "MissingBlobError", "TensorRef", "Transport", "Transports"]
 
 
 class Transports:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.inline = InlineTransport()
         self.shm = ShmTransport(settings.shm_dir)
         self._redis: RedisTransport | None = None
         self._cuda_ipc: CudaIpcTransport | None = None
@@ -49,7 +52,9 @@ class Transports:
             self._cuda_ipc = CudaIpcTransport(self.settings.nats_url, self.settings.ipc_lease_s)
         return self._cuda_ipc
 
-    def _backend(self, name: str) -> ShmTransport | RedisTransport | CudaIpcTransport:
+    def _backend(self, name: TransportName) -> Transport:
+        if name == "inline":
+            return self.inline
         if name == "shm":
             return self.shm
         if name == "redis":
@@ -58,20 +63,23 @@ class Transports:
             return self.cuda_ipc
         raise ValueError(f"transport {name!r} is not available in this worker")
 
-    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < self.settings.inline_max_bytes:
-            raw = tensor_bytes(tensor)
-            return describe(tensor, "inline", key, raw).model_copy(update={"data": raw.tobytes()})
+    def _opened(self) -> list[Transport]:
+        """The backends this process uses so far, without opening the lazy ones."""
+        return [backend for backend in (self.inline, self.shm, self._redis, self._cuda_ipc) if backend is not None]
+
+    def _for(self, tensor: torch.Tensor) -> Transport:
+        """Inline below ``inline_max_bytes``, else the configured backend; CUDA IPC can only share
+        CUDA memory, so CPU tensors go through shm then."""
+        if tensor.numel() * tensor.element_size() < self.settings.inline_max_bytes:
+            return self.inline
         if self.settings.transport == "cuda_ipc" and not tensor.is_cuda:
-            return self.shm.put(key, tensor)
-        return self._backend(self.settings.transport).put(key, tensor)
+            return self.shm
+        return self._backend(self.settings.transport)
+
+    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+        return self._for(tensor).put(key, tensor)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
-        if ref.transport == "inline":
-            data = ref.data or b""
-            verify(ref, data)
-            return tensor_from_buffer(data, ref.dtype, ref.shape)
         return self._backend(ref.transport).get(ref)
 
     def get_all(self, refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
@@ -82,12 +90,14 @@ class Transports:
         return {name: self.get(ref) for name, ref in refs.items()}
 
     def delete(self, ref: TensorRef) -> None:
-        if ref.transport != "inline":
-            self._backend(ref.transport).delete(ref)
+        self._backend(ref.transport).delete(ref)
+
+    def sweep(self) -> int:
+        """The janitor's round over every backend opened here (one never used is not opened
+        for it): removes what crashed or abandoned jobs left unfreed past ``blob_ttl_s`` (a CUDA
+        tensor: past its lease); how many went."""
+        return sum(backend.sweep(self.settings.blob_ttl_s) for backend in self._opened())
 
     def close(self) -> None:
-        self.shm.close()
-        if self._redis is not None:
-            self._redis.close()
-        if self._cuda_ipc is not None:
-            self._cuda_ipc.close()
+        for backend in self._opened():
+            backend.close()
