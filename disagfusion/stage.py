@@ -67,7 +67,7 @@ from disagfusion.protocol import (
     unpack,
     work_subject,
 )
-from disagfusion.transport import Transports
+from disagfusion.transport import open_transports
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class StageWorker:
         self.model_names = settings.model_names
         self._load_model = load_model
         self.models: dict[str, StageModel] = {}
-        self.transports = Transports(settings)
+        self.transports = open_transports(settings)
         self._stopping = asyncio.Event()
         self._held: dict[int, Msg] = {}
         """Messages taken and not yet acked, termed or handed back (keyed by id: Msg is unhashable)."""
