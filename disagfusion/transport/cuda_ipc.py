@@ -37,7 +37,9 @@ import nats
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from disagfusion.protocol import IpcRelease, MissingBlobError, TensorRef, ipc_release_subject, pack, unpack
+from disagfusion.protocol import (
+    IpcRelease, MissingBlobError, TensorRef, TransportName, ipc_release_subject, pack, unpack,
+)
 from disagfusion.transport.ref import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ class ReleaseChannel:
     """Release messages over core NATS, from blocking code: a private connection whose event
     loop runs in a daemon thread (the transports are called from worker threads, not a loop)."""
 
-    def __init__(self, nats_url: str, producer: str, on_release: Callable[[str], None], sweep: Callable[[], None],
+    def __init__(self, nats_url: str, producer: str, on_release: Callable[[str], None], sweep: Callable[[], object],
                  sweep_every_s: float):
         self.producer = producer
         self._loop = asyncio.new_event_loop()
@@ -191,12 +193,13 @@ def device_of_uuid(uuid_: str) -> int:
 
 
 class CudaIpcTransport:
-    name = "cuda_ipc"
+    name: TransportName = "cuda_ipc"
 
     def __init__(self, nats_url: str, lease_s: float, producer: str | None = None):
         self.producer = producer or uuid.uuid4().hex
         self.registry: LeaseRegistry[torch.Tensor] = LeaseRegistry(lease_s)
-        self.channel = ReleaseChannel(nats_url, self.producer, self._released, self._sweep, min(5.0, lease_s / 4))
+        self.channel = ReleaseChannel(nats_url, self.producer, self._released, self._expire_leases,
+                                      min(5.0, lease_s / 4))
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
         if not tensor.is_cuda:
@@ -212,7 +215,7 @@ class CudaIpcTransport:
             tensor_offset=tensor.storage_offset(), stride=list(tensor.stride()),
         )
         self.registry.hold(key, tensor)
-        self._sweep()
+        self._expire_leases()
         return TensorRef(transport="cuda_ipc", key=ipc.encode(), dtype=DTYPE_NAMES[tensor.dtype],
                          shape=list(tensor.shape), nbytes=tensor.numel() * tensor.element_size(), checksum="")
 
@@ -243,11 +246,17 @@ class CudaIpcTransport:
         if self.registry.release(key) is not None:
             torch.cuda.ipc_collect()  # free blocks whose consumers have let go
 
-    def _sweep(self) -> None:
+    def sweep(self, ttl_s: float) -> int:
+        """Drop the tensors whose lease ran out, however ``ttl_s`` compares: each tensor's lease
+        (``lease_s``) was set when it was put, and the release channel sweeps on its own too."""
+        return self._expire_leases()
+
+    def _expire_leases(self) -> int:
         expired = self.registry.expire()
         if expired:
             log.warning("CUDA IPC: %d tensors never released by their consumers; dropped after their lease", len(expired))
             torch.cuda.ipc_collect()
+        return len(expired)
 
     def close(self) -> None:
         self.channel.close()

@@ -18,7 +18,7 @@ slot is only freed once every pinning process has deleted it (a redelivered task
 workers at once is safe), so a tensor from ``get`` is valid until its ``delete``.
 
 Liveness needs no pid: a producer holds a shared ``flock`` on each of its slot files for as long
-as it runs. The janitor (``remove_expired``, which every worker runs) unlinks a producer's slots
+as it runs. The janitor (``sweep``, which every worker runs) unlinks a producer's slots
 that have gone unfreed for the TTL (a consumer crashed), and the files of dead producers once
 they are free or stale; an unlinked file stays valid for whoever still has it mapped.
 """
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import xxhash
 
-from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef
+from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef, TransportName
 from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer, verify
 
 HEADER_BYTES = mmap.PAGESIZE
@@ -197,7 +197,7 @@ class PeerSlot(SlotHeader):
 
 
 class ShmTransport:
-    name = "shm"
+    name: TransportName = "shm"
 
     def __init__(self, directory: Path, pool_bytes: int = 1 << 30):
         self.directory = directory
@@ -324,7 +324,7 @@ class ShmTransport:
 
     # ------------------------------------------------------------------ janitor
 
-    def remove_expired(self, ttl_s: float) -> int:
+    def sweep(self, ttl_s: float) -> int:
         """Unlink slots nobody freed within ``ttl_s`` of being written (a consumer crashed or the
         job was abandoned), free slots unused that long, and the slot files of dead producers
         once they are free or stale. Other files older than ``ttl_s`` go too."""

@@ -42,7 +42,7 @@ from disagfusion.protocol import (
     unpack,
     work_subject,
 )
-from disagfusion.transport import Transports
+from disagfusion.transport import open_transports
 from disagfusion.worker import policy
 from disagfusion.worker.in_flight import InFlight
 
@@ -130,7 +130,7 @@ class StageWorker:
         self.model_names = settings.model_names
         self._load_model = load_model
         self.models: dict[str, StageModel] = {}
-        self.transports = Transports(settings)
+        self.transports = open_transports(settings)
         self._stopping = asyncio.Event()
         self._in_flight: InFlight | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
@@ -446,7 +446,7 @@ class StageWorker:
 
     async def _janitor_loop(self) -> None:
         while True:
-            removed = await asyncio.to_thread(self.transports.shm.remove_expired, self.settings.blob_ttl_s)
+            removed = await asyncio.to_thread(self.transports.sweep)
             if removed:
                 log.info("janitor removed %d expired tensor blobs", removed)
             await asyncio.sleep(min(60.0, self.settings.blob_ttl_s))

@@ -129,8 +129,8 @@ def test_unfreed_slots_are_reclaimed_after_the_ttl(tmp_path: Path, age_slot) -> 
     ShmTransport(tmp_path).get(crashed)  # a consumer that never deletes (it crashed)
     fresh = shm.put("b", torch.ones(FLOATS))
     age_slot(tmp_path, crashed, 7200)
-    assert ShmTransport(tmp_path).remove_expired(3600) == 0  # only the producer reclaims a live producer's slots
-    assert shm.remove_expired(3600) == 1
+    assert ShmTransport(tmp_path).sweep(3600) == 0  # only the producer reclaims a live producer's slots
+    assert shm.sweep(3600) == 1
     assert slot_files(tmp_path) == [parse_key(fresh.key)[0]]
     with pytest.raises(MissingBlobError):
         ShmTransport(tmp_path).get(crashed)
@@ -170,17 +170,17 @@ def test_two_processes_hand_over_and_dead_producers_are_cleaned_up(tmp_path: Pat
         freed = put(3 * FLOATS)
         consumer.get(freed)
         consumer.delete(freed)
-        assert consumer.remove_expired(3600) == 0  # the producer is alive: its slots are its own
+        assert consumer.sweep(3600) == 0  # the producer is alive: its slots are its own
     finally:
         child.stdin.close()
         child.wait(30)
     # The producer is gone: its free slot goes, the ones still waiting for a consumer stay readable.
-    assert ShmTransport(tmp_path).remove_expired(3600) == 1
+    assert ShmTransport(tmp_path).sweep(3600) == 1
     assert len(slot_files(tmp_path)) == 2
     assert torch.equal(consumer.get(unread), torch.arange(2 * FLOATS, dtype=torch.float32))
     consumer.delete(unread)
     consumer.delete(second)
-    assert ShmTransport(tmp_path).remove_expired(3600) == 2 and slot_files(tmp_path) == []
+    assert ShmTransport(tmp_path).sweep(3600) == 2 and slot_files(tmp_path) == []
 
 
 LOCK_HOLDER = textwrap.dedent(

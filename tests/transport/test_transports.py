@@ -78,11 +78,11 @@ def test_deleted_blob_is_reported(transports: Transports) -> None:
 
 
 def test_janitor_removes_only_expired_blobs(tmp_path: Path, age_slot) -> None:
-    t = Transports(Settings(inline_max_bytes=0, shm_dir=tmp_path))
+    t = Transports(Settings(inline_max_bytes=0, shm_dir=tmp_path, blob_ttl_s=3600))
     old = t.put("old", torch.ones(4))
     new = t.put("new", torch.ones(4))
     age_slot(tmp_path, old, 7200)
-    assert t.shm.remove_expired(3600) == 1
+    assert t.sweep() == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [parse_key(new.key)[0]]
     assert torch.equal(t.get(new), torch.ones(4))
     with pytest.raises(MissingBlobError, match="expired or deleted"):

@@ -1,0 +1,89 @@
+"""The one object a stage worker hands tensors through: it picks a backend per tensor on
+``put`` and follows ``TensorRef.transport`` on ``get`` and ``delete``, so a worker reads refs
+from any producer whatever its own ``DF_TRANSPORT``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from disagfusion.config import Settings
+from disagfusion.protocol import TensorRef, TransportName
+from disagfusion.transport.base import Transport
+from disagfusion.transport.inline import InlineTransport
+from disagfusion.transport.redis import RedisTransport
+from disagfusion.transport.shm import ShmTransport
+
+if TYPE_CHECKING:
+    from disagfusion.transport.cuda_ipc import CudaIpcTransport
+
+
+class Transports:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.inline = InlineTransport()
+        self.shm = ShmTransport(settings.shm_dir)
+        self._redis: RedisTransport | None = None
+        self._cuda_ipc: CudaIpcTransport | None = None
+
+    @property
+    def redis(self) -> RedisTransport:
+        if self._redis is None:  # connect lazily: a same-host deployment never needs Redis
+            self._redis = RedisTransport(self.settings.redis_url, self.settings.blob_ttl_s)
+        return self._redis
+
+    @property
+    def cuda_ipc(self) -> CudaIpcTransport:
+        if self._cuda_ipc is None:  # only GPU workers that hand over CUDA tensors need it
+            from disagfusion.transport.cuda_ipc import CudaIpcTransport
+
+            self._cuda_ipc = CudaIpcTransport(self.settings.nats_url, self.settings.ipc_lease_s)
+        return self._cuda_ipc
+
+    def _backend(self, name: TransportName) -> Transport:
+        if name == "inline":
+            return self.inline
+        if name == "shm":
+            return self.shm
+        if name == "redis":
+            return self.redis
+        if name == "cuda_ipc":
+            return self.cuda_ipc
+        raise ValueError(f"transport {name!r} is not available in this worker")
+
+    def _opened(self) -> list[Transport]:
+        """The backends this process uses so far, without opening the lazy ones."""
+        return [backend for backend in (self.inline, self.shm, self._redis, self._cuda_ipc) if backend is not None]
+
+    def _for(self, tensor: torch.Tensor) -> Transport:
+        """Inline below ``inline_max_bytes``, else the configured backend; CUDA IPC can only share
+        CUDA memory, so CPU tensors go through shm then."""
+        if tensor.numel() * tensor.element_size() < self.settings.inline_max_bytes:
+            return self.inline
+        if self.settings.transport == "cuda_ipc" and not tensor.is_cuda:
+            return self.shm
+        return self._backend(self.settings.transport)
+
+    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+        return self._for(tensor).put(key, tensor)
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        return self._backend(ref.transport).get(ref)
+
+    def get_all(self, refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
+        """One handoff: every tensor of a stage output."""
+        return {name: self.get(ref) for name, ref in refs.items()}
+
+    def delete(self, ref: TensorRef) -> None:
+        self._backend(ref.transport).delete(ref)
+
+    def sweep(self) -> int:
+        """The janitor's round over every backend opened here (one never used is not opened
+        for it): removes what crashed or abandoned jobs left unfreed past ``blob_ttl_s`` (a CUDA
+        tensor: past its lease); how many went."""
+        return sum(backend.sweep(self.settings.blob_ttl_s) for backend in self._opened())
+
+    def close(self) -> None:
+        for backend in self._opened():
+            backend.close()
