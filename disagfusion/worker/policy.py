@@ -54,6 +54,19 @@ class WorkerLimits:
         )
 
 
+def pull_size(limits: WorkerLimits, like: JobSpec | None) -> int:
+    """How many tasks one pull asks for: a batch's worth of jobs like ``like``, the last job the
+    worker took. JetStream hands over the next tasks whatever their size, and a task that
+    cannot join the batch waits in this worker while another might start it, so a worker
+    serving videos under ``max_batch_mpx`` pulls them one at a time, and one that has taken no
+    job yet (None) pulls one to learn the size."""
+    if like is None:
+        return 1
+    if limits.max_batch * like.megapixel_frames <= limits.max_batch_mpx:
+        return limits.max_batch
+    return max(1, math.floor(limits.max_batch_mpx / like.megapixel_frames))
+
+
 def fits(batch: Sequence[JobSpec], candidate: JobSpec, key: BatchKey, limits: WorkerLimits) -> bool:
     """Whether ``candidate`` may join ``batch`` (non-empty): the same key, and room for it."""
     if len(batch) >= limits.max_batch or key(candidate) != key(batch[0]):

@@ -140,6 +140,8 @@ class StageWorker:
         self._bus: bus.Bus | None = None
         self._job_s: dict[tuple, float] = {}
         """Measured seconds per job, by ``JobSpec.cost_key``: how long the jobs in hand take."""
+        self._last_taken: JobSpec | None = None
+        """The last job admitted: the next pull asks for a batch of jobs like it."""
         self._running: tuple[float, float] | None = None
         """The batch computing: (its estimated seconds, its perf_counter() start)."""
         self._progress = asyncio.Event()
@@ -224,7 +226,7 @@ class StageWorker:
             await self._until_fetch_ahead()
             # As many tasks as there are free slots, up to a batch, so the inputs of several
             # jobs are fetched at once (a slow handoff then hides behind the others and compute).
-            slots = await self.in_flight.reserve(self.limits.max_batch)
+            slots = await self.in_flight.reserve(policy.pull_size(self.limits, self._last_taken))
             if not slots:  # stopping
                 break
             try:
@@ -238,6 +240,7 @@ class StageWorker:
             self.in_flight.take(slots, msgs)
             for job in await asyncio.gather(*(self._admit(msg) for msg in msgs)):
                 if job is not None:
+                    self._last_taken = job.spec
                     self.in_flight.admitted(job.msg, job.spec)
                     await self._to_compute.put(job)
 

@@ -88,6 +88,8 @@ class Instance:
     batch_ends: float = 0.0
     timed: set[tuple] = field(default_factory=set)
     """Cost keys of the jobs it has run: the live worker's estimates of what it holds."""
+    last_taken: JobSpec | None = None
+    """The last job it pulled: its next pull asks for a batch of jobs like it."""
     held: deque[JobRecord] = field(default_factory=deque)
     """Jobs it holds besides the batch running: fetched ahead, or carried from a pull whose
     other jobs did not share their batch."""
@@ -245,12 +247,15 @@ class Simulation:
         jitter = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise else 1.0
         return base * jitter / device.speed_for(stage)
 
-    def _pull(self, stage: str, sharers: int) -> list[JobRecord]:
-        """What an idle instance's pull brings: the tasks at the head of the queue, up to a
-        batch, the waiting ones shared among the idle instances' pulls."""
-        queue = self.queues[stage]
-        most = min(self.workers[stage].limits.max_batch, max(1, math.ceil(len(queue) / sharers)))
-        return [queue.popleft() for _ in range(min(most, len(queue)))]
+    def _pull(self, instance: Instance, sharers: int) -> list[JobRecord]:
+        """What an idle instance's pull brings: the tasks at the head of the queue, as many as
+        the worker asks for, the waiting ones shared among the idle instances' pulls."""
+        queue = self.queues[instance.stage]
+        asked = policy.pull_size(self.workers[instance.stage].limits, instance.last_taken)
+        most = min(asked, max(1, math.ceil(len(queue) / sharers)))
+        pulled = [queue.popleft() for _ in range(min(most, len(queue)))]
+        instance.last_taken = pulled[-1].spec
+        return pulled
 
     def _start(self, instance: Instance, jobs: list[JobRecord]) -> None:
         """Run the next batch of ``jobs`` (in the order the instance got them); it holds the
@@ -271,10 +276,12 @@ class Simulation:
             ahead = self._fetching_ahead(stage)
             # Idle instances and busy ones with room each have a pull waiting; JetStream serves one.
             if ahead and self.rng.randrange(len(idle) + len(ahead)) >= len(idle):
-                self.rng.choice(ahead).held.append(queue.popleft())
+                taker = self.rng.choice(ahead)
+                taker.held.append(queue.popleft())
+                taker.last_taken = taker.held[-1].spec
             elif idle:
                 instance = idle.pop()
-                self._start(instance, self._pull(stage, len(idle) + 1))
+                self._start(instance, self._pull(instance, len(idle) + 1))
             else:
                 break
 

@@ -12,6 +12,7 @@ from disagfusion.worker.policy import (
     by_shape,
     fits,
     may_fetch_ahead,
+    pull_size,
     seconds_in_hand,
     split_batch,
 )
@@ -69,3 +70,12 @@ def test_a_busy_worker_fetches_only_in_the_last_seconds_of_its_work() -> None:
     assert may_fetch_ahead(seconds_in_hand(0.3, [job(1)], estimate), limits)
     assert not may_fetch_ahead(seconds_in_hand(0.6, [job(1)], estimate), limits)
     assert seconds_in_hand(0.0, [job(2)], estimate) == math.inf  # a shape not run yet: endless
+
+
+def test_a_pull_asks_for_a_batch_of_jobs_like_the_last_one() -> None:
+    limits = WorkerLimits(max_batch=8, max_batch_mpx=4.0)
+    assert pull_size(limits, None) == 1  # nothing taken yet: one, to learn the size
+    assert pull_size(limits, job(0, size=512)) == 8  # 0.26 megapixels: a full batch
+    assert pull_size(limits, job(0, size=1024)) == 3  # 1.05 each: three fit 4 megapixels
+    assert pull_size(limits, JobSpec(prompt="v", height=480, width=832, frames=33)) == 1  # a video alone
+    assert pull_size(WorkerLimits(max_batch=2), job(0)) == 2  # no megapixel bound at all
