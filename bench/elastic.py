@@ -48,8 +48,8 @@ from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
-from disagfusion.profiles import CostProfile as RuntimeProfile
-from disagfusion.profiles import StageCost
+from disagfusion.cost import CostProfile as RuntimeProfile
+from disagfusion.cost import StageCost
 from disagfusion.protocol import STAGES, JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings

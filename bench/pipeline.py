@@ -31,7 +31,7 @@ from disagfusion.client import Client
 from disagfusion.launcher import Launcher
 from disagfusion.machine import describe
 from disagfusion.models import init_preset
-from disagfusion.profiles import CostProfile
+from disagfusion.cost import CostProfile
 from disagfusion.protocol import STAGES, JobSpec
 
 DELAYS = [("0", 0.0, 0.0), ("50ms", 50.0, 0.0), ("50+-40ms", 50.0, 40.0)]

@@ -7,7 +7,7 @@ its cost depends on (the encoder does not care about the image size, the decoder
 prompt), taking the fastest of a few runs after a warm-up run: on a shared machine other load
 only ever adds time. The output of one stage feeds the next, so every stage runs on real inputs.
 
-The fit (``disagfusion.profiles.fit_stage_cost``, non-negative least squares on the relative
+The fit (``disagfusion.cost.fit_stage_cost``, non-negative least squares on the relative
 error) keeps to the terms the scheduler's predictor has: per stage a per-batch constant plus
 work summed over the jobs (prompts and tokens at the encoder, steps and step-megapixels at the
 DiT, jobs and megapixels at the decoder; guidance doubles the encoder's and the DiT's work),
@@ -32,7 +32,7 @@ from disagfusion.config import Settings, comma_list
 from disagfusion.machine import describe
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel, Tensors
-from disagfusion.profiles import CostProfile, StageCost, fit_stage_cost
+from disagfusion.cost import CostProfile, StageCost, fit_stage_cost
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
 
 PROMPT_TEXT = "a watercolour painting of a lighthouse on a cliff at dusk, seagulls over the waves, warm light; "
@@ -50,7 +50,7 @@ _COST_SHAPE: dict[str, Callable[[JobSpec], Hashable]] = {
     "denoise": lambda s: (s.height, s.width, s.frames, s.steps, s.guidance > 1.0),
     "decode": lambda s: (s.height, s.width, s.frames),
 }
-"""What each stage's cost depends on (``disagfusion.profiles``' formula): jobs alike in it are
+"""What each stage's cost depends on (``disagfusion.cost``' formula): jobs alike in it are
 measured once."""
 
 

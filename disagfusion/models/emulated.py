@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.config import Settings
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple, write_model_directory
-from disagfusion.profiles import CostProfile, prompt_tokens
+from disagfusion.cost import CostProfile, prompt_tokens
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
 

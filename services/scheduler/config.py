@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from disagfusion.protocol import STAGES
 
 # The predictor's linear-feature profiles. deploy/profiles/*.json beside it are the emulated
-# accelerator's cost profiles (disagfusion.profiles), a different form of the same figures.
+# accelerator's cost profiles (disagfusion.cost), a different form of the same figures.
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "scheduler"
 
 

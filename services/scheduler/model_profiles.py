@@ -1,6 +1,6 @@
 """The predictor's starting point for every model a live deployment serves: the scheduler's
 own profiles (YAML in deploy/profiles/) plus, for models with a runtime cost profile
-(``disagfusion.profiles.CostProfile``: the emulated family), that profile rewritten in the
+(``disagfusion.cost.CostProfile``: the emulated family), that profile rewritten in the
 predictor's features. ``measured_profile`` rewrites what ``disagfusion profile`` measured the
 same way, for a file in deploy/profiles/scheduler/.
 
@@ -17,7 +17,7 @@ import yaml
 
 from disagfusion.config import Settings
 from disagfusion.models.emulated import PRESETS, PROFILE_FILE
-from disagfusion.profiles import CostProfile as RuntimeProfile
+from disagfusion.cost import CostProfile as RuntimeProfile
 from disagfusion.profiling import Fit
 from disagfusion.protocol import JobSpec
 from services.scheduler.predictor import CostProfile, ModelProfile

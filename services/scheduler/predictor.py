@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 # Tokens are estimated from characters as the runtime profiles count them (so a measured profile
 # rewrites exactly), tokenizer-free on purpose: the scheduler must not load every model's
 # tokenizer to guess a cost.
-from disagfusion.profiles import prompt_tokens
+from disagfusion.cost import prompt_tokens
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
 
 FEATURES: dict[str, tuple[str, ...]] = {

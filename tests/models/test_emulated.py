@@ -14,7 +14,7 @@ from disagfusion.models import PRESET_WRITERS, check_spec, load_stage_model, mod
 from disagfusion.models.base import SpecError
 from disagfusion.models.emulated import EmulatedGeometry, write_model
 from disagfusion.models.pixart import MAX_SEQUENCE_LENGTH, PixArtGeometry
-from disagfusion.profiles import CostProfile, StageCost
+from disagfusion.cost import CostProfile, StageCost
 from disagfusion.protocol import STAGES, JobSpec
 
 FAST = CostProfile(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from disagfusion.config import Settings
-from disagfusion.profiles import CostProfile as RuntimeProfile
-from disagfusion.profiles import StageCost
+from disagfusion.cost import CostProfile as RuntimeProfile
+from disagfusion.cost import StageCost
 from disagfusion.profiling import PREDICTOR_TERMS, Fit
 from disagfusion.protocol import STAGES, JobSpec
 from services.scheduler.config import PROFILES_DIR

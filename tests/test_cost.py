@@ -7,7 +7,7 @@ import math
 import pytest
 
 from disagfusion.config import SHIPPED_PROFILES_DIR
-from disagfusion.profiles import CostProfile, StageCost, fit_stage_cost
+from disagfusion.cost import CostProfile, StageCost, fit_stage_cost
 from disagfusion.protocol import JobSpec
 
 
