@@ -51,6 +51,17 @@ def megapixel_frames(spec: JobSpec) -> float:
     return spec.height * spec.width * spec.frames / 1e6
 
 
+CostKey = tuple[str, int, int, int, int, float, int]
+
+
+def cost_key(stage: str, spec: JobSpec) -> CostKey:
+    """Jobs with the same key take about as long at ``stage``: one shape (``JobSpec.shape_key``),
+    and at the encoder prompts of one length in powers of two, so keys stay few. A stage worker
+    times the jobs in hand by it (its table of measured seconds per job), and the simulation
+    keys its model of that table on it."""
+    return (*spec.shape_key, len(spec.prompt).bit_length() if stage == "encode" else 0)
+
+
 class StageCost(BaseModel):
     """Coefficients of one stage; see the module docstring for the formula."""
 

@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 
 from disagfusion import bus
 from disagfusion.config import Settings
+from disagfusion.cost import cost_key
 from disagfusion.health import health_path, write_health
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors
@@ -221,7 +222,7 @@ class StageWorker:
         """What these jobs take here, as the last of each shape took: unknown (infinite) for a
         shape not run yet, so a worker does not take a second video job before it knows that
         the first takes 14 s."""
-        return sum(self._job_s.get(spec.cost_key(self.stage), math.inf) for spec in specs)
+        return sum(self._job_s.get(cost_key(self.stage, spec), math.inf) for spec in specs)
 
     def _in_hand_s(self) -> float:
         """Estimated seconds until this worker has done what it holds: the rest of the running
@@ -338,7 +339,7 @@ class StageWorker:
                 self._progress.set()
             seconds = time.perf_counter() - started
             for spec in specs:
-                self._job_s[spec.cost_key(self.stage)] = seconds / len(specs)
+                self._job_s[cost_key(self.stage, spec)] = seconds / len(specs)
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
                 job.outputs, job.compute_s, job.batch_size = output, seconds / len(batch), len(batch)

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from disagfusion.cost import cost_key
 from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
@@ -280,7 +281,7 @@ class Simulation:
         """What the live worker estimates is left in its hands: the rest of its running batch
         and the held jobs' service times; unknown (infinite) while it holds a shape it has not
         run yet."""
-        if any(r.spec.cost_key(instance.stage) not in instance.timed for r in (*instance.batch, *instance.held)):
+        if any(cost_key(instance.stage, r.spec) not in instance.timed for r in (*instance.batch, *instance.held)):
             return math.inf
         speed = instance.device.speed_for(instance.stage)
         return instance.batch_ends - self.now + sum(self.truth.predict(instance.stage, [r.spec]) / speed for r in instance.held)
@@ -289,7 +290,7 @@ class Simulation:
         if instance.gone:
             return  # it died mid-batch; the batch was handed back
         batch, instance.batch = instance.batch, []
-        instance.timed.update(r.spec.cost_key(instance.stage) for r in batch)
+        instance.timed.update(cost_key(instance.stage, r.spec) for r in batch)
         if self.observe:
             self._report(instance, batch)
         following = Stage(instance.stage).next
