@@ -14,14 +14,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from disagfusion.cost import cost_key
+from disagfusion.cost import JobWork, cost_key
 from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
 from services.scheduler.feedback import Feedback
 from services.scheduler.policies import Policy
 from services.scheduler.pool import Allocation, DeviceClass, Pool, empty_allocation
-from services.scheduler.predictor import Predictor, prompt_tokens
+from services.scheduler.predictor import Predictor
 from services.scheduler.trace import TraceEntry
 
 
@@ -224,7 +224,7 @@ class Simulation:
 
     def _service_time(self, stage: str, batch: list[JobRecord], device: DeviceClass) -> float:
         specs = [r.spec for r in batch]
-        key = (stage, len(batch), specs[0].shape_key, prompt_tokens(specs[0].prompt))
+        key = (stage, specs[0].model, JobWork.of(specs[0]))
         base = self._truth_cache.get(key) if len(batch) == 1 else None
         if base is None:
             base = self.truth.predict(stage, specs)
