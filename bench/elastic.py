@@ -46,18 +46,16 @@ from rich.table import Table
 
 from disagfusion.client import Client
 from disagfusion.config import Settings
+from disagfusion.cost import CostProfile, StageCost
 from disagfusion.launcher import Launcher
 from disagfusion.models.emulated import PIXART_SIGMA_GEOMETRY, write_model
-from disagfusion.profiles import CostProfile as RuntimeProfile
-from disagfusion.profiles import StageCost
 from disagfusion.protocol import JobSpec, Result, unpack
 from disagfusion.scheduler_state import read_status, update_pins
 from services.scheduler.config import SchedulerSettings
-from services.scheduler.model_profiles import from_runtime
 from services.scheduler.planner import oracle_schedule, phase_metrics, simulate
 from services.scheduler.policies import Scheduled, make_policy
 from services.scheduler.pool import Allocation, parse_pool, per_stage
-from services.scheduler.predictor import CostProfile, Predictor
+from services.scheduler.predictor import Predictor
 from services.scheduler.simulation import JobRecord, SharedStartup, deployed_workers
 from services.scheduler.trace import TraceEntry
 
@@ -65,10 +63,11 @@ BENCH = Path(__file__).resolve().parent
 MODEL = "emulated-elastic"
 POOL = "slot:12"
 POLICIES = ["static", "lag", "threshold", "predictor", "hybrid", "oracle"]
-ELASTIC_PROFILE = RuntimeProfile(
+ELASTIC_PROFILE = CostProfile(
     model=MODEL,
     hardware="emulated slot (synthetic)",
     source="synthetic for bench/elastic.py: chosen so each of the four phases is bound by a different stage; not a measurement",
+    kind="synthetic",
     stages={
         "encode": StageCost(per_job_s=0.1, per_ktoken_s=2.0, cfg_factor=2.0),
         "denoise": StageCost(per_mpixel_s=0.6, per_step=True, cfg_factor=2.0),
@@ -98,16 +97,12 @@ SCHEDULER_ENV = {
 }
 
 
-def predictor_profiles() -> dict[str, CostProfile]:
-    return {"elastic": CostProfile(source=ELASTIC_PROFILE.source, kind="synthetic", device="slot", models={MODEL: from_runtime(ELASTIC_PROFILE)})}
-
-
 def trace(phase_s: float, load: float, seed: int, settings: SchedulerSettings) -> list[TraceEntry]:
     """Poisson arrivals per phase at ``load`` x what 12 slots serve of the phase's job at the
     best split (every stage given slots in proportion to its cost)."""
     rng = random.Random(seed)
     pool = parse_pool(POOL)
-    truth = Predictor(predictor_profiles())
+    truth = Predictor([ELASTIC_PROFILE])
     entries: list[TraceEntry] = []
     words = ["a", "quiet", "harbour", "at", "dawn", "with", "boats", "soft", "light", "mist"]
     for k, (label, fields, chars) in enumerate(PHASES):
@@ -255,7 +250,7 @@ def main() -> None:
     phase_s = args.phase_s or (15.0 if args.quick else 40.0)
     live_policies = (args.policies or ("hybrid" if args.quick else ",".join(POLICIES))).split(",")
     settings = SchedulerSettings(pool=POOL, **SETTINGS)
-    pool, profiles = parse_pool(POOL), predictor_profiles()
+    pool, profiles = parse_pool(POOL), [ELASTIC_PROFILE]
     entries = trace(phase_s, args.load, args.seed, settings)
     truth = Predictor(profiles)
     # The stage workers' batching and fetching ahead as the live stack runs them (the bench

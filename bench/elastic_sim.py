@@ -32,13 +32,13 @@ from rich.table import Table  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from traces import four_phase_trace  # noqa: E402
 
-from disagfusion.config import WorkerSettings  # noqa: E402
+from disagfusion.config import ModelSettings, WorkerSettings  # noqa: E402
+from disagfusion.cost import load_profiles  # noqa: E402
 from disagfusion.protocol import STAGES  # noqa: E402
-from services.scheduler.config import PROFILES_DIR, SchedulerSettings  # noqa: E402
+from services.scheduler.config import SchedulerSettings  # noqa: E402
 from services.scheduler.planner import oracle_schedule, phases_of, report, simulate  # noqa: E402
 from services.scheduler.policies import Scheduled, make_policy  # noqa: E402
 from services.scheduler.pool import parse_pool, per_stage  # noqa: E402
-from services.scheduler.predictor import load_profiles  # noqa: E402
 from services.scheduler.simulation import deployed_workers  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -63,8 +63,8 @@ measured on another machine. The true profile generates the service times and th
 def run_scenario(name: str, pool_text: str, phase_s: float, load: float, seed: int, profile_error: dict[str, float],
                  console: Console) -> tuple[list[dict], dict]:
     pool = parse_pool(pool_text)
-    profiles = load_profiles([PROFILES_DIR])
-    start = {key: p.scaled(profile_error) for key, p in profiles.items()}
+    profiles = list(load_profiles([ModelSettings().profiles_dir]).values())
+    start = [p.scaled(profile_error) for p in profiles]
     settings = SchedulerSettings()
     workers = deployed_workers(FLEET_WORKERS)
     trace = four_phase_trace(pool, phase_s, load, seed)

@@ -5,7 +5,7 @@
 Runs the real services of compose.yaml through the embedded launcher (real nats-server,
 real shm handoffs of real-sized tensors, one process per instance) serving the ``emulated``
 model family, whose stages hold an emulated accelerator for the time its cost profile gives:
-encoder 20 ms, dit 200 ms, decoder 50 ms per job (deploy/profiles/bench-pipeline.json). Only
+encoder 20 ms, dit 200 ms, decoder 50 ms per job (deploy/profiles/bench-pipeline.yaml). Only
 the kernel time is emulated; queueing, transfers and batching are real. For each handoff
 delay (0, 50 ms, 50±40 ms uniform, injected into every stage-to-stage handoff) and each
 worker mode (DF_PIPELINE=async or sync), a backlog of jobs is submitted at once and the
@@ -28,10 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from disagfusion.client import Client
+from disagfusion.cost import CostProfile
 from disagfusion.launcher import Launcher
 from disagfusion.machine import describe
-from disagfusion.models import init_preset
-from disagfusion.profiles import CostProfile
+from disagfusion.models import PROFILE_FILE, init_preset
 from disagfusion.protocol import STAGES, JobSpec
 
 DELAYS = [("0", 0.0, 0.0), ("50ms", 50.0, 0.0), ("50+-40ms", 50.0, 40.0)]
@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="df-bench-pipeline-") as tmp:
         models_dir = Path(tmp) / "models"
         init_preset("emulated", models_dir / "emulated")
-        profile = CostProfile.load(models_dir / "emulated" / "profile.json")
+        profile = CostProfile.load(models_dir / "emulated" / PROFILE_FILE)
         limit = bound(profile, JobSpec(model="emulated", prompt="x"), instances)
         for label, delay, jitter in DELAYS:
             for mode in MODES:
@@ -106,7 +106,7 @@ def main() -> None:
         "bench": "pipeline_emulated",
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": describe(),
-        "profile": "deploy/profiles/bench-pipeline.json (synthetic)",
+        "profile": "deploy/profiles/bench-pipeline.yaml (synthetic)",
         "rows": rows,
     }))
 

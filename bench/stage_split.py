@@ -6,9 +6,9 @@ one warm-up run). Real models spend most of a job in the DiT, most of the rest i
 decoder; the ``small`` preset is sized to do the same.
 
     PYTHONPATH=$PWD python bench/stage_split.py [--model small] [--threads 1] [--quick]
-        [--profile deploy/profiles/scheduler/small-cpu.yaml]
+        [--profile deploy/profiles/small-cpu.yaml]
 
-With ``--profile`` (a scheduler cost profile, e.g. one ``disagfusion profile`` wrote) it prints
+With ``--profile`` (a cost profile file, e.g. one ``disagfusion profile`` wrote) it prints
 the predictor's time for the job beside each measured stage: a check of the profile on a job
 outside the grid it was fitted on.
 """
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from disagfusion.config import Settings
+from disagfusion.cost import CostProfile
 from disagfusion.models import load_stage_model
 from disagfusion.protocol import STAGES, JobSpec
-from services.scheduler.predictor import Predictor, load_profiles
+from services.scheduler.predictor import Predictor
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one core)")
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of --runs")
-    parser.add_argument("--profile", type=Path, help="scheduler cost profile whose prediction to print beside each stage")
+    parser.add_argument("--profile", type=Path, help="cost profile file whose prediction to print beside each stage")
     args = parser.parse_args()
     runs = 2 if args.quick else args.runs
     torch.set_num_threads(args.threads)
@@ -65,7 +66,7 @@ def main() -> None:
     where = f"{settings.device} ({platform.processor() or platform.machine()}), {args.threads} thread(s), {settings.dtype}"
     print(f"stage split of model {args.model!r}: {args.height}x{args.width}, {args.steps} steps, "
           f"guidance {args.guidance}; median of {runs} runs on {where}")
-    predicted = dict(zip(STAGES, Predictor(load_profiles([args.profile])).job_costs(spec))) if args.profile else {}
+    predicted = dict(zip(STAGES, Predictor([CostProfile.load(args.profile)]).job_costs(spec))) if args.profile else {}
     for stage in STAGES:
         line = f"  {stage:<8} {median[stage]:7.3f} s  {100 * median[stage] / total:5.1f} %"
         if predicted:

@@ -14,11 +14,13 @@ import argparse
 import random
 from pathlib import Path
 
+from disagfusion.config import ModelSettings
+from disagfusion.cost import load_profiles
 from disagfusion.protocol import STAGES, JobSpec
-from services.scheduler.config import PROFILES_DIR, SchedulerSettings
+from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import Controller
 from services.scheduler.pool import Pool, capacity, parse_pool
-from services.scheduler.predictor import Predictor, load_profiles
+from services.scheduler.predictor import Predictor
 from services.scheduler.trace import TraceEntry, write_trace
 
 VIDEO_MODEL = "wan2_1-t2v-1_3b"
@@ -52,7 +54,7 @@ def phase_capacity(spec: JobSpec, pool: Pool, predictor: Predictor) -> float:
 
 def four_phase_trace(pool: Pool, phase_s: float, load: float = 0.8, seed: int = 0) -> list[TraceEntry]:
     rng = random.Random(seed)
-    predictor = Predictor(load_profiles([PROFILES_DIR]))
+    predictor = Predictor(load_profiles([ModelSettings().profiles_dir]).values())
     entries: list[TraceEntry] = []
     for k, (label, fields) in enumerate(phase_specs()):
         chars = fields.pop("prompt")

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from disagfusion import bus
 from disagfusion.config import Settings
+from disagfusion.cost import PREDICTOR_TERMS
 from disagfusion.engram.cli import engram_app
 from disagfusion.deployment import Deployment, DeploymentError, detect
 from disagfusion.launcher import Launcher, LauncherError
@@ -273,7 +274,7 @@ def _grid_option(field: str, what: str) -> object:
 @app.command("profile")
 def profile(
     model: Annotated[str, typer.Argument(help="Model to measure: a preset (tiny, small) or a directory in the models dir.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Profile to write (default deploy/profiles/scheduler/MODEL-DEVICE.yaml).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Profile to write (default MODEL-DEVICE.yaml in DF_PROFILES_DIR, deploy/profiles/ in the source tree).")] = None,
     models_dir: Annotated[Path | None, typer.Option("--models-dir", help="Where model directories live (default DF_MODELS_DIR).")] = None,
     sizes: Annotated[str | None, _grid_option("sizes", "Image sizes, SIDE (square) or WIDTHxHEIGHT")] = None,
     steps: Annotated[str | None, _grid_option("steps", "Denoising steps")] = None,
@@ -285,14 +286,10 @@ def profile(
     threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads (default DF_TORCH_THREADS, else torch's choice).")] = None,
 ) -> None:
     """Measure MODEL's real stages on this machine over a grid of job shapes, fit the scheduler
-    predictor's cost per stage, and write the profile the scheduler starts from."""
+    predictor's cost per stage, and write the cost profile the scheduler starts from."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
-
-    # The predictor's file format belongs to the scheduler service: loaded only when asked for, as for plan.
-    from services.scheduler.config import SchedulerSettings
-    from services.scheduler.model_profiles import measured_profile
 
     given = dict(sizes=sizes, steps=steps, guidance=guidance, prompt_chars=prompt_chars, frames=frames, batches=batches)
     try:
@@ -322,14 +319,13 @@ def profile(
     except SpecError as exc:
         _fail(str(exc))
     fitted = fit(measurement)
-    written = measured_profile(fitted)
-    path = out or SchedulerSettings().profiles_dir / f"{model}-{measurement.device_slug}.yaml"
-    written.save(path)
+    path = out or settings.profiles_dir / f"{model}-{measurement.device_slug}.yaml"
+    fitted.profile.save(path)
     table = Table("stage", "samples", "coefficients (s)", "median error", "max error",
-                  title=f"{model} on {written.device}, measured in {measurement.elapsed_s:.0f} s")
+                  title=f"{model} on {fitted.profile.hardware}, measured in {measurement.elapsed_s:.0f} s")
     for stage, samples in measurement.by_stage().items():
-        terms = getattr(written.models[model], stage)
-        table.add_row(stage, str(len(samples)), ", ".join(f"{k} {v:.3g}" for k, v in terms.items()),
+        cost = fitted.profile.stages[stage]
+        table.add_row(stage, str(len(samples)), ", ".join(f"{term} {getattr(cost, term):.3g}" for term in PREDICTOR_TERMS[stage]),
                       f"{fitted.median_error[stage]:.1%}", f"{fitted.max_error[stage]:.1%}")
     console.print(table)
     console.print(f"wrote {path}", soft_wrap=True)  # a path the user may copy: never wrapped

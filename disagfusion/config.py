@@ -72,8 +72,9 @@ class ModelSettings(BaseSettings):
     """Model directories live here, one per model name. The presets (tiny, small) are written
     on first use; a real checkpoint is any diffusers directory placed (or linked) here."""
     profiles_dir: Path = SHIPPED_PROFILES_DIR
-    """Cost profiles (``<name>.yaml``): emulated presets are written with one of them, and the
-    scheduler's predictor starts from those of the models it sees."""
+    """Cost profiles (``<name>.yaml``, ``disagfusion.cost.CostProfile``): emulated presets are
+    written with one of them, the scheduler's predictor starts from them, and ``disagfusion
+    profile`` writes a measured one here."""
     models: str = "tiny"
     """Comma-separated model names this worker serves (one durable consumer each)."""
     device: str = "cpu"

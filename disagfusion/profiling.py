@@ -7,12 +7,12 @@ its cost depends on (the encoder does not care about the image size, the decoder
 prompt), taking the fastest of a few runs after a warm-up run: on a shared machine other load
 only ever adds time. The output of one stage feeds the next, so every stage runs on real inputs.
 
-The fit (``disagfusion.profiles.fit_stage_cost``, non-negative least squares on the relative
-error) keeps to the terms the scheduler's predictor has: per stage a per-batch constant plus
-work summed over the jobs (prompts and tokens at the encoder, steps and step-megapixels at the
-DiT, jobs and megapixels at the decoder; guidance doubles the encoder's and the DiT's work),
-with no batch discount and no quadratic term. So the profile rewrites into the predictor's
-features exactly (``services.scheduler.model_profiles.measured_profile``).
+The fit (``disagfusion.cost.fit_stage_cost``, non-negative least squares on the relative
+error) keeps to the terms the scheduler's predictor refines (``disagfusion.cost.PREDICTOR_TERMS``):
+per stage a per-batch constant plus work summed over the jobs (prompts and tokens at the
+encoder, steps and step-megapixels at the DiT, jobs and megapixels at the decoder; guidance
+doubles the encoder's and the DiT's work), with no batch discount and no quadratic term. The
+result is a ``CostProfile`` of kind ``measured``, the file the predictor starts from.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import itertools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
@@ -32,26 +32,20 @@ from disagfusion.config import Settings, comma_list
 from disagfusion.machine import describe
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel, Tensors
-from disagfusion.profiles import CostProfile, StageCost, fit_stage_cost
+from disagfusion.cost import COEFFICIENTS, PREDICTOR_TERMS, CostProfile, StageCost, fit_stage_cost
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
 
 PROMPT_TEXT = "a watercolour painting of a lighthouse on a cliff at dusk, seagulls over the waves, warm light; "
 """Prompts of the grid are this text repeated and cut to the length asked for."""
 
-PREDICTOR_TERMS: dict[str, dict[str, Any]] = {
-    "encode": dict(per_step=False, cfg_factor=2.0, use=("fixed_s", "per_job_s", "per_ktoken_s")),
-    "denoise": dict(per_step=True, cfg_factor=2.0, use=("fixed_s", "per_job_s", "per_mpixel_s")),
-    "decode": dict(per_step=False, cfg_factor=1.0, use=("fixed_s", "per_job_s", "per_mpixel_s")),
+STRUCTURE: dict[str, StageCost] = {
+    "encode": StageCost(cfg_factor=2.0),
+    "denoise": StageCost(per_step=True, cfg_factor=2.0),
+    "decode": StageCost(),
 }
-"""Per stage, the ``fit_stage_cost`` arguments that give exactly the predictor's linear form."""
-
-_COST_SHAPE: dict[str, Callable[[JobSpec], Hashable]] = {
-    "encode": lambda s: (len(s.prompt), len(s.negative_prompt), s.guidance > 1.0),
-    "denoise": lambda s: (s.height, s.width, s.frames, s.steps, s.guidance > 1.0),
-    "decode": lambda s: (s.height, s.width, s.frames),
-}
-"""What each stage's cost depends on (``disagfusion.profiles``' formula): jobs alike in it are
-measured once."""
+"""Per stage, the structure a measured profile is fitted in (its coefficients are what is
+fitted): guidance encodes the negative prompt too and runs the DiT twice per step, and the
+DiT's work repeats every step."""
 
 
 def _size(value: object) -> object:
@@ -107,8 +101,13 @@ class Grid(BaseModel):
         return ",".join(f"{v:g}" for v in getattr(self, field))
 
 
-def _key(stage: str, batch: list[JobSpec]) -> tuple[Hashable, ...]:
-    return stage, len(batch), _COST_SHAPE[stage](batch[0])
+def _key(stage: str, batch: Sequence[JobSpec]) -> tuple[Hashable, ...]:
+    """Batches alike in it cost the same at ``stage`` as a profile is fitted (equal features
+    for the fitted terms), so they are measured once. Guidance stays apart where the structure
+    says it multiplies the work (cfg_factor): timing both is how a profile checks that."""
+    structure = STRUCTURE[stage]
+    guided = batch[0].guided if structure.cfg_factor != 1.0 else None
+    return stage, len(batch), guided, tuple(structure.features(batch[:1], PREDICTOR_TERMS[stage]))
 
 
 class Measurement(BaseModel):
@@ -232,19 +231,24 @@ def measure(
 
 
 def fit(measurement: Measurement) -> Fit:
-    """Fit each stage's cost in the predictor's terms (``PREDICTOR_TERMS``) and say how far the
-    fit is from the measured samples."""
+    """Fit each stage's cost in the predictor's terms (``PREDICTOR_TERMS``), its coefficients
+    kept to four significant digits (more than the timings on which they rest), and say how far
+    that is from the measured samples."""
     fitted: dict[str, StageCost] = {}
     median_error, max_error = {}, {}
     for stage, samples in measurement.by_stage().items():
         observations = [(s.jobs, s.seconds) for s in samples]
-        cost = fitted[stage] = fit_stage_cost(observations, batch_exponent=1.0, **PREDICTOR_TERMS[stage])
+        structure = STRUCTURE[stage]
+        exact = fit_stage_cost(observations, per_step=structure.per_step, cfg_factor=structure.cfg_factor,
+                               use=PREDICTOR_TERMS[stage], batch_exponent=1.0)
+        cost = fitted[stage] = exact.model_copy(update={term: float(f"{getattr(exact, term):.4g}") for term in COEFFICIENTS})
         errors = [abs(cost.seconds(jobs) / seconds - 1.0) for jobs, seconds in observations]
         median_error[stage], max_error[stage] = statistics.median(errors), max(errors)
     errors = ", ".join(f"{stage} {median_error[stage]:.1%} ({max_error[stage]:.1%})" for stage in STAGES)
     profile = CostProfile(
         model=measurement.model,
         hardware=measurement.hardware,
+        kind="measured",
         source=(
             f"measured by `{measurement.command}` at {measurement.started:%Y-%m-%d %H:%M} UTC on "
             f"{measurement.hardware} (torch {measurement.machine.get('torch')}, {measurement.dtype}, load average "
@@ -253,6 +257,7 @@ def fit(measurement: Measurement) -> Fit:
             f"warm-up; linear least-squares fit on the relative error; median (max) relative fit error: {errors}"
         ),
         stages=fitted,
+        fit_error={stage: round(error, 4) for stage, error in median_error.items()},
     )
     return Fit(profile=profile, median_error=median_error, max_error=max_error)
 

@@ -196,11 +196,6 @@ class JobSpec(Message):
         """Jobs with the same key can share a DiT or decoder batch."""
         return (self.model, self.height, self.width, self.frames, self.steps, self.guidance)
 
-    def cost_key(self, stage: str) -> tuple:
-        """Jobs with the same key take about as long at ``stage``: one shape, and at the encoder
-        prompts of one length (in powers of two, so keys stay few)."""
-        return (*self.shape_key, len(self.prompt).bit_length() if stage == "encode" else 0)
-
     @property
     def guided(self) -> bool:
         """Classifier-free guidance is on: the DiT runs twice per step and the negative prompt

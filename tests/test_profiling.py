@@ -1,5 +1,5 @@
 """`disagfusion profile`: measuring the tiny model's real stages over a small grid, fitting the
-predictor's terms, and writing a profile the scheduler's predictor loads."""
+predictor's terms, and writing a cost profile the scheduler's predictor loads."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from disagfusion.cli import app
 from disagfusion.config import Settings
+from disagfusion.cost import load_profiles
 from disagfusion.models.base import SpecError
 from disagfusion.profiling import Fit, Grid, Measurement, fit, measure
 from disagfusion.protocol import STAGES, JobSpec
-from services.scheduler.model_profiles import measured_profile, scheduler_profiles
-from services.scheduler.predictor import Predictor, load_profiles
+from services.scheduler.predictor import Predictor
 
 GRID = dict(sizes="64,128", steps="1,3", guidance="1,4.5", prompt_chars="16,120", batches="1,2")
 """Small enough for a test (28 stage shapes of the tiny model, well under a second each)."""
@@ -66,8 +66,8 @@ def test_fit_keeps_to_the_predictors_terms(fitted: Fit) -> None:
 
 
 def test_the_written_profile_predicts_the_measured_samples(measured: Measurement, fitted: Fit, tmp_path: Path) -> None:
-    measured_profile(fitted).save(tmp_path / "tiny-cpu.yaml")
-    predictor = Predictor(load_profiles([tmp_path]))
+    fitted.profile.save(tmp_path / "tiny-cpu.yaml")
+    predictor = Predictor(load_profiles([tmp_path]).values())
     predicted = [predictor.predict(s.stage, s.jobs) for s in measured.samples]
     # The file predicts what the fit does (four significant digits)...
     assert predicted == pytest.approx([fitted.profile.seconds(s.stage, s.jobs) for s in measured.samples], rel=2e-3)
@@ -79,7 +79,7 @@ def test_the_written_profile_predicts_the_measured_samples(measured: Measurement
 
 
 def test_predictions_are_positive_and_grow_with_steps_and_size(fitted: Fit) -> None:
-    predictor = Predictor({"measured": measured_profile(fitted)})
+    predictor = Predictor([fitted.profile])
     small, more_steps, larger = job(steps=1), job(steps=3), job(steps=1, height=128, width=128)
     assert all(c > 0 for c in predictor.job_costs(small))
     assert predictor.predict("denoise", [more_steps]) > predictor.predict("denoise", [small])
@@ -108,10 +108,10 @@ def test_profile_command_writes_a_profile_the_scheduler_loads(tiny_models_dir: P
     ])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in said(result)
-    profile = scheduler_profiles(out.parent)["tiny-cpu"]
-    assert profile.kind == "measured" and "tiny" in profile.models and set(profile.fit_error["tiny"]) == set(STAGES)
+    profile = load_profiles([out.parent])["tiny-cpu"]
+    assert profile.kind == "measured" and profile.model == "tiny" and set(profile.fit_error) == set(STAGES)
     assert "--steps 1,2 " in profile.source and "--threads 1" in profile.source and "1 torch thread" in profile.source
-    assert Predictor({"p": profile}).predict("denoise", [job(steps=2)]) > 0
+    assert Predictor([profile]).predict("denoise", [job(steps=2)]) > 0
 
 
 def test_profile_command_names_an_unknown_model(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Model families, and finding a model by name: ``settings.models_dir / <name>`` is a diffusers
 directory whose ``model_index.json`` ``_class_name`` picks the family. Preset names (tiny,
 small, and the emulated accelerators emulated, emulated-video) are written there on first use,
-so services work offline out of the box."""
+so services work offline out of the box. A model directory may carry its cost profile
+(``PROFILE_FILE``; emulated models do, as their stages sleep for what it says)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from disagfusion.config import Settings
+from disagfusion.config import ModelSettings, Settings
+from disagfusion.cost import CostProfile
 from disagfusion.models.base import SpecError, StageModel
 from disagfusion.protocol import JobSpec
 
@@ -22,6 +24,9 @@ FAMILIES: dict[str, str] = {
     "DisagFusionEmulated": "disagfusion.models.emulated",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
+
+PROFILE_FILE = "profile.yaml"
+"""A model directory's own cost profile (``disagfusion.cost.CostProfile``), if it has one."""
 
 PRESET_WRITERS: dict[str, str] = {
     "tiny": "disagfusion.models.presets",
@@ -78,3 +83,20 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise SpecError if ``spec.model`` cannot run ``spec``; reads configs only, no weights."""
     directory = model_directory(spec.model, settings)
     model_family(directory).check_spec(directory, spec)
+
+
+def carried_profile(name: str, settings: ModelSettings) -> CostProfile | None:
+    """The cost profile model ``name`` carries in its directory, as a profile of ``name`` (an
+    emulated preset's is the one in the profiles dir it is written with, if not written yet);
+    None for a model that carries none. Reads files only: no preset is written, no weights loaded."""
+    path = settings.models_dir / name / PROFILE_FILE
+    if path.is_file():
+        profile = CostProfile.load(path)
+    else:
+        # Imported here, as families are: only an emulated preset has a profile before it is written.
+        from disagfusion.models.emulated import PRESETS
+
+        if name not in PRESETS:
+            return None
+        profile = CostProfile.named(PRESETS[name].profile, settings.profiles_dir)
+    return profile.model_copy(update={"model": name})

@@ -7,9 +7,9 @@ tensor transfers, batching and scheduling are real; only the kernel time is emul
 Benchmarks that run on it must say so in their names.
 
 A model directory holds ``model_index.json`` (``_class_name: DisagFusionEmulated`` plus the
-``geometry`` below) and ``profile.json`` (a ``CostProfile``). Presets:
+``geometry`` below) and ``profile.yaml`` (a ``CostProfile``). Presets:
 ``emulated`` (PixArt-Sigma shapes, the synthetic bench-pipeline profile) and ``emulated-video``
-(Wan2.1-T2V-1.3B shapes, the H200 profile cited in deploy/profiles/wan2.1-1.3b-h200.json).
+(Wan2.1-T2V-1.3B shapes, the H200 profile cited in deploy/profiles/wan2_1-t2v-1_3b-h200.yaml).
 
 Tensors per job, as the pixart family gives them: encode -> ``prompt_embeds``
 [1, max_sequence_length, text_dim], ``prompt_attention_mask`` [1, max_sequence_length] (int64),
@@ -29,13 +29,13 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagfusion.config import Settings
+from disagfusion.cost import CostProfile, prompt_tokens
+from disagfusion.models import PROFILE_FILE
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple, write_model_directory
-from disagfusion.profiles import CostProfile, prompt_tokens
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
 
 CLASS_NAME = "DisagFusionEmulated"
-PROFILE_FILE = "profile.json"
 
 
 class EmulatedGeometry(BaseModel):
@@ -72,7 +72,7 @@ class EmulatedPreset(BaseModel):
 
     geometry: EmulatedGeometry
     profile: str
-    """File name (without .json) in deploy/profiles/."""
+    """File name (without .yaml) in DF_PROFILES_DIR (deploy/profiles/)."""
 
 
 PIXART_SIGMA_GEOMETRY = EmulatedGeometry(
@@ -84,7 +84,7 @@ WAN21_GEOMETRY = EmulatedGeometry(
 
 PRESETS: dict[str, EmulatedPreset] = {
     "emulated": EmulatedPreset(geometry=PIXART_SIGMA_GEOMETRY, profile="bench-pipeline"),
-    "emulated-video": EmulatedPreset(geometry=WAN21_GEOMETRY, profile="wan2.1-1.3b-h200"),
+    "emulated-video": EmulatedPreset(geometry=WAN21_GEOMETRY, profile="wan2_1-t2v-1_3b-h200"),
 }
 
 

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from disagfusion import bus
 from disagfusion.config import Settings
+from disagfusion.cost import cost_key
 from disagfusion.health import health_path, write_health
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors
@@ -139,7 +140,7 @@ class StageWorker:
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
         self._job_s: dict[tuple, float] = {}
-        """Measured seconds per job, by ``JobSpec.cost_key``: how long the jobs in hand take."""
+        """Measured seconds per job, by ``cost.cost_key``: how long the jobs in hand take."""
         self._last_taken: JobSpec | None = None
         """The last job admitted: the next pull asks for a batch of jobs like it."""
         self._running: tuple[float, float] | None = None
@@ -248,7 +249,7 @@ class StageWorker:
         """What a job takes here, as the last of its shape took: unknown (infinite) for a shape
         not run yet, so a worker does not take a second video job before it knows that the
         first takes 14 s."""
-        return self._job_s.get(spec.cost_key(self.stage), math.inf)
+        return self._job_s.get(cost_key(self.stage, spec), math.inf)
 
     def _in_hand_s(self) -> float:
         """Estimated seconds until this worker has done what it holds."""
@@ -351,7 +352,7 @@ class StageWorker:
                 self._progress.set()
             seconds = time.perf_counter() - started
             for spec in specs:
-                self._job_s[spec.cost_key(self.stage)] = seconds / len(specs)
+                self._job_s[cost_key(self.stage, spec)] = seconds / len(specs)
             await self._publish_timing(specs, seconds)
             for job, output in zip(batch, outputs, strict=True):
                 job.outputs, job.compute_s, job.batch_size = output, seconds / len(batch), len(batch)

@@ -3,18 +3,12 @@ configure it the same way."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from disagfusion.protocol import STAGES
-
-# The predictor's linear-feature profiles. deploy/profiles/*.json beside it are the emulated
-# accelerator's cost profiles (disagfusion.profiles), a different form of the same figures.
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "scheduler"
-
 
 class SchedulerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DF_SCHED_", extra="ignore")
@@ -23,8 +17,6 @@ class SchedulerSettings(BaseSettings):
     actuator: Literal["dry-run", "local", "compose", "kubernetes"] = "dry-run"
     pool: str = "slot:12"
     """Device classes and their counts, e.g. ``h100:64,l4:256`` (see services/scheduler/pool.py)."""
-    profiles_dir: Path = PROFILES_DIR
-    """Cost profiles (YAML/JSON) the predictor starts from; ``disagfusion profile`` writes here."""
 
     tick_s: float = Field(default=5.0, gt=0)
     horizon_s: float = Field(default=60.0, gt=0)

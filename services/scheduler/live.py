@@ -22,7 +22,9 @@ from pydantic_settings import NoDecode
 
 from disagfusion import bus
 from disagfusion.config import Settings, comma_list
+from disagfusion.cost import CostProfile, load_profiles
 from disagfusion.health import health_path, write_health
+from disagfusion.models import carried_profile
 from disagfusion.protocol import (
     STAGES,
     WORK_STREAM,
@@ -42,7 +44,6 @@ from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import FleetState
 from services.scheduler.deploy_actuators import make_actuator
 from services.scheduler.feedback import Feedback, Observation
-from services.scheduler.model_profiles import live_profiles
 from services.scheduler.policies import Policy, make_policy
 from services.scheduler.pool import Allocation, Pool, deployment_replicas, empty_allocation, parse_pool, per_stage
 from services.scheduler.predictor import Predictor
@@ -101,6 +102,16 @@ class LatencyWindow:
         return len(latencies), len(latencies) / self.window_s, quantile(0.5), quantile(0.95)
 
 
+def starting_profiles(runtime: Settings) -> list[CostProfile]:
+    """What the predictor starts from: every profile in DF_PROFILES_DIR, and for each served
+    model that none of them is for, the profile its model directory carries (the emulated
+    family's), so an emulated fleet is predicted from the times its stages emulate."""
+    profiles = list(load_profiles([runtime.profiles_dir]).values())
+    known = {profile.model for profile in profiles}
+    carried = (carried_profile(model, runtime) for model in runtime.model_names if model not in known)
+    return profiles + [profile for profile in carried if profile is not None]
+
+
 def workload_names(allocation: Allocation, pool: Pool, template: str) -> dict[str, int]:
     """Replicas per workload the actuator knows: compose services, or Deployments per class."""
     return deployment_replicas(allocation, pool, template)
@@ -123,7 +134,7 @@ class LiveScheduler:
         self.settings, self.runtime, self.actuator = settings, runtime, actuator
         self.pool = parse_pool(settings.pool)
         self.models = runtime.model_names
-        self.predictor = Predictor(live_profiles(settings.profiles_dir, runtime))
+        self.predictor = Predictor(starting_profiles(runtime))
         self.feedback = Feedback(self.predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.latency = LatencyWindow(settings.latency_window_s)
         self.policy = policy

@@ -10,10 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from disagfusion.config import ModelSettings
+from disagfusion.cost import load_profiles
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.planner import PlanReport, plan
 from services.scheduler.pool import parse_pool
-from services.scheduler.predictor import load_profiles
 from services.scheduler.trace import read_trace
 
 
@@ -21,17 +22,16 @@ def plan_command(
     trace: Annotated[Path, typer.Option("--trace", "-t", exists=True, dir_okay=False, help="JSONL of {t, spec[, phase]}")],
     pool: Annotated[str, typer.Option(help='Device classes and counts, e.g. "h100:64,l4:256"')] = "slot:12",
     policy: Annotated[str, typer.Option(help="hybrid, predictor, lag, threshold or static")] = "hybrid",
-    profiles: Annotated[list[Path] | None, typer.Option("--profile", help="Cost profile files or folders")] = None,
+    profiles: Annotated[list[Path] | None, typer.Option("--profile", help="Cost profile files or folders (default DF_PROFILES_DIR)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Run the trace through the scheduler in a discrete-event simulation (simulated time) and
     print what it would deploy and the throughput and latency to expect."""
-    settings = SchedulerSettings()
     report = plan(
         read_trace(trace),
         parse_pool(pool),
-        load_profiles(profiles or [settings.profiles_dir]),
-        settings,
+        list(load_profiles(profiles or [ModelSettings().profiles_dir]).values()),
+        SchedulerSettings(),
         pool_text=pool,
         policy=policy,
     )

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel
 
+from disagfusion.cost import CostProfile
 from disagfusion.protocol import STAGES
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import Controller
 from services.scheduler.policies import Policy, Scheduled, make_policy
 from services.scheduler.pool import Allocation, Pool, empty_allocation, fit_to_pool, per_stage
-from services.scheduler.predictor import CostProfile, Predictor
+from services.scheduler.predictor import Predictor
 from services.scheduler.simulation import JobRecord, SimResult, Simulation, StageWorkers
 from services.scheduler.trace import TraceEntry
 
@@ -130,10 +131,10 @@ def simulate(
     trace: Sequence[TraceEntry],
     pool: Pool,
     policy: Policy,
-    profiles: dict[str, CostProfile],
+    profiles: Collection[CostProfile],
     settings: SchedulerSettings,
     initial: Allocation | None = None,
-    truth_profiles: dict[str, CostProfile] | None = None,
+    truth_profiles: Collection[CostProfile] | None = None,
     **options,
 ) -> tuple[SimResult, Predictor, Predictor]:
     predictor = Predictor(profiles)
@@ -150,7 +151,7 @@ def _compositions(total: int) -> list[tuple[int, int, int]]:
 def search_static(
     trace: Sequence[TraceEntry],
     pool: Pool,
-    profiles: dict[str, CostProfile],
+    profiles: Collection[CostProfile],
     settings: SchedulerSettings,
     exhaustive_up_to: int = 24,
     rounds: int = 6,
@@ -216,7 +217,7 @@ def search_static(
 def oracle_schedule(
     trace: Sequence[TraceEntry],
     pool: Pool,
-    profiles: dict[str, CostProfile],
+    profiles: Collection[CostProfile],
     settings: SchedulerSettings,
     workers: Mapping[str, StageWorkers] | None = None,
 ) -> list[tuple[float, Allocation]]:
@@ -232,7 +233,7 @@ def oracle_schedule(
 def plan(
     trace: Sequence[TraceEntry],
     pool: Pool,
-    profiles: dict[str, CostProfile],
+    profiles: Collection[CostProfile],
     settings: SchedulerSettings,
     pool_text: str = "",
     policy: str = "hybrid",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from disagfusion.config import WorkerSettings
+from disagfusion.cost import JobWork, cost_key
 from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
 from disagfusion.worker import policy
 from disagfusion.worker.policy import BatchKey, WorkerLimits
@@ -25,7 +26,7 @@ from services.scheduler.controller import FleetState
 from services.scheduler.feedback import Feedback
 from services.scheduler.policies import Policy
 from services.scheduler.pool import Allocation, DeviceClass, Pool, empty_allocation
-from services.scheduler.predictor import Predictor, prompt_tokens
+from services.scheduler.predictor import Predictor
 from services.scheduler.trace import TraceEntry
 
 
@@ -238,7 +239,7 @@ class Simulation:
 
     def _service_time(self, stage: str, batch: list[JobRecord], device: DeviceClass) -> float:
         specs = [r.spec for r in batch]
-        key = (stage, len(batch), specs[0].shape_key, prompt_tokens(specs[0].prompt))
+        key = (stage, specs[0].model, JobWork.of(specs[0]))
         base = self._truth_cache.get(key) if len(batch) == 1 else None
         if base is None:
             base = self.truth.predict(stage, specs)
@@ -303,7 +304,7 @@ class Simulation:
         stage, speed = instance.stage, instance.device.speed_for(instance.stage)
 
         def timed(spec: JobSpec) -> bool:
-            return spec.cost_key(stage) in instance.timed
+            return cost_key(stage, spec) in instance.timed
 
         def estimate(spec: JobSpec) -> float:
             return self.truth.predict(stage, [spec]) / speed if timed(spec) else math.inf
@@ -315,7 +316,7 @@ class Simulation:
         if instance.gone:
             return  # it died mid-batch; the batch was handed back
         batch, instance.batch = instance.batch, []
-        instance.timed.update(r.spec.cost_key(instance.stage) for r in batch)
+        instance.timed.update(cost_key(instance.stage, r.spec) for r in batch)
         if self.observe:
             self._report(instance, batch)
         following = Stage(instance.stage).next

@@ -10,8 +10,8 @@ def test_image_writes_an_emulated_preset_from_its_shipped_profiles(project_image
     output = DockerClient().run(
         project_image,
         ["sh", "-c", "disagfusion init-model emulated /tmp/m >/dev/null && python -c "
-         "\"from pathlib import Path; from disagfusion.profiles import CostProfile; "
-         "print(CostProfile.load(next(Path('/tmp/m').glob('profile.json'))).source)\""],
+         "\"from pathlib import Path; from disagfusion.cost import CostProfile; "
+         "print(CostProfile.load(next(Path('/tmp/m').glob('profile.yaml'))).source)\""],
         remove=True,
         networks=["none"],
     )

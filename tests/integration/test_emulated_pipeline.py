@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from disagfusion.client import Client
-from disagfusion.profiles import CostProfile
+from disagfusion.cost import CostProfile
 from disagfusion.protocol import JobSpec
 
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from disagfusion.config import Settings
-from disagfusion.models import PRESET_WRITERS, check_spec, load_stage_model, model_directory
+from disagfusion.cost import CostProfile, StageCost
+from disagfusion.models import PRESET_WRITERS, PROFILE_FILE, check_spec, load_stage_model, model_directory
 from disagfusion.models.base import SpecError
 from disagfusion.models.emulated import EmulatedGeometry, write_model
 from disagfusion.models.pixart import MAX_SEQUENCE_LENGTH, PixArtGeometry
-from disagfusion.profiles import CostProfile, StageCost
 from disagfusion.protocol import STAGES, JobSpec
 
 FAST = CostProfile(
-    model="test", hardware="none", source="synthetic: test",
+    model="test", hardware="none", source="synthetic: test", kind="synthetic",
     stages={"encode": StageCost(per_job_s=0.01), "denoise": StageCost(per_job_s=0.05), "decode": StageCost(per_job_s=0.02)},
 )
 
@@ -93,8 +93,8 @@ def test_service_time_follows_profile_and_speed(models_dir: Path, monkeypatch: p
 def test_video_preset_shapes_and_checks(models_dir: Path) -> None:
     settings = Settings(models_dir=models_dir)
     directory = model_directory("emulated-video", settings)
-    profile = CostProfile.load(directory / "profile.json")
-    assert profile.source.startswith("cited") and profile == CostProfile.named("wan2.1-1.3b-h200")
+    profile = CostProfile.load(directory / PROFILE_FILE)
+    assert profile.source.startswith("cited") and profile == CostProfile.named("wan2_1-t2v-1_3b-h200")
     job = JobSpec(model="emulated-video", prompt="waves", height=480, width=832, frames=81, steps=50, guidance=5.0)
     check_spec(job, settings)
     encoder = load_stage_model("emulated-video", "encode", settings)
@@ -115,4 +115,4 @@ def test_presets_are_registered(models_dir: Path) -> None:
     assert {"tiny", "small", "emulated", "emulated-video"} <= set(PRESET_WRITERS)
     directory = model_directory("emulated", Settings(models_dir=models_dir))
     assert json.loads((directory / "model_index.json").read_text())["_class_name"] == "DisagFusionEmulated"
-    assert CostProfile.load(directory / "profile.json") == CostProfile.named("bench-pipeline")
+    assert CostProfile.load(directory / PROFILE_FILE) == CostProfile.named("bench-pipeline")

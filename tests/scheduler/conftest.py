@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from disagfusion.config import SHIPPED_PROFILES_DIR
+from disagfusion.cost import CostProfile, load_profiles
 from disagfusion.protocol import JobSpec
-from services.scheduler.config import PROFILES_DIR, SchedulerSettings
-from services.scheduler.predictor import CostProfile, load_profiles
+from services.scheduler.config import SchedulerSettings
 from services.scheduler.trace import TraceEntry
 
 
 @pytest.fixture(scope="session")
-def profiles() -> dict[str, CostProfile]:
-    return load_profiles([PROFILES_DIR])
+def profile_files() -> dict[str, CostProfile]:
+    """The shipped profiles by file name."""
+    return load_profiles([SHIPPED_PROFILES_DIR])
+
+
+@pytest.fixture(scope="session")
+def profiles(profile_files: dict[str, CostProfile]) -> list[CostProfile]:
+    return list(profile_files.values())
 
 
 @pytest.fixture

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from disagfusion.cost import CostProfile
 from disagfusion.protocol import TimingSample
 from services.scheduler.feedback import Feedback, StageView
-from services.scheduler.predictor import CostProfile, Predictor
+from services.scheduler.predictor import Predictor
 
 from .conftest import small_image, video
 
@@ -20,7 +21,7 @@ class Info:
     num_waiting: int
 
 
-def test_jobs_queued_upstream_are_future_work_for_every_later_stage(profiles: dict[str, CostProfile]) -> None:
+def test_jobs_queued_upstream_are_future_work_for_every_later_stage(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor)
     for n in range(4):
@@ -35,7 +36,7 @@ def test_jobs_queued_upstream_are_future_work_for_every_later_stage(profiles: di
     assert obs.future_work("encode") == pytest.approx(4 * encode)
 
 
-def test_a_sample_moves_work_downstream(profiles: dict[str, CostProfile]) -> None:
+def test_a_sample_moves_work_downstream(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor)
     jobs = [video(n) for n in range(3)]
@@ -50,7 +51,7 @@ def test_a_sample_moves_work_downstream(profiles: dict[str, CostProfile]) -> Non
     assert obs.stages["encode"].measured_s == pytest.approx(2.0)
 
 
-def test_jetstream_counts_correct_what_the_tracker_missed(profiles: dict[str, CostProfile]) -> None:
+def test_jetstream_counts_correct_what_the_tracker_missed(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor)
     feedback.on_enqueue("encode", video(0))
@@ -65,7 +66,7 @@ def test_jetstream_counts_correct_what_the_tracker_missed(profiles: dict[str, Co
     assert obs.stages["denoise"].utilisation == 0.0  # three idle pulls, three instances
 
 
-def test_arrival_rate_and_incoming_work(profiles: dict[str, CostProfile]) -> None:
+def test_arrival_rate_and_incoming_work(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor, tau_s=1e-6)  # no smoothing: the last interval's rate
     feedback.snapshot(0.0, {})
@@ -76,7 +77,7 @@ def test_arrival_rate_and_incoming_work(profiles: dict[str, CostProfile]) -> Non
     assert obs.stages["denoise"].incoming_work == pytest.approx(2.0 * predictor.job_costs(video(0))[1])
 
 
-def test_long_jobs_are_due_only_in_proportion_to_their_latency_budget(profiles: dict[str, CostProfile]) -> None:
+def test_long_jobs_are_due_only_in_proportion_to_their_latency_budget(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor, horizon_s=60.0, latency_budget=5.0)
     feedback.on_enqueue("encode", video(0))
@@ -99,7 +100,7 @@ def test_utilisation_counts_a_stage_without_work_as_idle_between_pulls() -> None
     assert StageView("encode", running=0, pending=3).utilisation == 0.0
 
 
-def test_work_a_stage_holds_is_not_waiting_for_more_of_it(profiles: dict[str, CostProfile]) -> None:
+def test_work_a_stage_holds_is_not_waiting_for_more_of_it(profiles: list[CostProfile]) -> None:
     predictor = Predictor(profiles)
     feedback = Feedback(predictor)
     for n in range(8):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from disagfusion.cost import CostProfile
 from disagfusion.protocol import STAGES
 from disagfusion.worker.policy import WorkerLimits
 from services.scheduler.config import SchedulerSettings
@@ -12,7 +13,7 @@ from services.scheduler.feedback import Observation
 from services.scheduler.planner import simulate
 from services.scheduler.policies import Scheduled
 from services.scheduler.pool import Allocation, parse_pool
-from services.scheduler.predictor import CostProfile, Predictor
+from services.scheduler.predictor import Predictor
 from services.scheduler.simulation import BATCH_KEYS, SharedStartup, StageWorkers
 
 from .conftest import small_image, steady, video
@@ -21,7 +22,7 @@ POOL = parse_pool("slot:12")
 START = {"encode": {"slot": 1}, "denoise": {"slot": 4}, "decode": {"slot": 1}}
 
 
-def test_a_dead_instance_is_replaced_and_its_jobs_redelivered(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_a_dead_instance_is_replaced_and_its_jobs_redelivered(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     trace = steady(small_image, 10.0, 0.0, 120.0)
     result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=START, kills=[(40.0, "denoise")])
     assert result.redelivered >= 1
@@ -34,7 +35,7 @@ def test_a_dead_instance_is_replaced_and_its_jobs_redelivered(profiles: dict[str
     assert later.running["denoise"] >= before
 
 
-def test_scaling_down_drains_and_loses_nothing(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_scaling_down_drains_and_loses_nothing(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     trace = steady(video, 0.12, 0.0, 200.0)
     many = {"encode": {"slot": 2}, "denoise": {"slot": 8}, "decode": {"slot": 2}}
     few = {"encode": {"slot": 1}, "denoise": {"slot": 2}, "decode": {"slot": 1}}
@@ -46,7 +47,7 @@ def test_scaling_down_drains_and_loses_nothing(profiles: dict[str, CostProfile],
     assert result.timeline[-1].running == {"encode": 1, "denoise": 2, "decode": 1}
 
 
-def test_new_instances_serve_only_after_their_startup(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_new_instances_serve_only_after_their_startup(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     trace = steady(small_image, 15.0, 0.0, 90.0)
     start = {"encode": {"slot": 1}, "denoise": {"slot": 1}, "decode": {"slot": 1}}
     result, _, _ = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=start)
@@ -55,7 +56,7 @@ def test_new_instances_serve_only_after_their_startup(profiles: dict[str, CostPr
     assert served - asked >= settings.startup_s["denoise"]
 
 
-def test_the_simulation_is_deterministic_and_uses_simulated_time(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_the_simulation_is_deterministic_and_uses_simulated_time(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     trace = steady(video, 0.05, 0.0, 600.0)  # ten minutes of video jobs, simulated in moments
 
     def latencies() -> list[float]:
@@ -67,12 +68,9 @@ def test_the_simulation_is_deterministic_and_uses_simulated_time(profiles: dict[
     assert min(first) > sum(stage for stage in (2.3, 76.0, 2.9)) * 0.8  # a video takes its DiT time
 
 
-def test_measured_times_teach_the_scheduler_a_wrong_profile(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_measured_times_teach_the_scheduler_a_wrong_profile(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     # The real device is 3x slower at the DiT than the profile the scheduler starts from.
-    slower = {
-        name: profile.model_copy(update={"models": {m: p.model_copy(update={"denoise": {k: 3 * v for k, v in p.denoise.items()}}) for m, p in profile.models.items()}})
-        for name, profile in profiles.items()
-    }
+    slower = [profile.scaled({"denoise": 3.0}) for profile in profiles]
     trace = steady(small_image, 5.0, 0.0, 120.0)
     result, predictor, truth = simulate(trace, POOL, Controller(POOL, settings), profiles, settings, initial=START, truth_profiles=slower)
     job = [small_image(0)]
@@ -80,7 +78,7 @@ def test_measured_times_teach_the_scheduler_a_wrong_profile(profiles: dict[str, 
     assert set(STAGES) <= {e.stage for e in predictor.errors()}
 
 
-def test_a_pin_holds_in_the_running_fleet_until_released(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_a_pin_holds_in_the_running_fleet_until_released(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     trace = steady(small_image, 12.0, 0.0, 200.0)
     pins = [(30.0, {"denoise": 3}), (100.0, {})]
     start = {"encode": {"slot": 1}, "denoise": {"slot": 9}, "decode": {"slot": 1}}
@@ -92,7 +90,7 @@ def test_a_pin_holds_in_the_running_fleet_until_released(profiles: dict[str, Cos
     assert all(not math.isnan(r.done) for r in result.jobs)
 
 
-def test_instances_starting_together_share_the_host(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_instances_starting_together_share_the_host(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     """bench/elastic.py's fleet starts every process on one 2-core machine: six at once take
     three times as long as two."""
     shared = SharedStartup(alone_s=1.5, cpu_s=2.0, cores=2)
@@ -116,7 +114,7 @@ def batches_of_one(holds: int, fetch_ahead_s: float = math.inf) -> dict[str, Sta
     return {stage: StageWorkers(limits, BATCH_KEYS[stage]) for stage in STAGES}
 
 
-def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_jobs_fetched_ahead_wait_behind_the_batch_and_are_never_lost(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     """Holding jobs models the live worker's fetching ahead: a held job waits behind its instance's
     running job even while another instance idles, a draining instance hands it back, and a
     dead one's come back after AckWait. Fetching only in the last ``fetch_ahead_s`` of the
@@ -160,7 +158,7 @@ class _Watching(Scheduled):
         return super().decide(obs, fleet, pins)
 
 
-def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: dict[str, CostProfile], settings: SchedulerSettings) -> None:
+def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: list[CostProfile], settings: SchedulerSettings) -> None:
     """JetStream's num_waiting counts the pull of a busy worker in its last DF_FETCH_AHEAD_S as
     well as an idle one's; the threshold policy reads utilisation from it, so the simulation
     must count both."""

@@ -1,4 +1,4 @@
-"""Cost profiles: the formula, the shipped files, and fitting coefficients back from timings."""
+"""The cost model: the formula, the shipped profiles, and fitting coefficients back from timings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 
 from disagfusion.config import SHIPPED_PROFILES_DIR
-from disagfusion.profiles import CostProfile, StageCost, fit_stage_cost
+from disagfusion.cost import CostProfile, StageCost, fit_stage_cost, load_profiles
+from disagfusion.models.emulated import PRESETS
 from disagfusion.protocol import JobSpec
 
 
@@ -16,12 +17,21 @@ def spec(**fields) -> JobSpec:
 
 
 def test_every_shipped_profile_loads_and_says_where_it_comes_from() -> None:
-    files = sorted(SHIPPED_PROFILES_DIR.glob("*.json"))
-    assert {f.stem for f in files} >= {"bench-pipeline", "wan2.1-1.3b-h200"}
+    # The profiles the emulated presets are written with (the others are the scheduler's).
+    files = sorted(SHIPPED_PROFILES_DIR / f"{preset.profile}.yaml" for preset in PRESETS.values())
+    assert {f.stem for f in files} >= {"bench-pipeline", "wan2_1-t2v-1_3b-h200"}
     for path in files:
         profile = CostProfile.load(path)
         assert profile.source.startswith(("measured here", "cited", "synthetic")), path
         assert set(profile.stages) == {"encode", "denoise", "decode"}, path
+
+
+def test_every_profile_in_the_directory_is_for_a_model_name_jobs_can_carry() -> None:
+    profiles = load_profiles([SHIPPED_PROFILES_DIR])
+    assert set(profiles) == {f.stem for f in SHIPPED_PROFILES_DIR.iterdir()}
+    for name, profile in profiles.items():
+        assert JobSpec(model=profile.model, prompt="x").model == profile.model, name
+        assert set(profile.stages) == {"encode", "denoise", "decode"} and profile.source, name
 
 
 def test_bench_pipeline_profile_is_the_synthetic_per_job_times() -> None:
@@ -33,7 +43,7 @@ def test_bench_pipeline_profile_is_the_synthetic_per_job_times() -> None:
 
 
 def test_wan_profile_reproduces_the_cited_figures() -> None:
-    profile = CostProfile.named("wan2.1-1.3b-h200")
+    profile = CostProfile.named("wan2_1-t2v-1_3b-h200")
     job = spec(height=480, width=832, frames=81, steps=50, guidance=5.0)
     assert profile.job_seconds(job) == pytest.approx({"encode": 2.3, "denoise": 312.8, "decode": 7.1})
     # Half the steps, half the DiT; no guidance, half again; the decoder does not care about either.
@@ -97,7 +107,7 @@ def test_fit_with_a_fixed_batch_exponent_stays_linear() -> None:
 def test_named_profiles_come_from_df_profiles_dir(tmp_path, monkeypatch) -> None:
     """An installed image has no source tree; its profiles sit where DF_PROFILES_DIR says."""
     shipped = CostProfile.named("bench-pipeline")
-    shipped.save(tmp_path / "elsewhere.json")
+    shipped.save(tmp_path / "elsewhere.yaml")
     monkeypatch.setenv("DF_PROFILES_DIR", str(tmp_path))
     assert CostProfile.named("elsewhere") == shipped
     with pytest.raises(FileNotFoundError, match="DF_PROFILES_DIR"):
