@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from disagfusion.cli import app
+from disagfusion_cli import app
 from disagfusion.config import Settings
 from disagfusion.cost import load_profiles
 from disagfusion.models.base import SpecError

@@ -19,7 +19,7 @@ from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException, NoSuchContainer
 from typer.testing import CliRunner
 
-from disagfusion.cli import app
+from disagfusion_cli import app
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import free_port

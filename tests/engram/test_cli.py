@@ -5,7 +5,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from disagfusion.engram.arena import Arena
-from disagfusion.engram.cli import engram_app
+from disagfusion_cli.engram import app as engram_app
 
 runner = CliRunner()
 TOKENIZER = Path(__file__).parent / "golden" / "tokenizer"

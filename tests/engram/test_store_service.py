@@ -139,7 +139,7 @@ def test_an_unpublished_arena_is_a_clear_error(nats_server: str) -> None:
 def test_cli_lookup_through_the_service(nats_server: str, served: tuple[str, str]) -> None:
     from typer.testing import CliRunner
 
-    from disagfusion.engram.cli import engram_app
+    from disagfusion_cli.engram import app as engram_app
 
     wide_path = served[1]
     result = CliRunner().invoke(engram_app, ["lookup", "wide", "7", "--nats", nats_server, "--name", Path(wide_path).stem])

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from disagfusion.cli import app
+from disagfusion_cli import app
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from disagfusion.cli import app
+from disagfusion_cli import app
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import Launcher

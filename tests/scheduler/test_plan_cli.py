@@ -1,18 +1,15 @@
+"""`disagfusion plan`: the scheduler's planner behind the command line."""
+
 from __future__ import annotations
 
 import json
 
-import typer
 from typer.testing import CliRunner
 
-from services.scheduler.plan_cli import plan_command
+from disagfusion_cli import app
 from services.scheduler.trace import write_trace
 
 from .conftest import small_image, steady, video
-
-app = typer.Typer()
-app.command("plan")(plan_command)
-app.command("noop")(lambda: None)  # two commands, so "plan" is a subcommand as in the real CLI
 
 
 def test_plan_prints_a_deployment_and_expectations(tmp_path) -> None:

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from disagfusion.engram.arena import Arena, ArenaError, LookupRequestError, TableSpec
 from disagfusion.engram.build import build, from_source, from_spec, random_filler
 from disagfusion.engram.client import EngramClient, EngramServiceError
 from disagfusion.engram.spec import EngramArenaSpec
+from disagfusion_cli.common import console, fail
 
-engram_app = typer.Typer(help="Engram arenas: build one, show its tables, look rows up.", no_args_is_help=True)
-console = Console()
+app = typer.Typer(help="Engram arenas: build one, show its tables, look rows up.", no_args_is_help=True)
+
 _TABLE = re.compile(r"^([A-Za-z0-9_.-]+):(\d+)x(\d+)(?::(float32|float16|bfloat16))?$")
 
 
@@ -25,7 +25,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-@engram_app.command("build")
+@app.command("build")
 def build_command(
     location: str = typer.Argument(help="file path (tmpfs, hugetlbfs, fsdax, famfs), /dev/daxX.Y"),
     source: str = typer.Option(None, "--from", help="a .safetensors file or another arena to copy"),
@@ -59,8 +59,7 @@ def build_command(
             raise typer.BadParameter("give --from, --table or --engram-vocab")
         owned = build(location, specs, fill, layout)
     except (ArenaError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     console.print(f"built {owned.location}: {len(owned.directory.tables)} tables, {owned.directory.total_bytes / 2**20:.1f} MiB")
 
 
@@ -71,7 +70,7 @@ def _table_spec(text: str) -> TableSpec:
     return TableSpec(name=m.group(1), rows=int(m.group(2)), dim=int(m.group(3)), dtype=m.group(4) or "float32")
 
 
-@engram_app.command("info")
+@app.command("info")
 def info_command(
     location: str = typer.Argument(help="arena path or /dev/daxX.Y"),
     verify: bool = typer.Option(True, help="check every table's checksum"),
@@ -82,8 +81,7 @@ def info_command(
         with Arena.open(location, verify=verify, populate=False) as arena:
             directory = arena.directory
     except (ArenaError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     if as_json:
         print(directory.model_dump_json())
         return
@@ -97,7 +95,7 @@ def info_command(
         console.print("Engram layout:", directory.engram.model_dump_json())
 
 
-@engram_app.command("lookup")
+@app.command("lookup")
 def lookup_command(
     table: str = typer.Argument(help="table name"),
     ids: list[int] = typer.Argument(help="row ids"),  # noqa: B008
@@ -114,7 +112,6 @@ def lookup_command(
             rows = client.lookup(table, np.asarray(ids, dtype=np.int64))
             as_float = client.as_tensor(table, rows).float().numpy()
     except (ArenaError, LookupRequestError, EngramServiceError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     for row_id, row in zip(ids, as_float.tolist(), strict=True):
         print(json.dumps({"id": row_id, "row": row}))

@@ -1,0 +1,144 @@
+"""The job commands: ``generate`` one image, ``submit`` a batch from a JSONL file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from disagfusion.client import Client
+from disagfusion.protocol import STAGES, JobSpec, ProgressEvent, Result
+from disagfusion_cli.common import (
+    DEFAULT_DATA_DIR,
+    DataDir,
+    client_settings,
+    console,
+    fail,
+    parse_size,
+    progress,
+    validation_message,
+)
+
+
+def generate(
+    prompt: str,
+    output: Annotated[Path, typer.Option("-o", "--output")] = Path("out.png"),
+    model: str = "tiny",
+    seed: int = 0,
+    steps: int = 20,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "256x256",
+    guidance: float = 4.5,
+    negative_prompt: str = "",
+    timeout: float = 600.0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Generate one image (or a video, as an animated WebP) and write it to OUTPUT."""
+    width, height = parse_size(size)
+    try:
+        spec = JobSpec(
+            prompt=prompt, negative_prompt=negative_prompt, model=model, seed=seed, steps=steps,
+            width=width, height=height, guidance=guidance,
+        )
+    except ValidationError as exc:
+        fail(validation_message(exc))
+
+    async def run() -> tuple[Result, bytes | None]:
+        with progress() as bars:
+            bar = bars.add_task("queued", total=steps)
+
+            def on_event(event: ProgressEvent) -> None:
+                if event.kind == "step":
+                    bars.update(bar, completed=event.step, description="denoising")
+                elif event.kind == "stage_started":
+                    bars.update(bar, description=event.stage)
+
+            async with Client(client_settings(data_dir)) as client:
+                result = await client.generate(spec, on_event, timeout)
+                return result, (await client.output(result) if result.status == "ok" else None)
+
+    result, data = asyncio.run(run())
+    if result.status != "ok":
+        fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
+    output.write_bytes(data)
+    stages = ", ".join(f"{k} {v:.2f}s{_batched(result.batch_sizes.get(k, 1))}" for k, v in result.timings.items())
+    console.print(f"wrote {output} ({result.width}x{result.height}); {stages}", soft_wrap=True)
+
+
+def load_jobs(path: Path) -> list[JobSpec]:
+    """One JobSpec per line (JSON); blank lines and lines starting with # are skipped."""
+    specs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            specs.append(JobSpec.model_validate_json(line))
+        except ValidationError as exc:
+            fail(f"{path}:{number}: {validation_message(exc)}")
+    return specs
+
+
+def submit(
+    jobs: Annotated[Path, typer.Argument(help="JSONL file, one job spec per line.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the images and manifest.json.")] = Path("out"),
+    timeout: float = 600.0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Submit a batch of jobs, write each one's output (a PNG; an animated WebP for a video) and a
+    manifest with per-stage timings."""
+    specs = load_jobs(jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {spec.job_id: i for i, spec in enumerate(specs)}
+    manifest: list[dict] = [{} for _ in specs]
+
+    async def run() -> float:
+        started = time.time()
+        async with Client(client_settings(data_dir)) as client:
+            with progress() as bars:
+                bar = bars.add_task("generating", total=len(specs))
+                async for result in client.run_many(specs, timeout):
+                    i = index[result.job_id]
+                    entry = {"job_id": result.job_id, "prompt": specs[i].prompt, "status": result.status,
+                             "latency_s": result.finished_at - (result.submitted_at or started),
+                             "timings": result.timings, "batch_sizes": result.batch_sizes}
+                    if result.status == "ok":
+                        name = f"{i:04d}-{result.job_id}{mimetypes.guess_extension(result.content_type or '') or ''}"
+                        (out / name).write_bytes(await client.output(result))
+                        entry["file"] = name
+                    else:
+                        entry.update(error=result.error, field=result.field, stage=result.stage)
+                    manifest[i] = entry
+                    bars.advance(bar)
+        return time.time() - started
+
+    elapsed = asyncio.run(run())
+    (out / "manifest.json").write_text(json.dumps({"elapsed_s": elapsed, "jobs": manifest}, indent=2))
+    _print_summary(manifest, elapsed, out)
+
+
+def _print_summary(manifest: list[dict], elapsed: float, out: Path) -> None:
+    ok = [m for m in manifest if m["status"] == "ok"]
+    console.print(f"{len(ok)}/{len(manifest)} images in {elapsed:.1f} s: {len(ok) / elapsed:.2f} images/s "
+                  f"(manifest: {out / 'manifest.json'})")
+    for failed in (m for m in manifest if m["status"] != "ok"):
+        console.print(f"[red]failed[/red] {failed['job_id']}: {failed['error']}")
+    if not ok:
+        return
+    latencies = sorted(m["latency_s"] for m in ok)
+    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+    console.print(f"latency p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s")
+    split = {stage: statistics.mean(m["timings"].get(stage, 0.0) for m in ok) for stage in STAGES}
+    batches = {stage: statistics.mean(m["batch_sizes"].get(stage, 1) for m in ok) for stage in STAGES}
+    total = sum(split.values()) or 1.0
+    console.print("mean stage time per job: " + ", ".join(
+        f"{s} {t:.3f} s ({100 * t / total:.0f}%, batches of {batches[s]:.3g})" for s, t in split.items()))
+
+
+def _batched(size: int) -> str:
+    return f" (batch of {size})" if size > 1 else ""
