@@ -130,6 +130,9 @@ class EmulatedStage(StageModel):
     def __init__(self, directory: Path, settings: Settings):
         self.directory = Path(directory)
         self.geometry = read_geometry(self.directory)
+        if not (self.directory / PROFILE_FILE).is_file():
+            raise SpecError("model", f"emulated model at {self.directory} has no {PROFILE_FILE} (a directory written "
+                                     "before profiles were YAML holds profile.json): delete it, and a preset is written anew")
         self.profile = CostProfile.load(self.directory / PROFILE_FILE)
         self.speed = settings.emulated_speed
         self.dtype = DTYPES[settings.dtype]

@@ -13,7 +13,7 @@ from disagfusion.config import Settings
 from disagfusion.cost import CostProfile, StageCost
 from disagfusion.models import PRESET_WRITERS, PROFILE_FILE, check_spec, load_stage_model, model_directory
 from disagfusion.models.base import SpecError
-from disagfusion.models.emulated import EmulatedGeometry, write_model
+from disagfusion.models.emulated import STAGE_MODELS, EmulatedGeometry, init_model, write_model
 from disagfusion.models.pixart import MAX_SEQUENCE_LENGTH, PixArtGeometry
 from disagfusion.protocol import STAGES, JobSpec
 
@@ -116,3 +116,10 @@ def test_presets_are_registered(models_dir: Path) -> None:
     directory = model_directory("emulated", Settings(models_dir=models_dir))
     assert json.loads((directory / "model_index.json").read_text())["_class_name"] == "DisagFusionEmulated"
     assert CostProfile.load(directory / PROFILE_FILE) == CostProfile.named("bench-pipeline")
+
+
+def test_a_directory_without_its_profile_says_what_to_do(tmp_path: Path) -> None:
+    directory = init_model("emulated", tmp_path / "old")
+    (directory / PROFILE_FILE).rename(directory / "profile.json")  # as an older version wrote it
+    with pytest.raises(SpecError, match="delete it, and a preset is written anew"):
+        STAGE_MODELS["decode"](directory, Settings())
