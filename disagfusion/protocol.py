@@ -32,6 +32,9 @@ class Stage(StrEnum):
     DENOISE = "denoise"
     DECODE = "decode"
 
+    # Printed as the plain name it is on the wire: a dict keyed by stages reads {'encode': 3}.
+    __repr__ = str.__repr__
+
     @property
     def service(self) -> str:
         """The service that runs this stage (its compose service and ``services/`` package)."""
