@@ -203,7 +203,10 @@ class EmulatedDecoder(EmulatedStage):
         outputs = []
         for spec, job in zip(specs, inputs):
             shade = _seed_of(job["latents"].reshape(-1)[:8].float().tolist()) % 256
-            video = torch.full((spec.frames, spec.height, spec.width, 3), shade, dtype=torch.uint8)
+            # Each frame a shade lighter than the one before, so frames differ as a real video's do
+            # (an animated-image encoder merges identical frames).
+            shades = (shade + torch.arange(spec.frames)) % 256
+            video = shades.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, spec.height, spec.width, 3).contiguous()
             outputs.append({"image": video[0]} if spec.frames == 1 else {"image": video[0], "video": video})
         return outputs
 

@@ -29,3 +29,16 @@ async def test_emulated_jobs_complete_with_profiled_stage_times(start_stack) -> 
         assert images[result.job_id].shape == (192, 256, 3)
         for stage, seconds in profile.job_seconds(specs[0]).items():
             assert result.timings[stage] >= seconds * 0.99, (stage, result.timings)  # sleeping never ends early
+
+
+@pytest.mark.slow
+async def test_a_video_job_gets_every_frame_as_an_animated_webp(start_stack) -> None:
+    launcher = start_stack(DF_MODELS="emulated-video")
+    spec = JobSpec(model="emulated-video", prompt="a harbour at dawn", frames=9, steps=2, width=64, height=32, guidance=1.0)
+    async with Client(launcher.client_settings()) as client:
+        result = await client.generate(spec, timeout=120)
+        data = await client.output(result)
+    assert result.status == "ok", result.error
+    assert (result.content_type, result.frames, result.width, result.height) == ("image/webp", 9, 64, 32)
+    video = Image.open(io.BytesIO(data))
+    assert video.n_frames == 9 and video.size == (64, 32)
