@@ -244,11 +244,11 @@ class StageTask(Message):
 
     def handed_on(self, tensors: dict[str, TensorRef], seconds: float, batch_size: int) -> StageTask:
         """The next stage's task: this stage's outputs, and its time and batch size added."""
-        following = Stage(self.stage).next
-        if following is None:
+        stage = Stage(self.stage)
+        if stage.is_last:
             raise ValueError(f"stage {self.stage} is the last: its output is the job's result")
         timings, batch_sizes = self.with_stage(seconds, batch_size)
-        return StageTask(job=self.job, stage=following, tensors=tensors, timings=timings, batch_sizes=batch_sizes,
+        return StageTask(job=self.job, stage=stage.next, tensors=tensors, timings=timings, batch_sizes=batch_sizes,
                          submitted_at=self.submitted_at)
 
     def with_stage(self, seconds: float, batch_size: int) -> tuple[dict[str, float], dict[str, int]]:
