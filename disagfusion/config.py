@@ -82,6 +82,9 @@ class ModelSettings(BaseSettings):
     """CPU threads per worker for torch (0: torch's default, one per core). Several workers on
     one host should share the cores rather than each take all of them."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    variant: str = ""
+    """Weight files to load where a checkpoint has several (``fp16`` reads
+    ``*.fp16.safetensors``); empty: the plain files."""
     emulated_speed: float = Field(default=1.0, gt=0)
     """Speed factor of emulated accelerators (model family ``emulated``): 2.0 halves every
     profiled service time, for heterogeneous pools."""

@@ -186,6 +186,10 @@ class JobSpec(Message):
     width: int = Field(default=256, ge=8, le=8192)
     frames: int = Field(default=1, ge=1, le=1024)
     guidance: float = Field(default=4.5, ge=0.0, le=100.0)
+    """Classifier-free guidance scale: above 1 the DiT also runs on the negative prompt (true
+    CFG for FLUX.1 and Qwen-Image)."""
+    embedded_guidance: float = Field(default=3.5, ge=0.0, le=100.0)
+    """Guidance fed to a guidance-distilled transformer (FLUX.1-dev); other models ignore it."""
 
     @field_validator("job_id", "model")
     @classmethod
@@ -195,9 +199,9 @@ class JobSpec(Message):
         return value
 
     @property
-    def shape_key(self) -> tuple[str, int, int, int, int, float]:
+    def shape_key(self) -> tuple[str, int, int, int, int, float, float]:
         """Jobs with the same key can share a DiT or decoder batch."""
-        return (self.model, self.height, self.width, self.frames, self.steps, self.guidance)
+        return (self.model, self.height, self.width, self.frames, self.steps, self.guidance, self.embedded_guidance)
 
     @property
     def guided(self) -> bool:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from types import ModuleType
 
 from disagfusion.config import ModelSettings, Settings
 from disagfusion.cost import CostProfile
 from disagfusion.models.base import SpecError, StageModel
-from disagfusion.protocol import JobSpec
+from disagfusion.models.family import Family
+from disagfusion.protocol import STAGES, JobSpec
 
 # Families are imported on first use: an emulated worker then never pays for importing
-# diffusers and transformers. Each family module has STAGE_MODELS (stage name -> constructor taking
-# (model directory, settings)), check_spec(directory, spec) and init_model(preset, directory).
+# diffusers and transformers. Each family module defines FAMILY (a ``family.Family``); a module
+# that writes presets also has init_model(preset, directory).
 FAMILIES: dict[str, str] = {
     "PixArtSigmaPipeline": "disagfusion.models.pixart",
     "DisagFusionEmulated": "disagfusion.models.emulated",
@@ -59,7 +59,8 @@ def model_directory(name: str, settings: Settings) -> Path:
     return directory
 
 
-def model_family(directory: Path) -> ModuleType:
+def model_family(directory: Path) -> Family:
+    """The family of the model in ``directory``, by its pipeline class."""
     class_name = json.loads((directory / "model_index.json").read_text()).get("_class_name")
     if class_name not in FAMILIES:
         raise SpecError(
@@ -67,22 +68,27 @@ def model_family(directory: Path) -> ModuleType:
             f"model at {directory} is a {class_name!r}, which DisagFusion cannot split into stages "
             f"(supported: {', '.join(FAMILIES)})",
         )
-    return importlib.import_module(FAMILIES[class_name])
+    return importlib.import_module(FAMILIES[class_name]).FAMILY
 
 
 def load_stage_model(name: str, stage: str, settings: Settings) -> StageModel:
     """Load the weights of ``stage`` ("encode", "denoise" or "decode") of model ``name``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     directory = model_directory(name, settings)
-    family = model_family(directory)
-    if stage not in family.STAGE_MODELS:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(family.STAGE_MODELS)}")
-    return family.STAGE_MODELS[stage](directory, settings)
+    return model_family(directory).load_stage(directory, stage, settings)
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise SpecError if ``spec.model`` cannot run ``spec``; reads configs only, no weights."""
     directory = model_directory(spec.model, settings)
     model_family(directory).check_spec(directory, spec)
+
+
+def weight_bytes(name: str, settings: Settings) -> dict[str, int]:
+    """Bytes of weights each stage of model ``name`` loads, from its files (for placement)."""
+    directory = model_directory(name, settings)
+    return model_family(directory).weight_bytes(directory, settings.variant or None)
 
 
 def carried_profile(name: str, settings: ModelSettings) -> CostProfile | None:

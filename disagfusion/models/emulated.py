@@ -32,6 +32,7 @@ from disagfusion.config import Settings
 from disagfusion.cost import CostProfile, prompt_tokens
 from disagfusion.models import PROFILE_FILE
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple, write_model_directory
+from disagfusion.models.family import Family
 from disagfusion.protocol import JobSpec
 from disagfusion.transport.ref import DTYPES
 
@@ -111,8 +112,6 @@ def read_geometry(directory: Path) -> EmulatedGeometry:
     return EmulatedGeometry.model_validate(json.loads((Path(directory) / "model_index.json").read_text())["geometry"])
 
 
-def check_spec(directory: Path, spec: JobSpec) -> None:
-    read_geometry(directory).check(spec)
 
 
 def _seed_of(*parts: object) -> int:
@@ -214,3 +213,21 @@ class EmulatedDecoder(EmulatedStage):
 STAGE_MODELS: dict[str, type[EmulatedStage]] = {
     stage.stage: stage for stage in (EmulatedEncoder, EmulatedDenoiser, EmulatedDecoder)
 }
+
+
+class EmulatedFamily(Family):
+    name = "emulated"
+    pipeline_class = CLASS_NAME
+
+    def check_spec(self, directory: Path, spec: JobSpec) -> None:
+        read_geometry(directory).check(spec)
+
+    def load_stage(self, directory: Path, stage: str, settings: Settings) -> StageModel:
+        return STAGE_MODELS[stage](directory, settings)
+
+    def weight_bytes(self, directory: Path, variant: str | None = None) -> dict[str, int]:
+        """Emulated stages hold no weights."""
+        return dict.fromkeys(STAGE_MODELS, 0)
+
+
+FAMILY = EmulatedFamily()

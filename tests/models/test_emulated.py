@@ -14,7 +14,7 @@ from disagfusion.cost import CostProfile, StageCost
 from disagfusion.models import PRESET_WRITERS, PROFILE_FILE, check_spec, load_stage_model, model_directory
 from disagfusion.models.base import SpecError
 from disagfusion.models.emulated import STAGE_MODELS, EmulatedGeometry, init_model, write_model
-from disagfusion.models.pixart import MAX_SEQUENCE_LENGTH, PixArtGeometry
+from disagfusion.models.pixart import FAMILY as PIXART, MAX_SEQUENCE_LENGTH
 from disagfusion.protocol import STAGES, JobSpec
 
 FAST = CostProfile(
@@ -44,12 +44,13 @@ def test_same_tensors_as_pixart(models_dir: Path) -> None:
     """An emulated model with the tiny preset's geometry hands over what pixart hands over."""
     settings = Settings(models_dir=models_dir)
     tiny = model_directory("tiny", settings)
-    geometry = PixArtGeometry.read(tiny)
+    geometry = PIXART.geometry(tiny)
+    patch_size = json.loads((tiny / "transformer" / "config.json").read_text())["patch_size"]
     text_dim = json.loads((tiny / "text_encoder" / "config.json").read_text())["d_model"]
     write_model(
         models_dir / "emulated-tiny",
         EmulatedGeometry(text_dim=text_dim, max_sequence_length=MAX_SEQUENCE_LENGTH, latent_channels=4,
-                         vae_scale_factor=geometry.vae_scale_factor, patch_size=geometry.patch_size),
+                         vae_scale_factor=geometry.vae_scale_factor, patch_size=patch_size),
         FAST,
     )
     specs = [JobSpec(prompt="a red fox", height=64, width=32, steps=2, guidance=4.5, seed=s) for s in (1, 2)]

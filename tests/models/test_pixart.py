@@ -13,7 +13,7 @@ import torch
 from disagfusion.config import Settings
 from disagfusion.models import check_spec, load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors
-from disagfusion.models.pixart import PixArtGeometry
+from disagfusion.models.pixart import FAMILY
 from disagfusion.protocol import STAGES, JobSpec
 from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
 
@@ -129,9 +129,9 @@ def test_check_names_the_field(stages, tiny_models_dir: Path, update: dict, fiel
 
 
 def test_size_multiple_comes_from_the_configs(tiny_dir: Path) -> None:
-    geometry = PixArtGeometry.read(tiny_dir)
-    assert (geometry.vae_scale_factor, geometry.patch_size) == (4, 2)  # the tiny VAE scales by 4, not 8
-    sdxl_vae = geometry.model_copy(update={"vae_scale_factor": 8})
+    geometry = FAMILY.geometry(tiny_dir)
+    assert (geometry.vae_scale_factor, geometry.size_multiple) == (4, 8)  # the tiny VAE scales by 4, not 8
+    sdxl_vae = geometry.model_copy(update={"vae_scale_factor": 8, "size_multiple": 16})
     sdxl_vae.check(JobSpec(prompt="p", height=1024, width=768))
     with pytest.raises(SpecError, match="multiple of 16") as error:
         sdxl_vae.check(JobSpec(prompt="p", height=1024, width=776))

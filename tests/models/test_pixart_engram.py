@@ -21,7 +21,7 @@ from disagfusion.engram.module import EmbeddingRows
 from disagfusion.engram.spec import EngramArenaSpec
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel
-from disagfusion.models.pixart import PixArtEncoder
+from disagfusion.models.pixart import FAMILY
 from disagfusion.protocol import JobSpec
 from tests.engram.conftest import SHM, new_arena_path, start_engram_store, stop_engram_store
 from tests.models.test_pixart import handoff
@@ -67,11 +67,11 @@ def images(encoder: StageModel, later_stages: dict[str, StageModel]) -> list[np.
 
 def engram_images(settings: Settings, later_stages: dict[str, StageModel]) -> list[np.ndarray]:
     encoder = load_stage_model("tiny", "encode", settings)
-    assert isinstance(encoder, PixArtEncoder) and encoder.engram is not None
+    assert encoder.pipe.engram is not None
     try:
         return images(encoder, later_stages)
     finally:
-        encoder.engram.client.close()
+        encoder.pipe.engram.client.close()
 
 
 def test_images_are_identical_across_row_sources(tiny_models_dir: Path, arena_path: str, later_stages, nats_server: str) -> None:
@@ -80,12 +80,12 @@ def test_images_are_identical_across_row_sources(tiny_models_dir: Path, arena_pa
 
     # The same encoder with its rows from in-process tensors holding the arena's bytes.
     encoder = load_stage_model("tiny", "encode", local)
-    encoder.engram.client.close()
+    encoder.pipe.engram.client.close()
     with Arena.open(arena_path) as arena:
         tables = {info.name: torch.from_numpy(arena.table(info.name).copy()) for info in arena.directory.tables}
-        encoder.engram.client = EngramClient(EmbeddingRows(tables, arena.directory))
+        encoder.pipe.engram.client = EngramClient(EmbeddingRows(tables, arena.directory))
     from_embedding = images(encoder, later_stages)
-    encoder.engram.client.close()
+    encoder.pipe.engram.client.close()
 
     scratch = SHM / f"df-engram-test-scratch-{uuid.uuid4().hex}"
     proc = start_engram_store(nats_server, [arena_path], str(scratch))
@@ -122,4 +122,4 @@ def test_images_are_identical_across_row_sources(tiny_models_dir: Path, arena_pa
 def test_engram_blocks_beyond_the_encoder_are_refused(tiny_models_dir: Path, arena_path: str) -> None:
     settings = Settings(models_dir=tiny_models_dir, engram_arena=arena_path, engram_blocks="0:3")
     with pytest.raises(LookupRequestError, match=r"blocks \{0: 3\}; this encoder has 1 blocks"):
-        PixArtEncoder(tiny_models_dir / "tiny", settings)
+        FAMILY.load_stage(tiny_models_dir / "tiny", "encode", settings)

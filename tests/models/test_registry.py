@@ -6,6 +6,8 @@ import importlib
 
 from disagfusion.models import FAMILIES, PRESET_WRITERS
 from disagfusion.models import emulated, presets
+from disagfusion.models.family import DiffusersFamily, Family
+from disagfusion.protocol import STAGES
 
 
 def test_every_preset_is_registered_once() -> None:
@@ -13,8 +15,11 @@ def test_every_preset_is_registered_once() -> None:
     assert PRESET_WRITERS == defined
 
 
-def test_every_family_module_has_the_family_interface() -> None:
-    for module_name in FAMILIES.values():
-        module = importlib.import_module(module_name)
-        assert set(module.STAGE_MODELS) == {"encode", "denoise", "decode"}
-        assert callable(module.check_spec)
+def test_every_family_module_defines_its_family() -> None:
+    for class_name, module_name in FAMILIES.items():
+        family = importlib.import_module(module_name).FAMILY
+        assert isinstance(family, Family) and family.pipeline_class == class_name
+        if isinstance(family, DiffusersFamily):
+            assert set(family.stage_components) == set(family.handoff) == set(STAGES)
+            loaded = [name for stage in STAGES for name in family.stage_components[stage]]
+            assert len(loaded) == len(set(loaded)), "a component loaded by two stages"

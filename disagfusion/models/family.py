@@ -1,0 +1,247 @@
+"""A model family: one kind of pipeline, split into the three stages.
+
+Every family module defines ``FAMILY``, an instance of a ``Family`` subclass, and is registered
+by its pipeline class name in ``disagfusion.models.FAMILIES``. Most families are diffusers
+pipelines and subclass ``DiffusersFamily``, which declares rather than codes what differs between
+them: which components each stage loads, which tensors it hands on, how a spec is checked
+(``ImageGeometry``, read from the component configs alone), and the three pieces of arithmetic
+that are the family's own (``encode``, ``denoise``, ``decode``). Loading is shared: each stage
+builds the stock pipeline with ``from_pretrained`` and every other stage's components left out,
+so a preset, a sharded checkpoint and an fp16 variant all load the way diffusers loads them, and
+the stage runs the stock pipeline's own code, which is what keeps its pixels identical.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from disagfusion.config import Settings
+from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
+from disagfusion.protocol import STAGES, JobSpec
+from disagfusion.transport.ref import DTYPES
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+GuidanceKind = Literal["cfg", "embedded"]
+"""How a family is guided. ``cfg``: classifier-free guidance only (``JobSpec.guidance`` > 1 runs
+the DiT on the negative prompt too). ``embedded``: guidance-distilled (FLUX.1-dev), where
+``JobSpec.embedded_guidance`` is fed to the transformer, and ``guidance`` > 1 adds true CFG."""
+
+
+class Family(ABC):
+    """What the registry needs of any family, diffusers or emulated."""
+
+    name: ClassVar[str]
+    """Short name, as in logs and docs (``sd3``, ``flux``)."""
+    pipeline_class: ClassVar[str]
+    """``model_index.json``'s ``_class_name`` for this family."""
+
+    @abstractmethod
+    def check_spec(self, directory: Path, spec: JobSpec) -> None:
+        """Raise SpecError if the model in ``directory`` cannot run ``spec``; reads configs only."""
+
+    @abstractmethod
+    def load_stage(self, directory: Path, stage: str, settings: Settings) -> StageModel:
+        """Load ``stage`` of the model in ``directory``: only that stage's components."""
+
+    @abstractmethod
+    def weight_bytes(self, directory: Path, variant: str | None = None) -> dict[str, int]:
+        """Bytes of weights each stage loads, from the files alone (for placement)."""
+
+
+class ImageGeometry(BaseModel):
+    """What a still-image spec is checked against, read from the component configs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str
+    vae_scale_factor: int
+    """Pixels per latent pixel along each side."""
+    size_multiple: int
+    """Height and width must be multiples of this (the latent factor × the DiT's patch, or what
+    the stock pipeline demands)."""
+    max_steps: int = 1000
+    max_sequence_length: int
+    """Prompt tokens the encoder keeps; longer prompts are truncated, as the stock pipeline does."""
+    guidance: GuidanceKind = "cfg"
+
+    def check(self, spec: JobSpec) -> None:
+        if spec.frames != 1:
+            raise SpecError("frames", f"{self.family} makes still images: frames must be 1, not {spec.frames}")
+        check_size_multiple(spec, self.size_multiple)
+        if spec.steps > self.max_steps:
+            raise SpecError("steps", f"at most {self.max_steps} steps for this model's scheduler")
+
+
+class DiffusersFamily(Family):
+    """A diffusers pipeline split into stages. Subclasses declare the class attributes and write
+    ``geometry``, ``encode``, ``denoise`` and ``decode``."""
+
+    stage_components: ClassVar[dict[str, tuple[str, ...]]]
+    """Stage -> the ``model_index.json`` components it loads (the others are left out)."""
+    handoff: ClassVar[dict[str, tuple[str, ...]]]
+    """Stage -> the tensors it hands on per job (those that only some jobs carry included)."""
+
+    @abstractmethod
+    def geometry(self, directory: Path) -> ImageGeometry:
+        """Read the spec limits from the component configs, without loading any weights."""
+
+    @abstractmethod
+    def encode(self, pipe: Any, specs: list[JobSpec]) -> list[Tensors]:
+        """Text -> conditioning tensors, one dict per job, each tensor with a batch dimension of 1."""
+
+    @abstractmethod
+    def denoise(self, pipe: Any, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
+        """Conditioning -> latents, for jobs of one ``shape_key``."""
+
+    @abstractmethod
+    def decode(self, pipe: Any, specs: list[JobSpec], inputs: list[Tensors]) -> list[Tensors]:
+        """Latents -> ``image`` uint8 [H, W, 3] per job, exactly as the stock pipeline's PIL image."""
+
+    def prepare(self, stage: str, pipe: Any, directory: Path, settings: Settings) -> None:
+        """After loading: any family-specific setup of a stage's pipeline (none by default)."""
+
+    # ---------------------------------------------------------------- shared by every family
+
+    def check_spec(self, directory: Path, spec: JobSpec) -> None:
+        self.geometry(directory).check(spec)
+
+    def load_stage(self, directory: Path, stage: str, settings: Settings) -> StageModel:
+        return DiffusersStage(self, stage, Path(directory), settings)
+
+    def components(self, directory: Path) -> dict[str, tuple[str, str]]:
+        """``model_index.json``'s components: name -> (library, class name)."""
+        index = json.loads((directory / "model_index.json").read_text())
+        return {name: tuple(value) for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+
+    def missing(self, directory: Path, stage: str) -> list[str]:
+        """The components ``stage`` needs that ``directory`` lacks (declared or on disk)."""
+        declared = self.components(directory)
+        return [
+            name for name in self.stage_components[stage]
+            if name not in declared or declared[name][0] is None or not (directory / name).is_dir()
+        ]
+
+    def pipeline_type(self) -> type:
+        return getattr(importlib.import_module("diffusers"), self.pipeline_class)
+
+    def load_pipeline(self, directory: Path, stage: str, settings: Settings) -> Any:
+        """The stock pipeline holding only ``stage``'s components, on the configured device."""
+        missing = self.missing(directory, stage)
+        if missing:
+            raise SpecError(
+                "model",
+                f"{self.name} model at {directory} lacks {', '.join(missing)} (the {stage} stage loads "
+                f"{', '.join(self.stage_components[stage])}): not a complete diffusers directory",
+            )
+        left_out = {name: None for name in self.components(directory) if name not in self.stage_components[stage]}
+        try:
+            pipe = self.pipeline_type().from_pretrained(
+                directory, **left_out, dtype=DTYPES[settings.dtype], variant=settings.variant or None
+            )
+        except (OSError, ValueError) as exc:  # what diffusers raises for unreadable or absent files
+            raise SpecError("model", f"cannot load the {stage} stage of {self.name} model at {directory}: {exc}") from exc
+        # Built without a VAE, a stock pipeline assumes the usual scale factor; use the real one.
+        pipe.vae_scale_factor = self.geometry(directory).vae_scale_factor
+        pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "enable_slicing"):
+            # Decode the jobs of a batch one by one: batched convolutions round differently (up
+            # to 2/255 in bfloat16 on CPU), and one large image already fills a device.
+            pipe.vae.enable_slicing()
+        return pipe.to(settings.device)
+
+    def weight_bytes(self, directory: Path, variant: str | None = None) -> dict[str, int]:
+        return {stage: sum(_weight_bytes(directory / name, variant) for name in self.stage_components[stage])
+                for stage in STAGES}
+
+
+def _weight_bytes(folder: Path, variant: str | None) -> int:
+    """The bytes diffusers would load from one component folder: the variant's files if it has
+    any (``model.fp16.safetensors``, sharded or not), else the plain ones."""
+    files = [path for path in folder.glob("*") if path.name.endswith(WEIGHT_SUFFIXES)]
+    tagged = [path for path in files if variant and f".{variant}." in path.name]
+    chosen = tagged or [path for path in files if len(path.name.split(".")) == 2 or "-of-" in path.name]
+    return sum(path.stat().st_size for path in chosen)
+
+
+class DiffusersStage(StageModel):
+    """One stage of a diffusers family: checks specs against the family's geometry and runs the
+    family's arithmetic for its stage on a pipeline that holds only its own components."""
+
+    def __init__(self, family: DiffusersFamily, stage: str, directory: Path, settings: Settings):
+        self.family = family
+        self.stage = stage
+        self.directory = directory
+        self.geometry = family.geometry(directory)
+        self.pipe = family.load_pipeline(directory, stage, settings)
+        family.prepare(stage, self.pipe, directory, settings)
+
+    def check(self, spec: JobSpec) -> None:
+        self.geometry.check(spec)
+
+    @torch.no_grad()
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        if self.stage == "encode":
+            return self.family.encode(self.pipe, specs)
+        if any(other.shape_key != specs[0].shape_key for other in specs):
+            raise ValueError(f"a {self.stage} batch must hold jobs of one shape_key")
+        if self.stage == "denoise":
+            return self.family.denoise(self.pipe, specs, inputs, on_step or (lambda step, total: None))
+        return self.family.decode(self.pipe, specs, inputs)
+
+    def loaded_components(self) -> list[str]:
+        """The pipeline components this stage holds (for checks that it loaded only its own)."""
+        return sorted(name for name, value in self.pipe.components.items() if value is not None)
+
+
+# ------------------------------------------------------------------ what families share
+
+
+def scheduler_config(directory: Path) -> dict:
+    """The scheduler's config (diffusers' ``SCHEDULER_CONFIG_NAME``; spelled out so that the
+    emulated family, which shares this module, never imports diffusers)."""
+    return json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+
+
+
+def generators(specs: list[JobSpec]) -> list[torch.Generator]:
+    """One CPU generator per job: each job's noise is drawn exactly as a run of it alone would
+    draw it, on any device (the stock pipelines draw CPU-generated noise on CPU too)."""
+    return [torch.Generator().manual_seed(spec.seed) for spec in specs]
+
+
+def stacked(inputs: list[Tensors], name: str, device: torch.device | str) -> torch.Tensor | None:
+    """Tensor ``name`` of every job, concatenated along the batch; None if the jobs lack it."""
+    if name not in inputs[0]:
+        return None
+    return torch.cat([job[name] for job in inputs]).to(device)
+
+
+def per_job(tensors: dict[str, torch.Tensor | None], count: int) -> list[Tensors]:
+    """Split batched tensors into one dict per job, leaving out those that are None."""
+    return [{name: t[i : i + 1] for name, t in tensors.items() if t is not None} for i in range(count)]
+
+
+def step_reporter(on_step: StepCallback, total: int):
+    """A diffusers ``callback_on_step_end`` that reports each finished step."""
+
+    def report(pipe: Any, step_index: int, timestep: object, kwargs: dict) -> dict:
+        on_step(step_index + 1, total)
+        return {}
+
+    return report
+
+
+def image_pixels(image: torch.Tensor, image_processor: Any) -> list[Tensors]:
+    """A decoded batch in [-1, 1] -> uint8 [H, W, 3] per job, with the float32 arithmetic of
+    ``VaeImageProcessor.pt_to_numpy`` + ``numpy_to_pil`` (so equal to the stock PIL image)."""
+    image = image_processor.postprocess(image, output_type="pt")
+    pixels = (image.cpu().permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+    return [{"image": pixels[i]} for i in range(pixels.shape[0])]
