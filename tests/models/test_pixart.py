@@ -12,10 +12,10 @@ import torch
 
 from disagfusion.config import Settings
 from disagfusion.models import check_spec, load_stage_model
-from disagfusion.models.base import SpecError, StageModel, Tensors
+from disagfusion.models.base import SpecError, StageModel
 from disagfusion.models.pixart import FAMILY
 from disagfusion.protocol import STAGES, JobSpec
-from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
+from tests.models.split import generate
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +26,6 @@ def stages(tiny_models_dir: Path):
         return {stage: load_stage_model("tiny", stage, settings) for stage in STAGES}
 
     return load
-
-
-def handoff(tensors: Tensors) -> Tensors:
-    """What a transport does: raw bytes out, a new tensor over a copy of them in."""
-    return {
-        name: tensor_from_buffer(tensor_bytes(t).tobytes(), DTYPE_NAMES[t.dtype], list(t.shape))
-        for name, t in tensors.items()
-    }
-
-
-def generate(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[np.ndarray]:
-    tensors: list[Tensors] = [{} for _ in specs]
-    for stage in STAGES:
-        tensors = [handoff(t) for t in stages[stage].run(specs, tensors)]
-    return [t["image"].numpy() for t in tensors]
 
 
 @pytest.mark.parametrize(

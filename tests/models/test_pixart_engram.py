@@ -24,7 +24,7 @@ from disagfusion.models.base import StageModel
 from disagfusion.models.pixart import FAMILY
 from disagfusion.protocol import JobSpec
 from tests.engram.conftest import SHM, new_arena_path, start_engram_store, stop_engram_store
-from tests.models.test_pixart import handoff
+from tests.models.split import handoff
 
 # Rows of unit scale, so that they (not only the Engram layers' biases) move the pixels.
 SPEC = EngramArenaSpec(scale=1.0)

@@ -1,0 +1,26 @@
+"""Running a model's stages in-process the way the services do: each stage's outputs cross a
+byte boundary (as through any transport) before the next stage takes them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from disagfusion.models.base import StageModel, Tensors
+from disagfusion.protocol import STAGES, JobSpec
+from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
+
+
+def handoff(tensors: Tensors) -> Tensors:
+    """What a transport does: raw bytes out, a new tensor over a copy of them in."""
+    return {
+        name: tensor_from_buffer(tensor_bytes(t).tobytes(), DTYPE_NAMES[t.dtype], list(t.shape))
+        for name, t in tensors.items()
+    }
+
+
+def generate(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[np.ndarray]:
+    """The images the split stages make for ``specs`` run as one batch."""
+    tensors: list[Tensors] = [{} for _ in specs]
+    for stage in STAGES:
+        tensors = [handoff(t) for t in stages[stage].run(specs, tensors)]
+    return [t["image"].numpy() for t in tensors]
