@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,3 +78,15 @@ def write_model_directory(directory: Path, fill: Callable[[Path], None]) -> Path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return directory
+
+
+# Preset weights come from the process-wide torch RNG; two threads seeding it at once would mix streams.
+_rng_lock = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Initialise modules created inside from ``seed`` alone, leaving the global RNG as it was."""
+    with _rng_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

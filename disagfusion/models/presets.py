@@ -10,7 +10,6 @@ text encoder little.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPip
 from pydantic import BaseModel, ConfigDict
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from disagfusion.models.base import write_model_directory
+from disagfusion.models.base import seeded, write_model_directory
 
 
 class Preset(BaseModel):
@@ -68,15 +67,10 @@ PIXART_SCHEDULER = dict(
 
 LATENT_CHANNELS = 4
 
-# Weights come from the process-wide torch RNG; two threads seeding it at once would mix streams.
-_rng_lock = threading.Lock()
-
-
 def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
     """The preset's pipeline in memory, every component initialised from its own seed."""
     tokenizer = ByT5Tokenizer()  # byte-level: needs no vocabulary file, so nothing is downloaded
-    with _rng_lock, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(preset.seed)
+    with seeded(preset.seed):
         text_encoder = T5EncoderModel(
             T5Config(
                 vocab_size=len(tokenizer),
@@ -90,7 +84,7 @@ def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
                 use_cache=False,
             )
         )
-        torch.manual_seed(preset.seed + 1)
+    with seeded(preset.seed + 1):
         transformer = PixArtTransformer2DModel(
             num_attention_heads=preset.dit_heads,
             attention_head_dim=preset.dit_head_dim,
@@ -104,7 +98,7 @@ def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
             caption_channels=preset.text_dim,
             use_additional_conditions=False,
         )
-        torch.manual_seed(preset.seed + 2)
+    with seeded(preset.seed + 2):
         blocks = len(preset.vae_channels)
         vae = AutoencoderKL(
             in_channels=3,
