@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from pydantic import BaseModel, ConfigDict
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
