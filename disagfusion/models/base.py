@@ -48,6 +48,22 @@ class StageModel(ABC):
         decode hold jobs with the same ``JobSpec.shape_key``."""
 
 
+class UnloadableModel(StageModel):
+    """Stands in for a model its stage could not load (a wrong path, a missing component): every
+    job for it is answered with that error, so nothing waits in the queue for a model that will
+    never come, and the worker's other models keep serving."""
+
+    def __init__(self, stage: str, error: SpecError):
+        self.stage = stage
+        self.error = error
+
+    def check(self, spec: JobSpec) -> None:
+        raise self.error
+
+    def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:
+        raise self.error
+
+
 def check_size_multiple(spec: JobSpec, multiple: int) -> None:
     """Height and width must be multiples of ``multiple`` (latent factor × patch size)."""
     for field in ("height", "width"):

@@ -110,8 +110,19 @@ class DiffusersFamily(Family):
 
     # ---------------------------------------------------------------- shared by every family
 
+    def read_geometry(self, directory: Path) -> ImageGeometry:
+        """``geometry``, or one SpecError naming what the directory lacks or cannot give."""
+        missing = [f"{name}/ (loaded by {stage})" for stage in STAGES for name in self.missing(directory, stage)]
+        if missing:
+            raise SpecError("model", f"{self.name} model at {directory} lacks {', '.join(missing)}: "
+                                     "not a complete diffusers directory")
+        try:
+            return self.geometry(directory)
+        except (OSError, KeyError, ValueError) as exc:
+            raise SpecError("model", f"cannot read the configs of the {self.name} model at {directory}: {exc}") from exc
+
     def check_spec(self, directory: Path, spec: JobSpec) -> None:
-        self.geometry(directory).check(spec)
+        self.read_geometry(directory).check(spec)
 
     def load_stage(self, directory: Path, stage: str, settings: Settings) -> StageModel:
         return DiffusersStage(self, stage, Path(directory), settings)
@@ -132,15 +143,8 @@ class DiffusersFamily(Family):
     def pipeline_type(self) -> type:
         return getattr(importlib.import_module("diffusers"), self.pipeline_class)
 
-    def load_pipeline(self, directory: Path, stage: str, settings: Settings) -> Any:
+    def load_pipeline(self, directory: Path, stage: str, settings: Settings, geometry: ImageGeometry) -> Any:
         """The stock pipeline holding only ``stage``'s components, on the configured device."""
-        missing = self.missing(directory, stage)
-        if missing:
-            raise SpecError(
-                "model",
-                f"{self.name} model at {directory} lacks {', '.join(missing)} (the {stage} stage loads "
-                f"{', '.join(self.stage_components[stage])}): not a complete diffusers directory",
-            )
         left_out = {name: None for name in self.components(directory) if name not in self.stage_components[stage]}
         try:
             pipe = self.pipeline_type().from_pretrained(
@@ -149,7 +153,7 @@ class DiffusersFamily(Family):
         except (OSError, ValueError) as exc:  # what diffusers raises for unreadable or absent files
             raise SpecError("model", f"cannot load the {stage} stage of {self.name} model at {directory}: {exc}") from exc
         # Built without a VAE, a stock pipeline assumes the usual scale factor; use the real one.
-        pipe.vae_scale_factor = self.geometry(directory).vae_scale_factor
+        pipe.vae_scale_factor = geometry.vae_scale_factor
         pipe.set_progress_bar_config(disable=True)
         if getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "enable_slicing"):
             # Decode the jobs of a batch one by one: batched convolutions round differently (up
@@ -179,8 +183,8 @@ class DiffusersStage(StageModel):
         self.family = family
         self.stage = stage
         self.directory = directory
-        self.geometry = family.geometry(directory)
-        self.pipe = family.load_pipeline(directory, stage, settings)
+        self.geometry = family.read_geometry(directory)
+        self.pipe = family.load_pipeline(directory, stage, settings, self.geometry)
         family.prepare(stage, self.pipe, directory, settings)
 
     def check(self, spec: JobSpec) -> None:

@@ -21,7 +21,7 @@ from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.health import health_path, write_health
 from disagfusion.models import load_stage_model
-from disagfusion.models.base import SpecError, StageModel, Tensors
+from disagfusion.models.base import SpecError, StageModel, Tensors, UnloadableModel
 from disagfusion.protocol import (
     ChecksumError,
     DecodeError,
@@ -165,13 +165,20 @@ class StageWorker:
 
     # ----------------------------------------------------------------- lifecycle
 
+    async def _load(self, name: str) -> StageModel:
+        try:
+            return await asyncio.to_thread(self._load_model, name, self.stage, self.settings)
+        except SpecError as exc:
+            log.error("%s cannot load model %s, and answers its jobs with this error: %s", self.name, name, exc)
+            return UnloadableModel(self.stage, exc)
+
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or ``stop()``), then drain."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         for name in self.model_names:
-            self.models[name] = await asyncio.to_thread(self._load_model, name, self.stage, self.settings)
+            self.models[name] = await self._load(name)
         self._bus = await bus.connect(self.settings, self.name)
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js))
         if self._stopping.is_set():  # stopped while loading

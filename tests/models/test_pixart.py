@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -146,4 +147,25 @@ def test_unsupported_pipeline_class_is_a_spec_error(tmp_path: Path) -> None:
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(SpecError, match="StableDiffusionPipeline") as error:
         check_spec(JobSpec(model="sd", prompt="a cat"), Settings(models_dir=tmp_path))
+    assert error.value.field == "model"
+
+
+def test_a_directory_missing_a_component_names_it_at_every_stage(tiny_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_dir, tmp_path / "no_vae", ignore=shutil.ignore_patterns("vae"))
+    settings = Settings(models_dir=tmp_path)
+    for stage in STAGES:
+        with pytest.raises(SpecError, match=r"lacks vae/ \(loaded by decode\)") as error:
+            load_stage_model("no_vae", stage, settings)
+        assert error.value.field == "model"
+    with pytest.raises(SpecError, match="lacks vae/"):
+        check_spec(JobSpec(model="no_vae", prompt="a cat", height=64, width=64), settings)
+
+
+def test_unreadable_weights_are_a_spec_error_naming_the_stage(tiny_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_dir, tmp_path / "broken")
+    (tmp_path / "broken" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    settings = Settings(models_dir=tmp_path)
+    load_stage_model("broken", "encode", settings)  # the encoder does not read the transformer's weights
+    with pytest.raises(SpecError, match="cannot load the denoise stage of pixart model") as error:
+        load_stage_model("broken", "denoise", settings)
     assert error.value.field == "model"

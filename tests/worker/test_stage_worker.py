@@ -13,7 +13,8 @@ import torch
 
 from disagfusion import bus
 from disagfusion.config import Settings
-from disagfusion.models.base import StageModel, Tensors
+from disagfusion.client import Client
+from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, pack, unpack, work_subject
 from disagfusion.worker.stage_worker import StageWorker
 from disagfusion.transport import Transports
@@ -213,3 +214,27 @@ async def test_drain_runs_the_started_job_and_hands_back_the_rest(run_worker: Wo
     outputs = await collect_outputs(stack, len(jobs))
     await stack.close()
     assert sorted(o.job.job_id for _, o in outputs) == sorted(j.job_id for j in jobs)
+
+
+async def test_a_model_that_cannot_load_answers_its_jobs_with_the_reason(nats_server: str, tmp_path: Path) -> None:
+    """A worker whose model fails to load (a missing component) keeps serving: its jobs end at
+    once in an error result naming what is missing, instead of waiting for a model never loaded."""
+    reason = SpecError("model", "sd3 model at /models/m lacks vae/ (loaded by decode)")
+
+    def load_model(name: str, stage: str, settings: Settings) -> StageModel:
+        raise reason
+
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm")
+    worker = StageWorker("denoise", settings, load_model=load_model)
+    running = asyncio.create_task(worker.run())
+    [job] = specs(1)
+    stack = await submit_denoise_tasks(nats_server, [job])
+    try:
+        async with Client(Settings(nats_url=nats_server)) as client:
+            result = await client.result(job.job_id, timeout=20)
+        assert (result.status, result.field, result.stage) == ("error", "model", "denoise")
+        assert "lacks vae/" in result.error
+    finally:
+        await stack.close()
+        worker.stop()
+        await asyncio.wait_for(running, 30)
