@@ -22,6 +22,8 @@ from disagfusion.protocol import STAGES, JobSpec
 FAMILIES: dict[str, str] = {
     "PixArtSigmaPipeline": "disagfusion.models.pixart",
     "DisagFusionEmulated": "disagfusion.models.emulated",
+    "StableDiffusion3Pipeline": "disagfusion.models.sd3",
+    "FluxPipeline": "disagfusion.models.flux",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
 
@@ -33,6 +35,8 @@ PRESET_WRITERS: dict[str, str] = {
     "small": "disagfusion.models.presets",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
+    "sd3-tiny": "disagfusion.models.sd3",
+    "flux-tiny": "disagfusion.models.flux",
 }
 """Preset name -> the module whose ``init_model(name, directory)`` writes it."""
 
