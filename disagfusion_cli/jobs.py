@@ -34,7 +34,10 @@ def generate(
     seed: int = 0,
     steps: int = 20,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "256x256",
-    guidance: float = 4.5,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (true CFG for FLUX.1 and "
+                                                 "Qwen-Image); 1 turns it off.")] = 4.5,
+    embedded_guidance: Annotated[float, typer.Option(help="Guidance fed to a guidance-distilled DiT "
+                                                          "(FLUX.1-dev); others ignore it.")] = 3.5,
     negative_prompt: str = "",
     timeout: float = 600.0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -44,7 +47,7 @@ def generate(
     try:
         spec = JobSpec(
             prompt=prompt, negative_prompt=negative_prompt, model=model, seed=seed, steps=steps,
-            width=width, height=height, guidance=guidance,
+            width=width, height=height, guidance=guidance, embedded_guidance=embedded_guidance,
         )
     except ValidationError as exc:
         fail(validation_message(exc))

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from disagfusion.config import ModelSettings, Settings
 from disagfusion.cost import PREDICTOR_TERMS, load_profiles
-from disagfusion.models import PRESET_WRITERS, init_preset
+from disagfusion.models import PRESET_WRITERS, init_preset, model_family
 from disagfusion.models.base import SpecError
 from disagfusion.profiling import Grid, fit, load_stages, measure
 from disagfusion.protocol import TimingSample
@@ -131,12 +131,17 @@ def profile(
 
 
 def init_model(
-    name: Annotated[str, typer.Argument(help="Preset to write: tiny, small, emulated or emulated-video.")],
+    name: Annotated[str, typer.Argument(help=f"Preset to write: {', '.join(PRESET_WRITERS)}.")],
     directory: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
 ) -> None:
-    """Write a built-in preset: a diffusers directory with seeded weights (tiny, small), or an
+    """Write a built-in preset: a diffusers directory with seeded weights (tiny and small are
+    PixArt-Sigma; sd3-tiny, flux-tiny, sana-tiny, qwen-image-tiny the other families), or an
     emulated accelerator with its cost profile (emulated, emulated-video). No download."""
     if name not in PRESET_WRITERS:
         fail(f"unknown preset {name!r}; presets: {', '.join(PRESET_WRITERS)}")
+    if directory.exists():
+        fail(f"{directory} exists; init-model writes a new directory")
     path = init_preset(name, directory)
-    console.print(f"wrote preset {name} to {path}", soft_wrap=True)
+    family = model_family(path)
+    weights = ", ".join(f"{stage} {size / 1e6:.2f} MB" for stage, size in family.weight_bytes(path).items())
+    console.print(f"wrote preset {name} ({family.name}) to {path}; weights per stage: {weights}", soft_wrap=True)

@@ -1,5 +1,6 @@
 """Shared fixtures: real servers (nats-server with JetStream, redis-server) on free loopback
-ports, the tiny model, and the stock diffusers pipeline as the reference for its images."""
+ports, the models directory holding the presets, and the stock diffusers pipeline of each
+family as the reference for its images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,8 +17,12 @@ import torch
 
 from disagfusion.config import Settings
 from disagfusion.launcher import binary, free_port, stop_process, wait_port
-from disagfusion.models import model_directory
+from disagfusion.models import model_directory, model_family
+from disagfusion.models.family import DiffusersFamily
 from disagfusion.protocol import JobSpec
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 @contextmanager
@@ -52,7 +58,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models directory holding the tiny preset, written once per test session."""
+    """A models directory holding the tiny preset, written once per test session; any other
+    preset is written there on first use (``model_directory``), once per session too."""
     models_dir = tmp_path_factory.mktemp("models")
     model_directory("tiny", Settings(models_dir=models_dir))
     return models_dir
@@ -64,31 +71,20 @@ def tiny_dir(tiny_models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stock_image(tiny_dir: Path) -> Callable[[JobSpec, str], np.ndarray]:
-    """The image the stock ``PixArtSigmaPipeline`` makes in-process for a spec of the tiny model:
-    what DisagFusion's split stages must reproduce."""
-    from diffusers import PixArtSigmaPipeline
+def stock_image(tiny_models_dir: Path) -> Callable[[JobSpec, str], np.ndarray]:
+    """The image the stock diffusers pipeline of ``spec.model``'s family makes for ``spec``
+    in-process, loaded with ``from_pretrained``: what DisagFusion's split stages must reproduce."""
 
     @cache
-    def pipeline(dtype: str) -> PixArtSigmaPipeline:
-        pipe = PixArtSigmaPipeline.from_pretrained(tiny_dir, dtype=getattr(torch, dtype))
+    def pipeline(model: str, dtype: str) -> tuple[DiffusersFamily, DiffusionPipeline]:
+        directory = model_directory(model, Settings(models_dir=tiny_models_dir))
+        family = model_family(directory)
+        pipe = family.pipeline_type().from_pretrained(directory, dtype=getattr(torch, dtype))
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return family, pipe
 
     def image(spec: JobSpec, dtype: str = "float32") -> np.ndarray:
-        return np.array(
-            pipeline(dtype)(
-                spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance,
-                height=spec.height,
-                width=spec.width,
-                generator=torch.Generator().manual_seed(spec.seed),
-                use_resolution_binning=False,  # else small sizes silently run at another size
-                clean_caption=False,
-                output_type="pil",
-            ).images[0]
-        )
+        family, pipe = pipeline(spec.model, dtype)
+        return np.array(family.stock_call(pipe, spec).images[0])
 
     return image

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -105,6 +106,11 @@ class DiffusersFamily(Family):
     def decode(self, pipe: Any, specs: list[JobSpec], inputs: list[Tensors]) -> list[Tensors]:
         """Latents -> ``image`` uint8 [H, W, 3] per job, exactly as the stock pipeline's PIL image."""
 
+    @abstractmethod
+    def stock_call(self, pipe: Any, spec: JobSpec, output_type: str = "pil") -> Any:
+        """Run ``spec`` through the whole stock pipeline in one call: what the split stages must
+        reproduce pixel for pixel, and how this family reads a JobSpec."""
+
     def prepare(self, stage: str, pipe: Any, directory: Path, settings: Settings) -> None:
         """After loading: any family-specific setup of a stage's pipeline (none by default)."""
 
@@ -168,11 +174,17 @@ class DiffusersFamily(Family):
 
 def _weight_bytes(folder: Path, variant: str | None) -> int:
     """The bytes diffusers would load from one component folder: the variant's files if it has
-    any (``model.fp16.safetensors``, sharded or not), else the plain ones."""
-    files = [path for path in folder.glob("*") if path.name.endswith(WEIGHT_SUFFIXES)]
-    tagged = [path for path in files if variant and f".{variant}." in path.name]
-    chosen = tagged or [path for path in files if len(path.name.split(".")) == 2 or "-of-" in path.name]
-    return sum(path.stat().st_size for path in chosen)
+    any (``model.fp16.safetensors``, or sharded ``model.fp16-00001-of-00002.safetensors``), else
+    the plain ones."""
+    files = [path for path in folder.glob("*") if path.suffix in WEIGHT_SUFFIXES]
+    if any(path.suffix == ".safetensors" for path in files):  # diffusers prefers them to .bin
+        files = [path for path in files if path.suffix == ".safetensors"]
+    by_tag: dict[str, int] = {}
+    for path in files:
+        stem = re.sub(r"-\d+-of-\d+$", "", path.stem)
+        tag = stem.rsplit(".", 1)[1] if "." in stem else ""
+        by_tag[tag] = by_tag.get(tag, 0) + path.stat().st_size
+    return by_tag.get(variant or "", 0) or by_tag.get("", 0)
 
 
 class DiffusersStage(StageModel):

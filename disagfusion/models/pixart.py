@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtImageProcessor
 
@@ -49,6 +50,20 @@ class PixArtFamily(DiffusersFamily):
             size_multiple=math.lcm(vae_scale_factor * patch_size, PIPELINE_SIZE_MULTIPLE),
             max_steps=scheduler_config(directory)["num_train_timesteps"],
             max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+
+    def stock_call(self, pipe: PixArtSigmaPipeline, spec: JobSpec, output_type: str = "pil") -> Any:
+        return pipe(
+            spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance,
+            height=spec.height,
+            width=spec.width,
+            generator=torch.Generator().manual_seed(spec.seed),
+            use_resolution_binning=False,  # else small sizes silently run at another size
+            clean_caption=False,
+            output_type=output_type,
         )
 
     def prepare(self, stage: str, pipe: Any, directory: Path, settings: Settings) -> None:
