@@ -51,8 +51,9 @@ class SD3Geometry(ImageGeometry):
     def check(self, spec: JobSpec) -> None:
         super().check(spec)
         for field in ("height", "width"):
-            if getattr(spec, field) > self.max_size:
-                raise SpecError(field, f"at most {self.max_size} pixels for this model's position embeddings")
+            value = getattr(spec, field)
+            if value > self.max_size:
+                raise SpecError(field, f"{value} is more than the {self.max_size} pixels this model's position embeddings cover")
 
 
 class SD3Family(DiffusersFamily):
