@@ -15,8 +15,9 @@ Findings that shape the code:
 - The prompt is wrapped in a chat template and the encoder's first
   ``prompt_template_encode_start_idx`` (34) hidden states are dropped. That number is set in the
   pipeline's ``__init__``, not in any config, and counts real Qwen2 tokens of the system prompt;
-  with the tiny preset's tokenizer the system prompt is longer, so a few of its tokens stay in the
-  embeds. The split encoder runs the same ``encode_prompt`` with the same number, so it agrees
+  with the tiny preset's tokenizer the system prompt is 82 tokens, so 48 of them stay in the
+  embeds (harmless: every prompt still has more than 34 tokens, and ``qwen2_tokenizer``'s
+  ``<|im_start|>``/``<|im_end|>`` are single special tokens as in the real vocabulary). The split encoder runs the same ``encode_prompt`` with the same number, so it agrees
   with the stock pipeline either way.
 - ``encode_prompt`` pads a batch to its longest prompt with zeros and returns a mask, which is
   None when nothing is padded (always, for one prompt). The encoder hands each job its embeds
@@ -25,7 +26,7 @@ Findings that shape the code:
   negatives separately). So a denoise batch equals the stock pipeline called with those prompts
   as a list, bit for bit. A job in a batch is not bitwise the job alone: padding changes the
   rounding of the text encoder (embeds within 5e-7) and of the DiT's masked attention (latents
-  within 2e-6), measured on the tiny preset at most 1/255 in uint8 (tests/models/test_qwen_image.py).
+  within 3e-6), measured on the tiny preset at most 1/255 in uint8 (tests/models/test_qwen_image.py).
 - Latents are packed 2×2, so sizes must be multiples of twice the VAE factor (the stock pipeline
   only warns, then silently makes a smaller image); decoding unpacks to 5-D [B, C, 1, h, w] and
   un-normalises with the pipeline's exact arithmetic (``x / (1 / std) + mean``).
