@@ -5,14 +5,18 @@ from __future__ import annotations
 import importlib
 
 from disagfusion.models import FAMILIES, PRESET_WRITERS
-from disagfusion.models import emulated, presets
 from disagfusion.models.family import DiffusersFamily, Family
 from disagfusion.protocol import STAGES
 
 
 def test_every_preset_is_registered_once() -> None:
-    defined = {**dict.fromkeys(presets.PRESETS, presets.__name__), **dict.fromkeys(emulated.PRESETS, emulated.__name__)}
-    assert PRESET_WRITERS == defined
+    # Every module that defines presets (family modules included) is registered for each of
+    # them, and for no other.
+    modules = {"disagfusion.models.presets", *FAMILIES.values(), *PRESET_WRITERS.values()}
+    writers = {module for module in modules if hasattr(importlib.import_module(module), "PRESETS")}
+    defined = [(name, module) for module in sorted(writers) for name in importlib.import_module(module).PRESETS]
+    assert len(defined) == len(dict(defined)), "a preset name defined by two modules"
+    assert PRESET_WRITERS == dict(defined)
 
 
 def test_every_family_module_defines_its_family() -> None:
