@@ -14,19 +14,22 @@ is off then); ``guidance_scale`` left None (Qwen-Image is not guidance-distilled
 Findings that shape the code:
 - The prompt is wrapped in a chat template and the encoder's first
   ``prompt_template_encode_start_idx`` (34) hidden states are dropped. That number is set in the
-  pipeline's ``__init__``, not in any config, and counts real Qwen2 tokens of the system prompt;
-  with the tiny preset's tokenizer the system prompt is 82 tokens, so 48 of them stay in the
-  embeds (harmless: every prompt still has more than 34 tokens, and ``qwen2_tokenizer``'s
-  ``<|im_start|>``/``<|im_end|>`` are single special tokens as in the real vocabulary). The split encoder runs the same ``encode_prompt`` with the same number, so it agrees
-  with the stock pipeline either way.
+  pipeline's ``__init__``, not in any config, and counts real Qwen2 tokens of the system prompt.
+  With the tiny preset's tokenizer the system prompt is 82 tokens, so 48 of them stay in the
+  embeds. The split encoder must NOT recompute the number: the stock pipeline loaded with
+  ``from_pretrained`` uses 34, and equality needs both to run ``encode_prompt`` with the same
+  value. Harmless: the template alone is longer than 34 tokens, and ``<|im_start|>`` /
+  ``<|im_end|>`` are single special tokens as in the real vocabulary.
 - ``encode_prompt`` pads a batch to its longest prompt with zeros and returns a mask, which is
   None when nothing is padded (always, for one prompt). The encoder hands each job its embeds
   cut to its own length; the denoiser pads the jobs of its batch exactly as
   ``_get_qwen_prompt_embeds`` pads a batch of prompts (zeros after, mask ones then zeros; the
   negatives separately). So a denoise batch equals the stock pipeline called with those prompts
-  as a list, bit for bit. A job in a batch is not bitwise the job alone: padding changes the
-  rounding of the text encoder (embeds within 5e-7) and of the DiT's masked attention (latents
-  within 3e-6), measured on the tiny preset at most 1/255 in uint8 (tests/models/test_qwen_image.py).
+  as a list, bit for bit (as latents: the stock pipeline decodes a list as one VAE batch, the
+  decode stage one job at a time, which rounds differently). A job in a batch is not bitwise the
+  job alone: padding changes the rounding of the text encoder (embeds within 5e-7) and of the
+  DiT's masked attention (latents within 3e-6); measured on the tiny preset, at most 1/255 in
+  uint8 (tests/models/test_qwen_image.py).
 - Latents are packed 2×2, so sizes must be multiples of twice the VAE factor (the stock pipeline
   only warns, then silently makes a smaller image); decoding unpacks to 5-D [B, C, 1, h, w] and
   un-normalises with the pipeline's exact arithmetic (``x / (1 / std) + mean``).
