@@ -170,3 +170,13 @@ def test_geometry_comes_from_the_configs(tiny_models_dir: Path) -> None:
     # The tiny VAE halves twice; the pipeline packs latents 2x2, so sizes are multiples of 8.
     assert (geometry.vae_scale_factor, geometry.size_multiple) == (4, 8)
     assert (geometry.max_steps, geometry.max_sequence_length, geometry.guidance) == (1000, 512, "cfg")
+
+
+def test_the_chat_template_fits_the_preset_tokenizer(stages) -> None:
+    """The encoder drops the pipeline's own count of template tokens (34, set in its __init__);
+    with the tiny vocabulary that count still falls inside the system prompt."""
+    pipe = stages("float32")["encode"].pipe
+    system = pipe.prompt_template_encode.split("{}")[0]
+    ids = pipe.tokenizer(system).input_ids
+    assert pipe.prompt_template_encode_start_idx == 34 < len(ids)
+    assert ids[0] == pipe.tokenizer.convert_tokens_to_ids("<|im_start|>")  # one special token, as in Qwen2
