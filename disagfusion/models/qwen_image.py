@@ -15,7 +15,7 @@ Findings that shape the code:
 - The prompt is wrapped in a chat template and the encoder's first
   ``prompt_template_encode_start_idx`` (34) hidden states are dropped. That number is set in the
   pipeline's ``__init__``, not in any config, and counts real Qwen2 tokens of the system prompt.
-  With the tiny preset's tokenizer the system prompt is 82 tokens, so 48 of them stay in the
+  With the tiny preset's tokenizer the system prompt is 81 tokens, so 47 of them stay in the
   embeds. The split encoder must NOT recompute the number: the stock pipeline loaded with
   ``from_pretrained`` uses 34, and equality needs both to run ``encode_prompt`` with the same
   value. Harmless: the template alone is longer than 34 tokens, and ``<|im_start|>`` /
