@@ -21,6 +21,7 @@ from disagfusion.protocol import STAGES, JobSpec
 # that writes presets also has init_model(preset, directory).
 FAMILIES: dict[str, str] = {
     "PixArtSigmaPipeline": "disagfusion.models.pixart",
+    "QwenImagePipeline": "disagfusion.models.qwen_image",
     "DisagFusionEmulated": "disagfusion.models.emulated",
     "StableDiffusion3Pipeline": "disagfusion.models.sd3",
     "FluxPipeline": "disagfusion.models.flux",
@@ -33,6 +34,7 @@ PROFILE_FILE = "profile.yaml"
 PRESET_WRITERS: dict[str, str] = {
     "tiny": "disagfusion.models.presets",
     "small": "disagfusion.models.presets",
+    "qwen-image-tiny": "disagfusion.models.qwen_image",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
     "sd3-tiny": "disagfusion.models.sd3",
