@@ -1,7 +1,7 @@
 """Model families, and finding a model by name: ``settings.models_dir / <name>`` is a diffusers
-directory whose ``model_index.json`` ``_class_name`` picks the family. Preset names (tiny,
-small, and the emulated accelerators emulated, emulated-video) are written there on first use,
-so services work offline out of the box. A model directory may carry its cost profile
+directory whose ``model_index.json`` ``_class_name`` picks the family. Preset names
+(``PRESET_WRITERS``: tiny and small PixArt-Sigma, a tiny model of each other family, and the
+emulated accelerators) are written there on first use, so services work offline out of the box. A model directory may carry its cost profile
 (``PROFILE_FILE``; emulated models do, as their stages sleep for what it says)."""
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from disagfusion.protocol import STAGES, JobSpec
 # that writes presets also has init_model(preset, directory).
 FAMILIES: dict[str, str] = {
     "PixArtSigmaPipeline": "disagfusion.models.pixart",
-    "QwenImagePipeline": "disagfusion.models.qwen_image",
-    "DisagFusionEmulated": "disagfusion.models.emulated",
     "StableDiffusion3Pipeline": "disagfusion.models.sd3",
     "FluxPipeline": "disagfusion.models.flux",
+    "SanaPipeline": "disagfusion.models.sana",
+    "QwenImagePipeline": "disagfusion.models.qwen_image",
+    "DisagFusionEmulated": "disagfusion.models.emulated",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
 
@@ -34,11 +35,12 @@ PROFILE_FILE = "profile.yaml"
 PRESET_WRITERS: dict[str, str] = {
     "tiny": "disagfusion.models.presets",
     "small": "disagfusion.models.presets",
+    "sd3-tiny": "disagfusion.models.sd3",
+    "flux-tiny": "disagfusion.models.flux",
+    "sana-tiny": "disagfusion.models.sana",
     "qwen-image-tiny": "disagfusion.models.qwen_image",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
-    "sd3-tiny": "disagfusion.models.sd3",
-    "flux-tiny": "disagfusion.models.flux",
 }
 """Preset name -> the module whose ``init_model(name, directory)`` writes it."""
 

@@ -18,7 +18,7 @@ from disagfusion.models.family import DiffusersFamily, DiffusersStage
 from disagfusion.protocol import STAGES, JobSpec
 from tests.models.split import generate
 
-PRESETS = ["tiny", "sd3-tiny", "flux-tiny", "qwen-image-tiny"]
+PRESETS = ["tiny", "sd3-tiny", "flux-tiny", "sana-tiny", "qwen-image-tiny"]
 """One preset per diffusers family."""
 
 SPEC = JobSpec(prompt="a lighthouse at dusk", negative_prompt="blurry", seed=5, steps=2, height=64, width=64, guidance=4.5)
