@@ -12,9 +12,10 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import JobSpec
 
 Tensors = dict[str, torch.Tensor]
+P = TypeVar("P")
 StepCallback = Callable[[int, int], None]
 """Called as ``on_step(step, total)`` after each denoising step, from the compute thread."""
 
@@ -94,6 +96,14 @@ def write_model_directory(directory: Path, fill: Callable[[Path], None]) -> Path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return directory
+
+
+def write_preset(presets: Mapping[str, P], name: str, directory: Path, build: Callable[[P], Any]) -> Path:
+    """Write preset ``name`` of ``presets`` (a pipeline ``build`` makes, saved with
+    ``save_pretrained``) to ``directory``, unless something is there already; return it."""
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r}; presets are {', '.join(presets)}")
+    return write_model_directory(directory, lambda scratch: build(presets[name]).save_pretrained(scratch))
 
 
 # Preset weights come from the process-wide torch RNG; two threads seeding it at once would mix streams.

@@ -245,6 +245,15 @@ def per_job(tensors: dict[str, torch.Tensor | None], count: int) -> list[Tensors
     return [{name: t[i : i + 1] for name, t in tensors.items() if t is not None} for i in range(count)]
 
 
+def with_negatives(specs: list[JobSpec], positives: dict[str, torch.Tensor], negatives: dict[str, torch.Tensor | None]) -> list[Tensors]:
+    """One batched encode split per job: each job's own tensors, plus its negatives if it is
+    guided. A batch mixing guidance encodes every negative in one call, as the stock pipeline
+    encodes one job's; those of unguided jobs are dropped (cheaper than a second call)."""
+    jobs = per_job(positives, len(specs))
+    negative = per_job(negatives, len(specs))
+    return [job | neg if spec.guided else job for spec, job, neg in zip(specs, jobs, negative)]
+
+
 def step_reporter(on_step: StepCallback, total: int):
     """A diffusers ``callback_on_step_end`` that reports each finished step."""
 

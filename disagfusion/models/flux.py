@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from pydantic import BaseModel, ConfigDict
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from disagfusion.models.base import StepCallback, Tensors, seeded, write_model_directory
+from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
     DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
 )
@@ -224,6 +224,4 @@ def build_pipeline(preset: Preset) -> FluxPipeline:
 
 def init_model(preset: str, directory: Path) -> Path:
     """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))
+    return write_preset(PRESETS, preset, directory, build_pipeline)

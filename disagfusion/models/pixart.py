@@ -20,7 +20,7 @@ from disagfusion.config import Settings
 from disagfusion.engram.module import attach_engram
 from disagfusion.models.base import StepCallback, Tensors
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked,
+    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, with_negatives,
 )
 from disagfusion.protocol import JobSpec
 
@@ -75,9 +75,6 @@ class PixArtFamily(DiffusersFamily):
             pipe.image_processor = PixArtImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
 
     def encode(self, pipe: PixArtSigmaPipeline, specs: list[JobSpec]) -> list[Tensors]:
-        # One text-encoder call for all prompts and one for all negative prompts, as the stock
-        # pipeline does for one job. In a batch mixing guidance, the negatives of jobs without
-        # guidance are computed and dropped: cheaper than a second batch.
         embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
             [spec.prompt for spec in specs],
             do_classifier_free_guidance=any(spec.guided for spec in specs),
@@ -86,9 +83,10 @@ class PixArtFamily(DiffusersFamily):
             clean_caption=False,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        jobs = per_job({"prompt_embeds": embeds, "prompt_attention_mask": mask}, len(specs))
-        negatives = per_job({"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}, len(specs))
-        return [job | negative if spec.guided else job for spec, job, negative in zip(specs, jobs, negatives)]
+        return with_negatives(
+            specs, {"prompt_embeds": embeds, "prompt_attention_mask": mask},
+            {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask},
+        )
 
     def denoise(self, pipe: PixArtSigmaPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]

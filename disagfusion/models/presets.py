@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPip
 from pydantic import BaseModel, ConfigDict
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from disagfusion.models.base import seeded, write_model_directory
+from disagfusion.models.base import seeded, write_preset
 
 
 class Preset(BaseModel):
@@ -118,6 +118,4 @@ def build_pipeline(preset: Preset) -> PixArtSigmaPipeline:
 
 def init_model(preset: str, directory: Path) -> Path:
     """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))
+    return write_preset(PRESETS, preset, directory, build_pipeline)

@@ -48,7 +48,7 @@ from diffusers import (
 from pydantic import BaseModel, ConfigDict
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from disagfusion.models.base import StepCallback, Tensors, seeded, write_model_directory
+from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
     DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
 )
@@ -283,6 +283,4 @@ def build_pipeline(preset: Preset) -> QwenImagePipeline:
 
 def init_model(preset: str, directory: Path) -> Path:
     """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))
+    return write_preset(PRESETS, preset, directory, build_pipeline)

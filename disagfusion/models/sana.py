@@ -25,9 +25,9 @@ from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, 
 from pydantic import BaseModel, ConfigDict
 from transformers import Gemma2Config, Gemma2Model
 
-from disagfusion.models.base import StepCallback, Tensors, seeded, write_model_directory
+from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
+    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter, with_negatives,
 )
 from disagfusion.models.tokenizers import gemma_tokenizer
 from disagfusion.protocol import JobSpec
@@ -80,8 +80,6 @@ class SanaFamily(DiffusersFamily):
         )
 
     def encode(self, pipe: SanaPipeline, specs: list[JobSpec]) -> list[Tensors]:
-        # One Gemma call for all prompts and one for all negatives, as the stock pipeline does
-        # for one job; the negatives of unguided jobs in a mixed batch are dropped.
         embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
             [spec.prompt for spec in specs],
             do_classifier_free_guidance=any(spec.guided for spec in specs),
@@ -90,9 +88,10 @@ class SanaFamily(DiffusersFamily):
             max_sequence_length=MAX_SEQUENCE_LENGTH,
             complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION,
         )
-        jobs = per_job({"prompt_embeds": embeds, "prompt_attention_mask": mask}, len(specs))
-        negatives = per_job({"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}, len(specs))
-        return [job | negative if spec.guided else job for spec, job, negative in zip(specs, jobs, negatives)]
+        return with_negatives(
+            specs, {"prompt_embeds": embeds, "prompt_attention_mask": mask},
+            {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask},
+        )
 
     def denoise(self, pipe: SanaPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
@@ -203,6 +202,4 @@ def build_pipeline(preset: Preset) -> SanaPipeline:
 
 def init_model(preset: str, directory: Path) -> Path:
     """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))
+    return write_preset(PRESETS, preset, directory, build_pipeline)

@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from disagfusion.config import Settings
-from disagfusion.models.base import SpecError, StepCallback, Tensors, seeded, write_model_directory
+from disagfusion.models.base import SpecError, StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
+    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter, with_negatives,
 )
 from disagfusion.models.tokenizers import clip_tokenizer, t5_tokenizer
 from disagfusion.protocol import JobSpec
@@ -105,8 +105,6 @@ class SD3Family(DiffusersFamily):
             pipe.transformer.to(DTYPES[settings.dtype])
 
     def encode(self, pipe: StableDiffusion3Pipeline, specs: list[JobSpec]) -> list[Tensors]:
-        # As PixArt: one call for all prompts and all negatives; the negatives of unguided jobs
-        # in a mixed batch are computed and dropped.
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=[spec.prompt for spec in specs],
             prompt_2=None,
@@ -116,11 +114,10 @@ class SD3Family(DiffusersFamily):
             negative_prompt=[spec.negative_prompt for spec in specs],
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        jobs = per_job({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, len(specs))
-        negatives = per_job(
-            {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}, len(specs)
+        return with_negatives(
+            specs, {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
+            {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled},
         )
-        return [job | negative if spec.guided else job for spec, job, negative in zip(specs, jobs, negatives)]
 
     def denoise(self, pipe: StableDiffusion3Pipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
@@ -255,6 +252,4 @@ def build_pipeline(preset: Preset) -> StableDiffusion3Pipeline:
 
 def init_model(preset: str, directory: Path) -> Path:
     """Write preset ``preset`` to ``directory`` unless something is there already; return it."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return write_model_directory(directory, lambda scratch: build_pipeline(PRESETS[preset]).save_pretrained(scratch))
+    return write_preset(PRESETS, preset, directory, build_pipeline)
