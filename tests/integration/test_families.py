@@ -82,3 +82,12 @@ def test_generate_picks_the_model_by_name(families_stack: Launcher, stock_image,
     assert result.exit_code == 0, result.output
     expected = JobSpec(model="flux-tiny", prompt="a red boat", seed=3, steps=2, width=64, height=64, guidance=1.0)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), stock_image(expected))
+
+
+@pytest.mark.slow
+async def test_a_bfloat16_stack_is_pixel_identical_to_the_stock_bfloat16_pipeline(start_stack, stock_image) -> None:
+    launcher = start_stack(DF_MODELS="flux-tiny", DF_DTYPE="bfloat16")
+    specs = specs_for("flux-tiny")
+    got = await images(launcher, specs)
+    for spec in specs:
+        np.testing.assert_array_equal(got[spec.job_id], stock_image(spec, "bfloat16"))
