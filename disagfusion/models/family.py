@@ -81,6 +81,25 @@ class ImageGeometry(BaseModel):
             raise SpecError("steps", f"at most {self.max_steps} steps for this model's scheduler")
 
 
+class VideoGeometry(ImageGeometry):
+    """A video model's limits: frames come in groups its VAE compresses into one latent frame
+    (``temporal_factor``), after a first frame of their own."""
+
+    temporal_factor: int
+    max_frames: int = 1024
+
+    def check(self, spec: JobSpec) -> None:
+        check_size_multiple(spec, self.size_multiple)
+        if (spec.frames - 1) % self.temporal_factor:
+            below = (spec.frames - 1) // self.temporal_factor * self.temporal_factor + 1
+            raise SpecError("frames", f"{self.family} makes {self.temporal_factor}k + 1 frames: "
+                                      f"{spec.frames} is not (try {below} or {below + self.temporal_factor})")
+        if spec.frames > self.max_frames:
+            raise SpecError("frames", f"at most {self.max_frames} frames for this model")
+        if spec.steps > self.max_steps:
+            raise SpecError("steps", f"at most {self.max_steps} steps for this model's scheduler")
+
+
 class DiffusersFamily(Family):
     """A diffusers pipeline split into stages. Subclasses declare the class attributes and write
     ``geometry``, ``encode``, ``denoise`` and ``decode``."""
@@ -262,6 +281,14 @@ def step_reporter(on_step: StepCallback, total: int):
         return {}
 
     return report
+
+
+def video_pixels(video: torch.Tensor) -> list[Tensors]:
+    """Decoded videos [B, F, C, H, W] in [0, 1] (``VideoProcessor.postprocess_video(...,
+    output_type="pt")``) -> per job ``video`` uint8 [F, H, W, 3] and ``image``, its first frame,
+    with the float32 arithmetic of ``numpy_to_pil`` (so equal to the stock pipeline's PIL frames)."""
+    frames = (video.cpu().permute(0, 1, 3, 4, 2).float() * 255).round().to(torch.uint8)
+    return [{"image": frames[i, 0], "video": frames[i]} for i in range(frames.shape[0])]
 
 
 def image_pixels(image: torch.Tensor, image_processor: Any) -> list[Tensors]:
