@@ -172,6 +172,9 @@ class Message(Strict):
         return v
 
 
+OutputFormat = Literal["png", "webp", "mp4"]
+
+
 class JobSpec(Message):
     """What a user asks for. Model-specific limits (e.g. size divisible by the latent factor)
     are checked by the stage that loads the model, which answers with an error result."""
@@ -190,6 +193,11 @@ class JobSpec(Message):
     CFG for FLUX.1 and Qwen-Image)."""
     embedded_guidance: float = Field(default=3.5, ge=0.0, le=100.0)
     """Guidance fed to a guidance-distilled transformer (FLUX.1-dev); other models ignore it."""
+    fps: float | None = Field(default=None, gt=0.0, le=240.0)
+    """Frames per second of a video's output; None: the model's own (16 unless it says)."""
+    output_format: OutputFormat | None = None
+    """The result's encoding: ``png`` (a video: a zip of PNG frames), ``webp`` (lossless;
+    animated for a video) or ``mp4`` (H.264). None: png for an image, mp4 for a video."""
 
     @field_validator("job_id", "model")
     @classmethod
@@ -208,6 +216,11 @@ class JobSpec(Message):
         """Classifier-free guidance is on: the DiT runs twice per step and the negative prompt
         is encoded too."""
         return self.guidance > 1.0
+
+    @property
+    def output_encoding(self) -> OutputFormat:
+        """``output_format``, or the default for this job: png for an image, mp4 for a video."""
+        return self.output_format or ("mp4" if self.frames > 1 else "png")
 
     @property
     def megapixel_frames(self) -> float:
@@ -278,6 +291,8 @@ class Result(Message):
     height: int | None = None
     frames: int | None = None
     """For a video: how many frames the output holds."""
+    fps: float | None = None
+    """For a video: its frame rate; ``frames / fps`` is its duration."""
     timings: dict[str, float] = Field(default_factory=dict)
     batch_sizes: dict[str, int] = Field(default_factory=dict)
     submitted_at: float | None = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import mimetypes
 import statistics
 import time
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from disagfusion.client import Client
-from disagfusion.protocol import STAGES, JobSpec, ProgressEvent, Result
+from disagfusion.protocol import STAGES, JobSpec, OutputFormat, ProgressEvent, Result
 from disagfusion_cli.common import (
     DEFAULT_DATA_DIR,
     DataDir,
@@ -29,11 +31,16 @@ from disagfusion_cli.common import (
 
 def generate(
     prompt: str,
-    output: Annotated[Path, typer.Option("-o", "--output")] = Path("out.png"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (a directory for a video's "
+                                                 "PNG frames); default out.<format>.")] = None,
     model: str = "tiny",
     seed: int = 0,
     steps: int = 20,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT")] = "256x256",
+    frames: Annotated[int, typer.Option(help="More than 1 makes a video (with a video model).")] = 1,
+    fps: Annotated[float | None, typer.Option(help="A video's frame rate; default the model's.")] = None,
+    output_format: Annotated[OutputFormat | None, typer.Option("--format", help="png, webp (lossless) or mp4; "
+                                                                "default png for an image, mp4 for a video.")] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (true CFG for FLUX.1 and "
                                                  "Qwen-Image); 1 turns it off.")] = 4.5,
     embedded_guidance: Annotated[float, typer.Option(help="Guidance fed to a guidance-distilled DiT "
@@ -42,12 +49,13 @@ def generate(
     timeout: float = 600.0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Generate one image (or a video, as an animated WebP) and write it to OUTPUT."""
+    """Generate one image or video and write it to OUTPUT."""
     width, height = parse_size(size)
     try:
         spec = JobSpec(
             prompt=prompt, negative_prompt=negative_prompt, model=model, seed=seed, steps=steps,
-            width=width, height=height, guidance=guidance, embedded_guidance=embedded_guidance,
+            width=width, height=height, frames=frames, fps=fps, output_format=output_format,
+            guidance=guidance, embedded_guidance=embedded_guidance,
         )
     except ValidationError as exc:
         fail(validation_message(exc))
@@ -69,9 +77,22 @@ def generate(
     result, data = asyncio.run(run())
     if result.status != "ok":
         fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
-    output.write_bytes(data)
+    written = _write_output(data, result.content_type or "", output or Path(f"out.{spec.output_encoding}"))
+    what = f"{result.width}x{result.height}" + (f", {result.frames} frames at {result.fps:g} fps" if result.frames else "")
     stages = ", ".join(f"{k} {v:.2f}s{_batched(result.batch_sizes.get(k, 1))}" for k, v in result.timings.items())
-    console.print(f"wrote {output} ({result.width}x{result.height}); {stages}", soft_wrap=True)
+    console.print(f"wrote {written} ({what}); {stages}", soft_wrap=True)
+
+
+def _write_output(data: bytes, content_type: str, output: Path) -> Path:
+    """Write a result's bytes to ``output``; a zip of PNG frames is unpacked when ``output``
+    is a directory or has no suffix (``-o frames/``)."""
+    if content_type == "application/zip" and (output.is_dir() or not output.suffix):
+        output.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            archive.extractall(output)
+        return output
+    output.write_bytes(data)
+    return output
 
 
 def load_jobs(path: Path) -> list[JobSpec]:
@@ -93,8 +114,9 @@ def submit(
     timeout: float = 600.0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Submit a batch of jobs, write each one's output (a PNG; an animated WebP for a video) and a
-    manifest with per-stage timings."""
+    """Submit a batch of jobs (images and videos may mix), write each one's output (PNG for an
+    image and MP4 for a video unless a job's output_format says otherwise) and a manifest with
+    per-stage timings."""
     specs = load_jobs(jobs)
     out.mkdir(parents=True, exist_ok=True)
     index = {spec.job_id: i for i, spec in enumerate(specs)}

@@ -38,6 +38,8 @@ class SpecError(DisagFusionError, ValueError):
 
 class StageModel(ABC):
     stage: str
+    fps: float = 16.0
+    """The frame rate of this model's videos, unless a job asks for another (Wan's 16 by default)."""
 
     @abstractmethod
     def check(self, spec: JobSpec) -> None:

@@ -87,6 +87,8 @@ class VideoGeometry(ImageGeometry):
 
     temporal_factor: int
     max_frames: int = 1024
+    fps: float = 16.0
+    """The frame rate the model was trained for: its videos' default."""
 
     def check(self, spec: JobSpec) -> None:
         check_size_multiple(spec, self.size_multiple)
@@ -216,6 +218,8 @@ class DiffusersStage(StageModel):
         self.directory = directory
         self.geometry = family.read_geometry(directory)
         self.pipe = family.load_pipeline(directory, stage, settings, self.geometry)
+        if isinstance(self.geometry, VideoGeometry):
+            self.fps = self.geometry.fps
         family.prepare(stage, self.pipe, directory, settings)
 
     def check(self, spec: JobSpec) -> None:

@@ -1,35 +1,14 @@
-"""The last stage: its output is not a tensor for another stage but the job's result: a PNG for
-an image, a lossless animated WebP for a video (the decoder's ``video`` tensor)."""
+"""The last stage: its output is not a tensor for another stage but the job's result, its
+pixels encoded as the job asks (``media``): PNG for an image and MP4 for a video by default."""
 
 from __future__ import annotations
 
 import asyncio
-import io
-
-import numpy as np
-from PIL import Image
 
 from disagfusion import bus
 from disagfusion.protocol import Result, output_object_name
 from disagfusion.worker.stage_worker import Job, StageWorker
-
-VIDEO_FPS = 16
-"""Frame rate written into animated outputs until a job can ask for one."""
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
-def encode_webp(video: np.ndarray, fps: int = VIDEO_FPS) -> bytes:
-    """Frames [F, H, W, 3] as a lossless animated WebP: every frame's pixels come back exactly."""
-    frames = [Image.fromarray(frame) for frame in video]
-    out = io.BytesIO()
-    frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:], lossless=True,
-                   duration=round(1000 / fps), loop=0)
-    return out.getvalue()
+from services.decoder import media
 
 
 class DecoderWorker(StageWorker):
@@ -37,21 +16,22 @@ class DecoderWorker(StageWorker):
         self.outputs = await bus.outputs_bucket(self.js)
 
     async def emit(self, job: Job) -> None:
-        if "video" in job.outputs:
-            video = job.outputs["video"].numpy()
-            data = await asyncio.to_thread(encode_webp, video)
-            kind, extension, (frames, height, width) = "image/webp", "webp", video.shape[:3]
+        spec = job.spec
+        # A video job's decoder hands on every frame; an image is a video of one frame here.
+        frames = job.outputs["video" if "video" in job.outputs else "image"].numpy().reshape(
+            -1, *job.outputs["image"].shape
+        )
+        fps = spec.fps or self.models[spec.model].fps
+        encoded = await asyncio.to_thread(media.encode, frames, spec.output_encoding, fps)
+        if len(encoded.data) <= self.settings.result_inline_max_bytes:
+            where = {"data": encoded.data}
         else:
-            image = job.outputs["image"].numpy()
-            data = await asyncio.to_thread(encode_png, image)
-            kind, extension, (height, width), frames = "image/png", "png", image.shape[:2], None
-        if len(data) <= self.settings.result_inline_max_bytes:
-            where = {"data": data}
-        else:
-            name = output_object_name(job.spec.job_id, extension)
-            await self.outputs.put(name, data)
+            name = output_object_name(spec.job_id, encoded.extension)
+            await self.outputs.put(name, encoded.data)
             where = {"object_name": name}
-        result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=kind, width=width, height=height,
-                           frames=frames, **where)
-        await self.publish_event(job.spec.job_id, "done")
+        video = frames.shape[0] > 1
+        result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
+                           height=frames.shape[1], width=frames.shape[2], frames=frames.shape[0] if video else None,
+                           fps=fps if video else None, **where)
+        await self.publish_event(spec.job_id, "done")
         await self.publish_result(result)
