@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -173,3 +174,23 @@ def test_preset_is_the_same_bytes_when_built_again(directory: Path, tmp_path: Pa
         return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
     assert file_bytes(init_model(MODEL, tmp_path / MODEL)) == file_bytes(directory)
+
+
+def test_a_sharded_fp16_variant_loads_per_stage(directory: Path, tmp_path: Path) -> None:
+    """As real checkpoints are saved: fp16 weights as the ``fp16`` variant, in shards, and a
+    model_index.json naming the fast tokenizer class."""
+    checkpoint = tmp_path / MODEL
+    CogVideoXPipeline.from_pretrained(directory).to(torch.float16).save_pretrained(
+        checkpoint, variant="fp16", max_shard_size="20KB"
+    )
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    index["tokenizer"][1] = "T5TokenizerFast"
+    (checkpoint / "model_index.json").write_text(json.dumps(index))
+    assert list(checkpoint.glob("*/*.fp16-0000*-of-*.safetensors"))
+    settings = Settings(models_dir=tmp_path, variant="fp16")
+    spec = job(guidance=6.0)
+    [out] = generate({stage: load_stage_model(MODEL, stage, settings) for stage in STAGES}, [spec])
+    stock = CogVideoXPipeline.from_pretrained(checkpoint, variant="fp16", dtype=torch.float32)
+    stock.set_progress_bar_config(disable=True)
+    expected = np.stack([np.array(frame) for frame in FAMILY.stock_call(stock, spec).frames[0]])
+    np.testing.assert_array_equal(out["video"], expected)
