@@ -17,7 +17,8 @@ for 8k + 1 (``temporal_factor`` = the VAE config's 4 × the 2 latent frames it d
 Height and width must be multiples of 8 (the pipeline checks) and of the VAE factor × the DiT's
 patch (``size_multiple``).
 
-What the split stages must match in the stock call (``stock_call``):
+The reference is ``stock_call``; the split stages are bitwise equal to it in float32 and bfloat16
+(also from an fp16 sharded checkpoint). What they must match in it:
 - ``max_sequence_length`` must equal the transformer's ``max_text_seq_length`` (226 in real
   CogVideoX): the DiT adds its positional table, laid out for exactly that many text tokens,
   to the joint sequence. The stock call and both stages pass the config's value.

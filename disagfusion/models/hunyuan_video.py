@@ -10,7 +10,9 @@ denoise -> ``latents`` [1, C, (frames - 1) / 4 + 1, H/f, W/f]; decode -> ``video
 
 Guidance: ``JobSpec.embedded_guidance`` is the pipeline's ``guidance_scale``, the distilled
 guidance fed to the transformer; ``JobSpec.guidance`` is ``true_cfg_scale``: above 1, true CFG
-with the negative prompt (two DiT forwards per step), as in FLUX.1.
+with the negative prompt (two DiT forwards per step), as in FLUX.1. The reference is ``stock_call``;
+the split stages are bitwise equal to it in float32 and bfloat16 (also from an fp16 sharded
+checkpoint).
 
 The prompt template: the pipeline wraps each prompt in a Llama 3 chat template (a system prompt
 describing what to say about a video) and then drops the template's first ``crop_start`` tokens

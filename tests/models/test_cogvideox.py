@@ -194,3 +194,13 @@ def test_a_sharded_fp16_variant_loads_per_stage(directory: Path, tmp_path: Path)
     stock.set_progress_bar_config(disable=True)
     expected = np.stack([np.array(frame) for frame in FAMILY.stock_call(stock, spec).frames[0]])
     np.testing.assert_array_equal(out["video"], expected)
+
+
+def test_bfloat16_split_run_is_pixel_identical_to_the_stock_pipeline(tiny_models_dir: Path, directory: Path) -> None:
+    settings = Settings(models_dir=tiny_models_dir, dtype="bfloat16")
+    stages = {stage: load_stage_model(MODEL, stage, settings) for stage in STAGES}
+    stock = CogVideoXPipeline.from_pretrained(directory, dtype=torch.bfloat16)
+    stock.set_progress_bar_config(disable=True)
+    spec = job(width=48, guidance=6.0)
+    [out] = generate(stages, [spec])
+    np.testing.assert_array_equal(out["video"], np.stack([np.array(f) for f in FAMILY.stock_call(stock, spec).frames[0]]))
