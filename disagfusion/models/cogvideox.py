@@ -20,8 +20,9 @@ patch (``size_multiple``).
 The reference is ``stock_call``; the split stages are bitwise equal to it in float32 and bfloat16
 (also from an fp16 sharded checkpoint). What they must match in it:
 - ``max_sequence_length`` must equal the transformer's ``max_text_seq_length`` (226 in real
-  CogVideoX): the DiT adds its positional table, laid out for exactly that many text tokens,
-  to the joint sequence. The stock call and both stages pass the config's value.
+  CogVideoX): the DiT adds its sin-cos table, laid out for exactly that many text tokens, to
+  the joint sequence (another length does not add up), while the pipeline defaults to 226
+  whatever the DiT. The stock call and both stages pass the config's value.
 - decode runs the pipeline's own ``decode_latents``, whose ``1 / scaling_factor * latents`` is
   not ``latents / scaling_factor`` (4.5e-7 apart), then its video processor.
 - built without a VAE, the pipeline assumes 8× / 4× scale factors (and 0.7 for the latents'
