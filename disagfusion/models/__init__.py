@@ -25,6 +25,8 @@ FAMILIES: dict[str, str] = {
     "FluxPipeline": "disagfusion.models.flux",
     "SanaPipeline": "disagfusion.models.sana",
     "QwenImagePipeline": "disagfusion.models.qwen_image",
+    "CogVideoXPipeline": "disagfusion.models.cogvideox",
+    "HunyuanVideoPipeline": "disagfusion.models.hunyuan_video",
     "DisagFusionEmulated": "disagfusion.models.emulated",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
@@ -39,6 +41,8 @@ PRESET_WRITERS: dict[str, str] = {
     "flux-tiny": "disagfusion.models.flux",
     "sana-tiny": "disagfusion.models.sana",
     "qwen-image-tiny": "disagfusion.models.qwen_image",
+    "cogvideox-tiny": "disagfusion.models.cogvideox",
+    "hunyuan-video-tiny": "disagfusion.models.hunyuan_video",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
 }

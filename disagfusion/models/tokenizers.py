@@ -1,6 +1,6 @@
 """Tokenizers of the real transformers classes for the tiny model presets, built offline.
 
-The real checkpoints' tokenizers (CLIP, T5, Gemma, Qwen2) cannot be downloaded here and no
+The real checkpoints' tokenizers (CLIP, T5, Gemma, Llama, Qwen2) cannot be downloaded here and no
 package ships them, yet the stock diffusers pipelines call them (padding, truncation, chat
 templates), so a preset needs a tokenizer of the very class its pipeline expects. Each function
 here trains a small vocabulary on ``CORPUS``, a fixed built-in set of image prompts, and lays it
@@ -11,7 +11,7 @@ Everything is deterministic: a tokenizer built in two processes saves byte-ident
 The BPE vocabularies are laid out from the merges alone (see ``_bpe_merges`` for how those are
 kept the same in every process), and the T5 one is trained single-threaded by sentencepiece.
 ``vocab_size`` is an upper bound, as in sentencepiece with ``hard_vocab_limit=False``: ``CORPUS``
-fills 1000 for CLIP, Gemma and Qwen2 but not for T5, so a model config takes ``len(tokenizer)``.
+fills 1000 for CLIP, Gemma, Llama and Qwen2 but not for T5, so a model config takes ``len(tokenizer)``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 
 import sentencepiece
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTokenizer, GemmaTokenizer, Qwen2Tokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, GemmaTokenizer, LlamaTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 _OBJECTS = (
     "cat", "dog", "horse", "fox", "owl", "rabbit", "tiger", "elephant", "whale", "butterfly",
@@ -243,6 +243,40 @@ def gemma_tokenizer(vocab_size: int = 1000) -> GemmaTokenizer:
     characters = sorted(set("".join(words)))
     vocab, merges = _vocabulary(specials + byte_tokens + characters, _bpe_merges(words, vocab_size), [], vocab_size)
     return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=8192)
+
+
+LLAMA3_HEADER_TOKENS: tuple[str, ...] = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+"""Llama 3's chat-header special tokens: HunyuanVideoPipeline's prompt template is written with them."""
+
+
+def llama_tokenizer(vocab_size: int = 1000) -> LlamaTokenizer:
+    """A Llama tokenizer as HunyuanVideo's Llama 3 text encoder is driven: the class's own
+    byte-fallback BPE (``▁`` for a space, a prefix space, ``<0xNN>`` for bytes outside the
+    vocabulary, as Llama 2's sentencepiece model; real Llama 3 is byte-level BPE instead, which
+    only changes how a prompt splits into tokens), laid out ``<unk>`` 0, ``<|begin_of_text|>`` 1,
+    ``<|end_of_text|>`` 2, the 256 byte tokens, the corpus's characters, one token per merge,
+    then ``LLAMA3_HEADER_TOKENS`` and ``<pad>`` as special tokens. ``<|begin_of_text|>`` is
+    prepended; padding is on the right, as HunyuanVideoPipeline needs (it drops the template's
+    first ``crop_start`` tokens, so they must come first)."""
+    specials = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>"]
+    after = [*LLAMA3_HEADER_TOKENS, "<pad>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    # As for Gemma: the class does not split words, but learn on words that start at "▁".
+    words = _words(None, pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True))
+    characters = sorted(set("".join(words)))
+    vocab, merges = _vocabulary(specials + byte_tokens + characters, _bpe_merges(words, vocab_size), after, vocab_size)
+    return LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<unk>",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<pad>",
+        extra_special_tokens=list(LLAMA3_HEADER_TOKENS),
+        add_bos_token=True,
+        padding_side="right",
+        model_max_length=131072,
+    )
 
 
 def qwen2_tokenizer(vocab_size: int = 1000) -> Qwen2Tokenizer:
