@@ -35,6 +35,10 @@ class InFlight:
         self._waiting: dict[int, JobSpec] = {}
         """Tasks admitted and not yet started (keyed like ``_held``)."""
         self._changed = asyncio.Event()
+        self._turns = asyncio.Lock()
+        """Pulls wait for slots in turn (asyncio.Lock is FIFO): a worker serving several models
+        has a pull loop per model, and one that has just given slots back must not take them
+        again before the loops already waiting, or a model can wait forever."""
         self._closed = False
 
     @property
@@ -57,14 +61,15 @@ class InFlight:
     async def reserve(self, most: int) -> int:
         """Wait for a free slot, then reserve every free one up to ``most`` for one pull; 0 once
         the worker stops taking work (``close``)."""
-        while not self._closed and self.free <= 0:
-            self._changed.clear()
-            await self._changed.wait()
-        if self._closed:
-            return 0
-        slots = min(self.free, most)
-        self._reserved += slots
-        return slots
+        async with self._turns:
+            while not self._closed and self.free <= 0:
+                self._changed.clear()
+                await self._changed.wait()
+            if self._closed:
+                return 0
+            slots = min(self.free, most)
+            self._reserved += slots
+            return slots
 
     def take(self, reserved: int, msgs: list[Msg]) -> None:
         """The pull for ``reserved`` slots brought ``msgs``: they are held now, and the slots

@@ -1,10 +1,11 @@
-"""Every image family through three separate service processes (one stack serving them side by
-side) makes the PNG its stock diffusers pipeline makes in-process: same prompt, seed, size,
-steps and guidance, not one pixel changed."""
+"""Every family through three separate service processes (one stack serving them side by side)
+makes the PNG, or the frames, its stock diffusers pipeline makes in-process: same prompt, seed,
+size, frames, steps and guidance, not one pixel changed."""
 
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import Launcher
 from disagfusion.models import model_directory
-from disagfusion.protocol import JobSpec
+from disagfusion.protocol import JobSpec, Result
 from disagfusion_cli import app
 from tests.integration.conftest import running_stack
 
 FAMILY_PRESETS = ["sd3-tiny", "flux-tiny", "sana-tiny", "qwen-image-tiny"]
+VIDEO_PRESETS = ["cogvideox-tiny", "hunyuan-video-tiny"]
 
 CASES = [
     # (width, height, guidance, negative prompt): guided and unguided, square and not
@@ -44,23 +46,28 @@ def specs_for(model: str) -> list[JobSpec]:
 
 @pytest.fixture(scope="module")
 def families_stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Launcher]:
-    """One fp32 stack whose encoder, dit and decoder each serve all four families."""
-    for name in FAMILY_PRESETS:  # written once here rather than raced for by three services
+    """One fp32 stack whose encoder, dit and decoder each serve every family."""
+    for name in FAMILY_PRESETS + VIDEO_PRESETS:  # written once here rather than raced for by three services
         model_directory(name, Settings(models_dir=tiny_models_dir))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DF_MODELS", ",".join(FAMILY_PRESETS))
+        mp.setenv("DF_MODELS", ",".join(FAMILY_PRESETS + VIDEO_PRESETS))
         with running_stack(tmp_path_factory.mktemp("families"), tiny_models_dir) as launcher:
             yield launcher
 
 
-async def images(launcher: Launcher, specs: list[JobSpec]) -> dict[str, np.ndarray]:
+async def outputs(launcher: Launcher, specs: list[JobSpec]) -> dict[str, Result]:
     got = {}
     async with Client(launcher.client_settings()) as client:
         async for result in client.run_many(specs, timeout=180):
             assert result.status == "ok", f"{result.job_id}: {result.error}"
-            assert result.content_type == "image/png"
-            got[result.job_id] = np.asarray(Image.open(io.BytesIO(await client.output(result))))
+            got[result.job_id] = result.model_copy(update={"data": await client.output(result)})
     return got
+
+
+async def images(launcher: Launcher, specs: list[JobSpec]) -> dict[str, np.ndarray]:
+    got = await outputs(launcher, specs)
+    assert {result.content_type for result in got.values()} == {"image/png"}
+    return {job_id: np.asarray(Image.open(io.BytesIO(result.data))) for job_id, result in got.items()}
 
 
 @pytest.mark.slow
@@ -91,3 +98,24 @@ async def test_a_bfloat16_stack_is_pixel_identical_to_the_stock_bfloat16_pipelin
     got = await images(launcher, specs)
     for spec in specs:
         np.testing.assert_array_equal(got[spec.job_id], stock_image(spec, "bfloat16"))
+
+
+@pytest.mark.slow
+async def test_every_video_family_is_frame_identical_to_its_stock_pipeline(families_stack: Launcher, stock_frames) -> None:
+    """Frames as a zip of PNGs (lossless), guided and not, two sizes and frame counts."""
+    specs = [
+        JobSpec(model=model, prompt=f"waves on a beach, take {i}", negative_prompt="blurry", seed=60 + i, steps=2,
+                width=width, height=height, frames=frames, guidance=guidance, output_format="png")
+        for model in VIDEO_PRESETS
+        for i, (width, height, frames, guidance) in enumerate([(32, 32, 9, 4.5), (48, 32, 17, 1.0)])
+    ]
+    got = await outputs(families_stack, specs)
+    for spec in specs:
+        result = got[spec.job_id]
+        assert (result.content_type, result.frames) == ("application/zip", spec.frames)
+        with zipfile.ZipFile(io.BytesIO(result.data)) as archive:
+            frames = np.stack([np.asarray(Image.open(archive.open(name))) for name in archive.namelist()])
+        expected = stock_frames(spec)
+        assert frames.shape == expected.shape == (spec.frames, spec.height, spec.width, 3)
+        differ = np.count_nonzero(frames != expected)
+        assert differ == 0, f"{spec.model} {spec.width}x{spec.height}x{spec.frames} guidance {spec.guidance}: {differ} values differ"

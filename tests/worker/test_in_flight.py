@@ -37,3 +37,16 @@ async def test_a_pull_waits_for_a_slot_and_gives_up_when_the_worker_stops() -> N
     stopping = asyncio.create_task(ledger.reserve(1))
     ledger.close()
     assert await asyncio.wait_for(stopping, 1) == 0
+
+
+async def test_pulls_take_free_slots_in_turn() -> None:
+    """One pull loop per model: a loop whose pull came back empty asks again at once, without
+    yielding; it must queue behind the loops already waiting, or a model can wait forever."""
+    ledger = InFlight(capacity=1, stage="decode", handbacks=None)
+    assert await ledger.reserve(1) == 1  # model a's loop pulls
+    waiting = asyncio.create_task(ledger.reserve(1))  # model b's loop waits for the slot
+    await asyncio.sleep(0.01)
+    ledger.take(1, [])  # a's pull brought nothing: the slot is free again
+    asyncio.get_running_loop().call_later(0.05, ledger.take, 1, [])  # b's pull, in its turn, brings nothing
+    assert await ledger.reserve(1) == 1  # a asks again at once...
+    assert waiting.done() and waiting.result() == 1  # ...and got the slot only after b
