@@ -42,3 +42,14 @@ def denoised(stages: dict[str, StageModel], spec: JobSpec) -> torch.Tensor:
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def assert_batch_like_each_alone(stages: dict[str, StageModel], specs: list[JobSpec], what: str) -> None:
+    """``specs`` run as one batch make each job's image alone within 1/255 (batched arithmetic
+    rounds differently), and no job gets another's image."""
+    batched = generate(stages, specs)
+    alone = [generate(stages, [spec])[0] for spec in specs]
+    worst = max(max_difference(a, b) for a, b in zip(batched, alone))
+    print(f"{what}: batched vs alone, max difference {worst}/255")
+    assert worst <= 1
+    assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images

@@ -19,7 +19,7 @@ from disagfusion.models import check_spec, init_preset, load_stage_model, model_
 from disagfusion.models.base import SpecError
 from disagfusion.models.family import DiffusersFamily, DiffusersStage
 from disagfusion.protocol import STAGES, JobSpec
-from tests.models.split import assert_stock_image, generate, handoff, max_difference
+from tests.models.split import assert_batch_like_each_alone, assert_stock_image, generate, handoff
 
 PRESETS = ["tiny", "sd3-tiny", "flux-tiny", "sana-tiny", "qwen-image-tiny"]
 """One preset per diffusers family."""
@@ -52,7 +52,7 @@ def job(model: str, **update) -> JobSpec:
     return base.model_copy(update=update)
 
 
-def stock_pipeline(directory: Path, **options) -> DiffusionPipeline:
+def load_stock(directory: Path, **options) -> DiffusionPipeline:
     family = model_family(directory)
     pipe = family.pipeline_type().from_pretrained(directory, **options)
     pipe.set_progress_bar_config(disable=True)
@@ -66,7 +66,7 @@ def real_layout(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
     def save(name: str) -> Path:
         directory = tmp_path_factory.mktemp("checkpoints") / name
-        pipe = stock_pipeline(model_directory(name, Settings(models_dir=tiny_models_dir)))
+        pipe = load_stock(model_directory(name, Settings(models_dir=tiny_models_dir)))
         pipe.to(torch.float16).save_pretrained(directory, variant="fp16", max_shard_size="20KB")
         index = json.loads((directory / "model_index.json").read_text())
         for component, value in index.items():
@@ -87,7 +87,7 @@ def test_a_sharded_fp16_variant_loads_per_stage(real_layout, name: str) -> None:
     settings = Settings(models_dir=directory.parent, variant="fp16")
     stages = {stage: load_stage_model(name, stage, settings) for stage in STAGES}
     [image] = generate(stages, [SPEC.model_copy(update={"model": name})])
-    stock = stock_pipeline(directory, variant="fp16", dtype=torch.float32)
+    stock = load_stock(directory, variant="fp16", dtype=torch.float32)
     family = model_family(directory)
     expected = np.array(family.stock_call(stock, SPEC).images[0])
     np.testing.assert_array_equal(image, expected)
@@ -205,12 +205,7 @@ def test_batched_jobs_match_running_each_alone(stages, model: str, guidance: flo
     for spec, together, inputs in zip(specs, denoiser.run(specs, encoded), encoded):
         [alone] = denoiser.run([spec], [inputs])
         torch.testing.assert_close(together["latents"], alone["latents"], rtol=0, atol=LATENT_ATOL[model])
-    batched = generate(stages(model), specs)
-    alone = [generate(stages(model), [spec])[0] for spec in specs]
-    worst = max(max_difference(a, b) for a, b in zip(batched, alone))
-    print(f"{model} batched vs alone, guidance {guidance}: max difference {worst}/255")
-    assert worst <= 1
-    assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images
+    assert_batch_like_each_alone(stages(model), specs, f"{model}, guidance {guidance}")
 
 
 @pytest.mark.parametrize("model", PRESETS)

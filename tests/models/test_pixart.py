@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from disagfusion.config import Settings
@@ -15,7 +14,7 @@ from disagfusion.models import check_spec, load_stage_model
 from disagfusion.models.base import SpecError
 from disagfusion.models.pixart import FAMILY
 from disagfusion.protocol import STAGES, JobSpec
-from tests.models.split import assert_stock_image, generate, max_difference
+from tests.models.split import assert_batch_like_each_alone, assert_stock_image
 
 
 @pytest.mark.parametrize(
@@ -45,12 +44,7 @@ def test_batched_jobs_match_running_each_alone_in_bfloat16(stages) -> None:
         JobSpec(prompt=prompt, negative_prompt=negative, seed=seed, steps=5, height=64, width=96, guidance=4.5)
         for prompt, negative, seed in [("a cat", "", 1), ("two dogs on a beach at noon", "ugly", 2), ("x", "", 3)]
     ]
-    batched = generate(stages("tiny", "bfloat16"), specs)
-    alone = [generate(stages("tiny", "bfloat16"), [spec])[0] for spec in specs]
-    worst = max(max_difference(a, b) for a, b in zip(batched, alone))
-    print(f"batched vs alone, bfloat16: max difference {worst}/255")
-    assert worst <= 1
-    assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images
+    assert_batch_like_each_alone(stages("tiny", "bfloat16"), specs, "pixart bfloat16")
 
 
 def test_size_multiple_comes_from_the_configs(tiny_dir: Path) -> None:
