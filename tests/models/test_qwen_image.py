@@ -49,7 +49,7 @@ def test_a_batch_denoises_exactly_as_the_stock_pipeline_on_the_same_prompts(stag
     """The denoiser pads the jobs' embeds as the stock pipeline pads a list of prompts, so its
     latents are bitwise the stock pipeline's for that list. (Compared as latents: the stock
     pipeline decodes the list as one VAE batch, which rounds differently from the decoder's one
-    job at a time; each job alone is decoded bitwise, see the test above.)"""
+    job at a time; each job alone is decoded bitwise, see test_family.)"""
     specs = [job(prompt, negative_prompt=negative, seed=seed, width=96, guidance=4.5) for prompt, negative, seed in BATCH]
     stock = stock_pipe(
         [spec.prompt for spec in specs],
