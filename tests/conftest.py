@@ -71,20 +71,28 @@ def tiny_dir(tiny_models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stock_image(tiny_models_dir: Path) -> Callable[[JobSpec, str], np.ndarray]:
-    """The image the stock diffusers pipeline of ``spec.model``'s family makes for ``spec``
-    in-process, loaded with ``from_pretrained``: what DisagFusion's split stages must reproduce."""
+def stock_pipeline(tiny_models_dir: Path) -> Callable[[str, str], tuple[DiffusersFamily, DiffusionPipeline]]:
+    """Model ``name``'s family and its stock diffusers pipeline in ``dtype``, loaded with
+    ``from_pretrained`` once per session."""
 
     @cache
-    def pipeline(model: str, dtype: str) -> tuple[DiffusersFamily, DiffusionPipeline]:
+    def pipeline(model: str, dtype: str = "float32") -> tuple[DiffusersFamily, DiffusionPipeline]:
         directory = model_directory(model, Settings(models_dir=tiny_models_dir))
         family = model_family(directory)
         pipe = family.pipeline_type().from_pretrained(directory, dtype=getattr(torch, dtype))
         pipe.set_progress_bar_config(disable=True)
         return family, pipe
 
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def stock_image(stock_pipeline) -> Callable[[JobSpec, str], np.ndarray]:
+    """The image the stock diffusers pipeline of ``spec.model``'s family makes for ``spec``
+    in-process, loaded with ``from_pretrained``: what DisagFusion's split stages must reproduce."""
+
     def image(spec: JobSpec, dtype: str = "float32") -> np.ndarray:
-        family, pipe = pipeline(spec.model, dtype)
+        family, pipe = stock_pipeline(spec.model, dtype)
         return np.array(family.stock_call(pipe, spec).images[0])
 
     image.pipeline = pipeline

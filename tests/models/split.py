@@ -4,6 +4,7 @@ byte boundary (as through any transport) before the next stage takes them."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from disagfusion.models.base import StageModel, Tensors
 from disagfusion.protocol import STAGES, JobSpec
@@ -24,3 +25,31 @@ def generate(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[np.nda
     for stage in STAGES:
         tensors = [handoff(t) for t in stages[stage].run(specs, tensors)]
     return [t["image"].numpy() for t in tensors]
+
+
+def assert_stock_image(stages: dict[str, StageModel], spec: JobSpec, expected: np.ndarray) -> None:
+    """The split stages make ``expected`` (the stock pipeline's image for ``spec``), bit for bit."""
+    [image] = generate(stages, [spec])
+    assert image.dtype == np.uint8 and image.shape == (spec.height, spec.width, 3)
+    np.testing.assert_array_equal(image, expected)
+
+
+def denoised(stages: dict[str, StageModel], spec: JobSpec) -> torch.Tensor:
+    """The latents the denoiser hands on for ``spec`` alone."""
+    [latents] = stages["denoise"].run([spec], [handoff(t) for t in stages["encode"].run([spec], [{}])])
+    return latents["latents"]
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def assert_batch_like_each_alone(stages: dict[str, StageModel], specs: list[JobSpec], what: str) -> None:
+    """``specs`` run as one batch make each job's image alone within 1/255 (batched arithmetic
+    rounds differently), and no job gets another's image."""
+    batched = generate(stages, specs)
+    alone = [generate(stages, [spec])[0] for spec in specs]
+    worst = max(max_difference(a, b) for a, b in zip(batched, alone))
+    print(f"{what}: batched vs alone, max difference {worst}/255")
+    assert worst <= 1
+    assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images
