@@ -95,16 +95,15 @@ def stock_image(stock_pipeline) -> Callable[[JobSpec, str], np.ndarray]:
         family, pipe = stock_pipeline(spec.model, dtype)
         return np.array(family.stock_call(pipe, spec).images[0])
 
-    image.pipeline = pipeline
     return image
 
 
 @pytest.fixture(scope="session")
-def stock_frames(stock_image) -> Callable[[JobSpec, str], np.ndarray]:
+def stock_frames(stock_pipeline) -> Callable[[JobSpec, str], np.ndarray]:
     """The frames [F, H, W, 3] the stock pipeline of a video family makes for ``spec`` in-process."""
 
     def frames(spec: JobSpec, dtype: str = "float32") -> np.ndarray:
-        family, pipe = stock_image.pipeline(spec.model, dtype)
+        family, pipe = stock_pipeline(spec.model, dtype)
         return np.stack([np.array(frame) for frame in family.stock_call(pipe, spec).frames[0]])
 
     return frames
