@@ -56,6 +56,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread here and in every service a test starts (DF_TORCH_THREADS): the tiny
+    models gain nothing from threads, spinning threads slow a shared CPU down, and a reference
+    image computed here must use the thread count of the services it is compared with (float
+    sums split over threads round differently)."""
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DF_TORCH_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models directory holding the tiny preset, written once per test session; any other

@@ -5,18 +5,11 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-import torch
 
 from disagfusion.config import Settings
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel
 from disagfusion.protocol import STAGES
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread() -> None:
-    """The tiny models gain nothing from threads, and on a shared CPU spinning threads slow them down."""
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
