@@ -135,8 +135,8 @@ def init_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
 ) -> None:
     """Write a built-in preset: a diffusers directory with seeded weights (tiny and small are
-    PixArt-Sigma; sd3-tiny, flux-tiny, sana-tiny, qwen-image-tiny the other families), or an
-    emulated accelerator with its cost profile (emulated, emulated-video). No download."""
+    PixArt-Sigma; each <family>-tiny preset a tiny model of another family), or an emulated
+    accelerator with its cost profile (emulated, emulated-video). No download."""
     if name not in PRESET_WRITERS:
         fail(f"unknown preset {name!r}; presets: {', '.join(PRESET_WRITERS)}")
     if directory.exists():
