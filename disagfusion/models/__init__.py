@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "QwenImagePipeline": "disagfusion.models.qwen_image",
     "CogVideoXPipeline": "disagfusion.models.cogvideox",
     "HunyuanVideoPipeline": "disagfusion.models.hunyuan_video",
+    "WanPipeline": "disagfusion.models.wan",
     "DisagFusionEmulated": "disagfusion.models.emulated",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
@@ -43,6 +44,7 @@ PRESET_WRITERS: dict[str, str] = {
     "qwen-image-tiny": "disagfusion.models.qwen_image",
     "cogvideox-tiny": "disagfusion.models.cogvideox",
     "hunyuan-video-tiny": "disagfusion.models.hunyuan_video",
+    "wan-tiny": "disagfusion.models.wan",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
 }
