@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "CogVideoXPipeline": "disagfusion.models.cogvideox",
     "HunyuanVideoPipeline": "disagfusion.models.hunyuan_video",
     "WanPipeline": "disagfusion.models.wan",
+    "LTXPipeline": "disagfusion.models.ltx",
     "DisagFusionEmulated": "disagfusion.models.emulated",
 }
 """Pipeline class name (``model_index.json`` ``_class_name``) -> the module of its family."""
@@ -45,6 +46,7 @@ PRESET_WRITERS: dict[str, str] = {
     "cogvideox-tiny": "disagfusion.models.cogvideox",
     "hunyuan-video-tiny": "disagfusion.models.hunyuan_video",
     "wan-tiny": "disagfusion.models.wan",
+    "ltx-tiny": "disagfusion.models.ltx",
     "emulated": "disagfusion.models.emulated",
     "emulated-video": "disagfusion.models.emulated",
 }
