@@ -8,7 +8,7 @@ Tensors per job: encode -> ``prompt_embeds`` [1, 128, T5 width], ``prompt_attent
 denoise -> ``latents`` as the pipeline keeps them: packed [1, F'·H'·W' (patches), C·p_t·p·p] and
 still normalised; decode -> ``video`` uint8 [frames, H, W, 3] and ``image`` (its first frame).
 
-The reference is ``stock_call``; the split stages are bitwise equal to it in float32. What they
+The reference is ``stock_call``; the split stages are bitwise equal to it in float32 and bfloat16. What they
 must match in it:
 - built without a VAE, the pipeline assumes 32× / 8× compression, and without a transformer 1×1
   patches: each stage sets them from the configs (``prepare``); the denoiser needs the real

@@ -7,7 +7,7 @@ zeros) and, when guided, ``negative_prompt_embeds``; denoise -> ``latents`` as t
 them, channels first: [1, C, (frames - 1) / 4 + 1, H/8, W/8], still normalised; decode ->
 ``video`` uint8 [frames, H, W, 3] and ``image`` (its first frame).
 
-The reference is ``stock_call``; the split stages are bitwise equal to it in float32. What they
+The reference is ``stock_call``; the split stages are bitwise equal to it in float32 and bfloat16. What they
 must match in it:
 - decode is the pipeline's arithmetic exactly, ``latents / (1 / std) + mean`` (not
   ``latents * std + mean``), then its ``VideoProcessor``.

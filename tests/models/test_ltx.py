@@ -180,3 +180,13 @@ def test_preset_is_the_same_bytes_when_built_again(directory: Path, tmp_path: Pa
         return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
     assert file_bytes(init_model(MODEL, tmp_path / MODEL)) == file_bytes(directory)
+
+
+def test_bfloat16_split_run_is_pixel_identical_to_the_stock_pipeline(tiny_models_dir: Path, directory: Path) -> None:
+    settings = Settings(models_dir=tiny_models_dir, dtype="bfloat16")
+    stages = {stage: load_stage_model(MODEL, stage, settings) for stage in STAGES}
+    stock = LTXPipeline.from_pretrained(directory, dtype=torch.bfloat16)
+    stock.set_progress_bar_config(disable=True)
+    spec = job(width=64, frames=9, guidance=5.0)
+    [out] = generate(stages, [spec])
+    np.testing.assert_array_equal(out["video"], np.stack([np.array(f) for f in FAMILY.stock_call(stock, spec).frames[0]]))
