@@ -292,7 +292,9 @@ class Result(Message):
     frames: int | None = None
     """For a video: how many frames the output holds."""
     fps: float | None = None
-    """For a video: its frame rate; ``frames / fps`` is its duration."""
+    """For a video: its frame rate."""
+    duration_s: float | None = None
+    """For a video: how long it plays, ``frames / fps``."""
     timings: dict[str, float] = Field(default_factory=dict)
     batch_sizes: dict[str, int] = Field(default_factory=dict)
     submitted_at: float | None = None

@@ -29,9 +29,9 @@ class DecoderWorker(StageWorker):
             name = output_object_name(spec.job_id, encoded.extension)
             await self.outputs.put(name, encoded.data)
             where = {"object_name": name}
-        video = frames.shape[0] > 1
+        count = frames.shape[0]
+        video = {"frames": count, "fps": fps, "duration_s": count / fps} if count > 1 else {}
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
-                           height=frames.shape[1], width=frames.shape[2], frames=frames.shape[0] if video else None,
-                           fps=fps if video else None, **where)
+                           height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done")
         await self.publish_result(result)

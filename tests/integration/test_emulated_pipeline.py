@@ -53,7 +53,7 @@ async def test_a_video_job_gets_every_frame_in_the_format_it_asks_for(start_stac
     mp4, webp, png = (results[spec.job_id] for spec in specs)
     for result in (mp4, webp, png):
         assert result.status == "ok", result.error
-        assert (result.frames, result.width, result.height, result.fps) == (9, 64, 32, 8.0)
+        assert (result.frames, result.width, result.height, result.fps, result.duration_s) == (9, 64, 32, 8.0, 1.125)
     assert (mp4.content_type, webp.content_type, png.content_type) == ("video/mp4", "image/webp", "application/zip")
     animated = Image.open(io.BytesIO(data[webp.job_id]))
     lossless = []
