@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/compose
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench
+
+# The benchmarks' quick runs (each script end to end, about 4 minutes): CI runs them after `test`.
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest -q tests/bench
 
 demo: $(STAMP)
 	bash examples/demo.sh
