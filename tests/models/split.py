@@ -53,3 +53,18 @@ def assert_batch_like_each_alone(stages: dict[str, StageModel], specs: list[JobS
     print(f"{what}: batched vs alone, max difference {worst}/255")
     assert worst <= 1
     assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images
+
+
+def generate_video(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[dict[str, np.ndarray]]:
+    """What the split stages of a video family make for ``specs`` run as one batch: each job's
+    outputs by name (``video`` [F, H, W, 3], ``image`` its first frame)."""
+    tensors: list[Tensors] = [{} for _ in specs]
+    for stage in STAGES:
+        tensors = [handoff(t) for t in stages[stage].run(specs, tensors)]
+    return [{name: t.numpy() for name, t in job.items()} for job in tensors]
+
+
+def frames(stages: dict[str, StageModel], spec: JobSpec) -> np.ndarray:
+    """The frames [F, H, W, 3] the split stages make for ``spec`` alone."""
+    [out] = generate_video(stages, [spec])
+    return out["video"]
