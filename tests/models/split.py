@@ -4,9 +4,12 @@ byte boundary (as through any transport) before the next stage takes them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from disagfusion.models.base import StageModel, Tensors
+from disagfusion.config import Settings
+from disagfusion.models import check_spec
+from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.protocol import STAGES, JobSpec
 from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
 
@@ -68,3 +71,14 @@ def frames(stages: dict[str, StageModel], spec: JobSpec) -> np.ndarray:
     """The frames [F, H, W, 3] the split stages make for ``spec`` alone."""
     [out] = generate_video(stages, [spec])
     return out["video"]
+
+
+def assert_refused(stages: dict[str, StageModel], spec: JobSpec, field: str, settings: Settings) -> None:
+    """Every stage, and ``check_spec`` before any is loaded, refuse ``spec`` naming ``field``."""
+    for stage in stages.values():
+        with pytest.raises(SpecError) as error:
+            stage.check(spec)
+        assert error.value.field == field
+    with pytest.raises(SpecError) as error:
+        check_spec(spec, settings)
+    assert error.value.field == field
