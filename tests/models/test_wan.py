@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from disagfusion.config import Settings
-from disagfusion.models import model_directory
+from disagfusion.models import load_stage_model, model_directory
 from disagfusion.models.wan import FAMILY
 from disagfusion.protocol import JobSpec
 
@@ -27,9 +27,10 @@ def job(**update) -> JobSpec:
     return base.model_copy(update=update)
 
 
-def test_encoder_pads_with_zeros(stages) -> None:
+def test_encoder_pads_with_zeros(tiny_models_dir: Path) -> None:
     """512 UMT5 tokens (the stock call's default): a short prompt's are zero-padded."""
-    [unguided] = stages(MODEL)["encode"].run([job(prompt="short")], [{}])
+    encoder = load_stage_model(MODEL, "encode", Settings(models_dir=tiny_models_dir))
+    [unguided] = encoder.run([job(prompt="short")], [{}])
     assert unguided["prompt_embeds"].shape == (1, 512, 32)
     assert not unguided["prompt_embeds"][0, -1].any()
 
