@@ -112,8 +112,10 @@ def stock_image(stock_pipeline) -> Callable[[JobSpec, str], np.ndarray]:
 
 @pytest.fixture(scope="session")
 def stock_frames(stock_pipeline) -> Callable[[JobSpec, str], np.ndarray]:
-    """The frames [F, H, W, 3] the stock pipeline of a video family makes for ``spec`` in-process."""
+    """The frames [F, H, W, 3] the stock pipeline of a video family makes for ``spec`` in-process,
+    computed once per (spec, dtype) a session (the arrays are shared: do not write to them)."""
 
+    @cache
     def frames(spec: JobSpec, dtype: str = "float32") -> np.ndarray:
         family, pipe = stock_pipeline(spec.model, dtype)
         return np.stack([np.array(frame) for frame in family.stock_call(pipe, spec).frames[0]])

@@ -4,9 +4,12 @@ byte boundary (as through any transport) before the next stage takes them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from disagfusion.models.base import StageModel, Tensors
+from disagfusion.config import Settings
+from disagfusion.models import check_spec
+from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.protocol import STAGES, JobSpec
 from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer
 
@@ -53,3 +56,29 @@ def assert_batch_like_each_alone(stages: dict[str, StageModel], specs: list[JobS
     print(f"{what}: batched vs alone, max difference {worst}/255")
     assert worst <= 1
     assert not np.array_equal(batched[0], batched[2])  # the jobs did not get one another's images
+
+
+def generate_video(stages: dict[str, StageModel], specs: list[JobSpec]) -> list[dict[str, np.ndarray]]:
+    """What the split stages of a video family make for ``specs`` run as one batch: each job's
+    outputs by name (``video`` [F, H, W, 3], ``image`` its first frame)."""
+    tensors: list[Tensors] = [{} for _ in specs]
+    for stage in STAGES:
+        tensors = [handoff(t) for t in stages[stage].run(specs, tensors)]
+    return [{name: t.numpy() for name, t in job.items()} for job in tensors]
+
+
+def frames(stages: dict[str, StageModel], spec: JobSpec) -> np.ndarray:
+    """The frames [F, H, W, 3] the split stages make for ``spec`` alone."""
+    [out] = generate_video(stages, [spec])
+    return out["video"]
+
+
+def assert_refused(stages: dict[str, StageModel], spec: JobSpec, field: str, settings: Settings) -> None:
+    """Every stage, and ``check_spec`` before any is loaded, refuse ``spec`` naming ``field``."""
+    for stage in stages.values():
+        with pytest.raises(SpecError) as error:
+            stage.check(spec)
+        assert error.value.field == field
+    with pytest.raises(SpecError) as error:
+        check_spec(spec, settings)
+    assert error.value.field == field
