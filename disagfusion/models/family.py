@@ -17,6 +17,7 @@ import importlib
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -256,6 +257,14 @@ def generators(specs: list[JobSpec]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(spec.seed) for spec in specs]
 
 
+def denoise_arguments(specs: list[JobSpec]) -> dict[str, Any]:
+    """What every stock pipeline is told to denoise a batch of one ``shape_key`` and stop at the
+    latents, with one generator per job."""
+    spec = specs[0]
+    return dict(num_inference_steps=spec.steps, height=spec.height, width=spec.width,
+                generator=generators(specs), output_type="latent")
+
+
 def stacked(inputs: list[Tensors], name: str, device: torch.device | str) -> torch.Tensor | None:
     """Tensor ``name`` of every job, concatenated along the batch; None if the jobs lack it."""
     if name not in inputs[0]:
@@ -275,6 +284,17 @@ def with_negatives(specs: list[JobSpec], positives: dict[str, torch.Tensor], neg
     jobs = per_job(positives, len(specs))
     negative = per_job(negatives, len(specs))
     return [job | neg if spec.guided else job for spec, job, neg in zip(specs, jobs, negative)]
+
+
+def add_negatives(specs: list[JobSpec], jobs: list[Tensors], encode: Callable[[list[str]], list[Tensors]]) -> list[Tensors]:
+    """Add to ``jobs`` the negatives of the guided jobs only, encoded in one call as the stock
+    pipelines encode a list of negative prompts (for families whose encoder takes the negatives
+    in a call of their own)."""
+    guided = [i for i, spec in enumerate(specs) if spec.guided]
+    if guided:
+        for i, negative in zip(guided, encode([specs[i].negative_prompt for i in guided])):
+            jobs[i] |= negative
+    return jobs
 
 
 def step_reporter(on_step: StepCallback, total: int):

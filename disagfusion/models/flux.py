@@ -28,7 +28,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
+    DiffusersFamily, ImageGeometry, add_negatives, denoise_arguments, image_pixels, per_job, scheduler_config,
+    stacked, step_reporter,
 )
 from disagfusion.models.tokenizers import clip_tokenizer, t5_tokenizer
 from disagfusion.protocol import JobSpec
@@ -81,27 +82,19 @@ class FluxFamily(DiffusersFamily):
     def encode(self, pipe: FluxPipeline, specs: list[JobSpec]) -> list[Tensors]:
         # The stock pipeline encodes prompts and negative prompts in two calls; so does this,
         # with the negatives of the guided jobs only.
-        embeds, pooled, _ = pipe.encode_prompt(
-            [spec.prompt for spec in specs], device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
-        jobs = per_job({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, len(specs))
-        guided = [i for i, spec in enumerate(specs) if spec.guided]
-        if guided:
-            negative_embeds, negative_pooled, _ = pipe.encode_prompt(
-                [specs[i].negative_prompt for i in guided], device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-            )
-            negatives = per_job(
-                {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}, len(guided)
-            )
-            for i, negative in zip(guided, negatives):
-                jobs[i] |= negative
-        return jobs
+        def encoded(prompts: list[str], prefix: str = "") -> list[Tensors]:
+            embeds, pooled, _ = pipe.encode_prompt(prompts, device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            return per_job({f"{prefix}prompt_embeds": embeds, f"{prefix}pooled_prompt_embeds": pooled}, len(prompts))
+
+        jobs = encoded([spec.prompt for spec in specs])
+        return add_negatives(specs, jobs, lambda negatives: encoded(negatives, prefix="negative_"))
 
     def denoise(self, pipe: FluxPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         # The jobs of a batch share guidance (it is in shape_key): all carry negatives, or none.
         # Without negatives true CFG is off whatever true_cfg_scale says.
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             pooled_prompt_embeds=stacked(inputs, "pooled_prompt_embeds", pipe.device),
@@ -109,11 +102,6 @@ class FluxFamily(DiffusersFamily):
             negative_pooled_prompt_embeds=stacked(inputs, "negative_pooled_prompt_embeds", pipe.device),
             true_cfg_scale=spec.guidance,
             guidance_scale=spec.embedded_guidance,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).images

@@ -52,7 +52,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 from disagfusion.config import Settings
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, VideoGeometry, generators, per_job, scheduler_config, stacked, step_reporter, video_pixels,
+    DiffusersFamily, VideoGeometry, add_negatives, denoise_arguments, per_job, scheduler_config, stacked,
+    step_reporter, video_pixels,
 )
 from disagfusion.models.tokenizers import clip_tokenizer, llama_tokenizer
 from disagfusion.protocol import JobSpec
@@ -138,18 +139,14 @@ class HunyuanVideoFamily(DiffusersFamily):
         # The stock pipeline encodes prompts and negative prompts in two calls; so does this,
         # with the negatives of the guided jobs only.
         jobs = self._encode(pipe, [spec.prompt for spec in specs])
-        guided = [i for i, spec in enumerate(specs) if spec.guided]
-        if guided:
-            negatives = self._encode(pipe, [specs[i].negative_prompt for i in guided], prefix="negative_")
-            for i, negative in zip(guided, negatives):
-                jobs[i] |= negative
-        return jobs
+        return add_negatives(specs, jobs, lambda negatives: self._encode(pipe, negatives, prefix="negative_"))
 
     def denoise(self, pipe: HunyuanVideoPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         # The jobs of a batch share guidance (it is in shape_key): all carry negatives, or none.
         # Without negatives true CFG is off whatever true_cfg_scale says.
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             pooled_prompt_embeds=stacked(inputs, "pooled_prompt_embeds", pipe.device),
@@ -160,11 +157,6 @@ class HunyuanVideoFamily(DiffusersFamily):
             true_cfg_scale=spec.guidance,
             guidance_scale=spec.embedded_guidance,
             num_frames=spec.frames,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).frames

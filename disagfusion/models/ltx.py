@@ -51,8 +51,8 @@ from transformers import T5Config, T5EncoderModel
 from disagfusion.config import Settings
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, VideoGeometry, generators, per_job, scheduler_config, stacked, step_reporter, video_pixels,
-    with_negatives,
+    DiffusersFamily, VideoGeometry, denoise_arguments, per_job, scheduler_config, stacked, step_reporter,
+    video_pixels, with_negatives,
 )
 from disagfusion.models.tokenizers import t5_tokenizer
 from disagfusion.protocol import JobSpec
@@ -147,6 +147,7 @@ class LTXFamily(DiffusersFamily):
     def denoise(self, pipe: LTXPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             negative_prompt=None,  # the embeds below stand for it
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
@@ -155,12 +156,7 @@ class LTXFamily(DiffusersFamily):
             negative_prompt_attention_mask=stacked(inputs, "negative_prompt_attention_mask", pipe.device),
             guidance_scale=spec.guidance,
             num_frames=spec.frames,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
             frame_rate=FRAME_RATE,
-            generator=generators(specs),
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).frames

@@ -20,7 +20,8 @@ from disagfusion.config import Settings
 from disagfusion.engram.module import attach_engram
 from disagfusion.models.base import StepCallback, Tensors
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, with_negatives,
+    DiffusersFamily, ImageGeometry, denoise_arguments, image_pixels, per_job, scheduler_config, stacked,
+    with_negatives,
 )
 from disagfusion.protocol import JobSpec
 
@@ -91,18 +92,14 @@ class PixArtFamily(DiffusersFamily):
     def denoise(self, pipe: PixArtSigmaPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             negative_prompt=None,
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             prompt_attention_mask=stacked(inputs, "prompt_attention_mask", pipe.device),
             negative_prompt_embeds=stacked(inputs, "negative_prompt_embeds", pipe.device),
             negative_prompt_attention_mask=stacked(inputs, "negative_prompt_attention_mask", pipe.device),
-            num_inference_steps=spec.steps,
             guidance_scale=spec.guidance,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             use_resolution_binning=False,
             clean_caption=False,
             callback=lambda step_index, timestep, latents: on_step(step_index + 1, spec.steps),

@@ -50,7 +50,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter,
+    DiffusersFamily, ImageGeometry, add_negatives, denoise_arguments, image_pixels, per_job, scheduler_config,
+    stacked, step_reporter,
 )
 from disagfusion.models.tokenizers import qwen2_tokenizer
 from disagfusion.protocol import JobSpec
@@ -95,18 +96,12 @@ class QwenImageFamily(DiffusersFamily):
     def encode(self, pipe: QwenImagePipeline, specs: list[JobSpec]) -> list[Tensors]:
         # One text-encoder call for all prompts and one for the negatives of the guided jobs, as
         # the stock pipeline encodes a list of prompts.
-        embeds, mask = pipe.encode_prompt(
-            [spec.prompt for spec in specs], device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
-        jobs = [{"prompt_embeds": e} for e in unpadded(embeds, mask)]
-        guided = [i for i, spec in enumerate(specs) if spec.guided]
-        if guided:
-            negative, negative_mask = pipe.encode_prompt(
-                [specs[i].negative_prompt for i in guided], device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-            )
-            for i, e in zip(guided, unpadded(negative, negative_mask)):
-                jobs[i]["negative_prompt_embeds"] = e
-        return jobs
+        def encoded(prompts: list[str], name: str) -> list[Tensors]:
+            embeds, mask = pipe.encode_prompt(prompts, device=pipe.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            return [{name: e} for e in unpadded(embeds, mask)]
+
+        jobs = encoded([spec.prompt for spec in specs], "prompt_embeds")
+        return add_negatives(specs, jobs, lambda negatives: encoded(negatives, "negative_prompt_embeds"))
 
     def denoise(self, pipe: QwenImagePipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]  # one shape_key: same size, steps and guidance for all
@@ -115,6 +110,7 @@ class QwenImageFamily(DiffusersFamily):
         if spec.guided:
             negative, negative_mask = padded([job["negative_prompt_embeds"] for job in inputs], pipe.device)
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             negative_prompt=None,
             prompt_embeds=embeds,
@@ -122,12 +118,7 @@ class QwenImageFamily(DiffusersFamily):
             negative_prompt_embeds=negative,
             negative_prompt_embeds_mask=negative_mask,
             true_cfg_scale=spec.guidance,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
         ).images
         return per_job({"latents": latents}, len(specs))

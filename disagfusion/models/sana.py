@@ -27,7 +27,8 @@ from transformers import Gemma2Config, Gemma2Model
 
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter, with_negatives,
+    DiffusersFamily, ImageGeometry, denoise_arguments, image_pixels, per_job, scheduler_config, stacked,
+    step_reporter, with_negatives,
 )
 from disagfusion.models.tokenizers import gemma_tokenizer
 from disagfusion.protocol import JobSpec
@@ -96,18 +97,14 @@ class SanaFamily(DiffusersFamily):
     def denoise(self, pipe: SanaPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             negative_prompt=None,  # the embeds below stand for it
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             prompt_attention_mask=stacked(inputs, "prompt_attention_mask", pipe.device),
             negative_prompt_embeds=stacked(inputs, "negative_prompt_embeds", pipe.device),
             negative_prompt_attention_mask=stacked(inputs, "negative_prompt_attention_mask", pipe.device),
-            num_inference_steps=spec.steps,
             guidance_scale=spec.guidance,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             use_resolution_binning=False,
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,

@@ -33,7 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from disagfusion.config import Settings
 from disagfusion.models.base import SpecError, StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, ImageGeometry, generators, image_pixels, per_job, scheduler_config, stacked, step_reporter, with_negatives,
+    DiffusersFamily, ImageGeometry, denoise_arguments, image_pixels, per_job, scheduler_config, stacked,
+    step_reporter, with_negatives,
 )
 from disagfusion.models.tokenizers import clip_tokenizer, t5_tokenizer
 from disagfusion.protocol import JobSpec
@@ -122,17 +123,13 @@ class SD3Family(DiffusersFamily):
     def denoise(self, pipe: StableDiffusion3Pipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             pooled_prompt_embeds=stacked(inputs, "pooled_prompt_embeds", pipe.device),
             negative_prompt_embeds=stacked(inputs, "negative_prompt_embeds", pipe.device),
             negative_pooled_prompt_embeds=stacked(inputs, "negative_pooled_prompt_embeds", pipe.device),
-            num_inference_steps=spec.steps,
             guidance_scale=spec.guidance,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).images

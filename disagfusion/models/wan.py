@@ -40,8 +40,8 @@ from transformers import UMT5Config, UMT5EncoderModel
 from disagfusion.config import Settings
 from disagfusion.models.base import StepCallback, Tensors, seeded, write_preset
 from disagfusion.models.family import (
-    DiffusersFamily, VideoGeometry, generators, per_job, scheduler_config, stacked, step_reporter, video_pixels,
-    with_negatives,
+    DiffusersFamily, VideoGeometry, denoise_arguments, per_job, scheduler_config, stacked, step_reporter,
+    video_pixels, with_negatives,
 )
 from disagfusion.models.tokenizers import t5_tokenizer
 from disagfusion.protocol import JobSpec
@@ -108,17 +108,13 @@ class WanFamily(DiffusersFamily):
     def denoise(self, pipe: WanPipeline, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback) -> list[Tensors]:
         spec = specs[0]
         latents = pipe(
+            **denoise_arguments(specs),
             prompt=None,
             negative_prompt=None,  # the embeds below stand for it
             prompt_embeds=stacked(inputs, "prompt_embeds", pipe.device),
             negative_prompt_embeds=stacked(inputs, "negative_prompt_embeds", pipe.device),
             guidance_scale=spec.guidance,
             num_frames=spec.frames,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
-            generator=generators(specs),
-            output_type="latent",
             callback_on_step_end=step_reporter(on_step, spec.steps),
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).frames
