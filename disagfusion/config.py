@@ -85,6 +85,13 @@ class ModelSettings(BaseSettings):
     variant: str = ""
     """Weight files to load where a checkpoint has several (``fp16`` reads
     ``*.fp16.safetensors``); empty: the plain files."""
+    vae_tiling: bool = False
+    """Decode in overlapping spatial tiles (the VAE's own ``enable_tiling``): the decoder's memory
+    stays bounded for large images and long videos, and the frames differ from an untiled decode
+    by the bound docs/models.md states. Off: decoded frames are the stock pipeline's, bit for bit."""
+    vae_tile_size: int = Field(default=0, ge=0)
+    """Tile edge in pixels when ``vae_tiling`` is on (a multiple of the VAE's scale factor); tiles
+    overlap by a quarter. 0: the VAE's own default (256 to 512 pixels, per family)."""
     emulated_speed: float = Field(default=1.0, gt=0)
     """Speed factor of emulated accelerators (model family ``emulated``): 2.0 halves every
     profiled service time, for heterogeneous pools."""
