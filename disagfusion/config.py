@@ -34,6 +34,11 @@ class BusSettings(BaseSettings):
     model_config = _ENV
 
     nats_url: str = "nats://127.0.0.1:4222"
+    """One server, or the comma-separated nodes of a cluster (a client fails over between them)."""
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    """Copies JetStream keeps of every stream and bucket this creates: 3 on a three-node cluster,
+    so a node can die without losing a task or a result (docs/deploy.md). Existing streams keep
+    theirs."""
     results_max_age_s: int = Field(default=24 * 3600, ge=1)
     """Results (and their large outputs) are kept this long."""
     heartbeat_s: float = Field(default=5.0, gt=0)

@@ -180,7 +180,7 @@ class StageWorker:
         for name in self.model_names:
             self.models[name] = await self._load(name)
         self._bus = await bus.connect(self.settings, self.name)
-        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js))
+        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, self.settings.stream_replicas))
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
