@@ -86,16 +86,28 @@ def test_settings_images_and_ports_match_compose(rendered) -> None:
     settings = find(objects, "ConfigMap", "disagfusion-env")["data"]
     stage_env = COMPOSE["x-stage"]["environment"]
     assert set(stage_env) <= set(settings), "a stage setting of compose.yaml is missing from the ConfigMap"
+    assert settings["DF_REDIS_URL"].startswith("redis://redis:6379")
     for host, port in (("nats", 4222), ("redis", 6379)):
-        url = settings[f"DF_{host.upper()}_URL"]
-        assert url.startswith(f"{'nats' if host == 'nats' else 'redis'}://{host}:{port}")
         assert port in [p["port"] for p in find(objects, "Service", host)["spec"]["ports"]]
         [container] = find(objects, "StatefulSet", host)["spec"]["template"]["spec"]["containers"]
         assert container["image"] == defaults(COMPOSE["services"][host]["image"])
         assert port in [p["containerPort"] for p in container["ports"]]
     nats = find(objects, "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]
-    assert nats["args"] == defaults(COMPOSE["services"]["nats"]["command"])
+    command = defaults(COMPOSE["services"]["nats"]["command"])
+    assert nats["args"][:len(command)] == command
     assert 8222 in [p["port"] for p in find(objects, "Service", "nats")["spec"]["ports"]]
+
+
+def test_nats_is_a_three_node_cluster_that_keeps_every_stream_on_each(rendered) -> None:
+    overlay, objects = rendered
+    statefulset = find(objects, "StatefulSet", "nats")
+    nodes = [f"nats-{i}.nats" for i in range(statefulset["spec"]["replicas"])]
+    assert len(nodes) == 3 and find(objects, "Service", "nats")["spec"]["clusterIP"] == "None"
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--routes") + 1].split(",") == [f"nats://{node}:6222" for node in nodes]
+    settings = find(objects, "ConfigMap", "disagfusion-env")["data"]
+    assert settings["DF_NATS_URL"].split(",") == [f"nats://{node}:4222" for node in nodes]
+    assert settings["DF_STREAM_REPLICAS"] == "3"
 
 
 def test_stage_pods_drain_within_their_grace_and_have_memory_shm(rendered) -> None:
@@ -147,4 +159,4 @@ def test_keda_scales_each_stage_on_its_real_consumers_instead_of_the_scheduler()
         assert {t["type"] for t in triggers} == {"nats-jetstream"}
         assert {t["metadata"]["stream"] for t in triggers} == {WORK_STREAM}
         assert sorted(t["metadata"]["consumer"] for t in triggers) == sorted(consumer_name(stage, m) for m in models)
-        assert all(t["metadata"]["natsServerMonitoringEndpoint"].startswith("nats.disagfusion.svc") for t in triggers)
+        assert all(t["metadata"]["natsServerMonitoringEndpoint"].startswith("nats-0.nats.disagfusion.svc") for t in triggers)
