@@ -32,6 +32,8 @@ def plan(
     policy: Annotated[str, typer.Option(help="hybrid, predictor, lag, threshold or static")] = "hybrid",
     profiles: Annotated[list[Path] | None, typer.Option("--profile", help="Cost profile files or folders (default DF_PROFILES_DIR)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    baseline: Annotated[str | None, typer.Option(help="Also serve the trace another way and compare: monolithic "
+                                                      "(a whole pipeline per device, offloading where memory is short)")] = None,
 ) -> None:
     """Size a fleet for a trace: run it through the scheduler in a discrete-event simulation
     (simulated time, instances batching as this environment's stage settings say) and print
@@ -48,8 +50,9 @@ def plan(
             pool_text=pool,
             policy=policy,
             memory=fleet_memory(sorted({entry.spec.model for entry in jobs}), loaded, Settings()),
+            baseline=baseline,
         )
-    except PlacementError as exc:
+    except (PlacementError, ValueError) as exc:
         fail(str(exc))
     if json_output:
         typer.echo(report.model_dump_json(indent=2))
@@ -71,6 +74,17 @@ def print_report(report: PlanReport) -> None:
     for p in [*report.phases, report.overall]:
         phases.add_row(p.phase, str(p.jobs), str(p.completed), f"{p.throughput:.3g}", f"{p.p50_s:.3g}", f"{p.p95_s:.3g}", f"{p.slo:.0%}")
     console.print(phases)
+    if report.baseline is not None:
+        base = report.baseline
+        compare = Table("mode", "throughput (jobs/s)", "p50 (s)", "p95 (s)", "offloads",
+                        title=f"Against the {base.mode} baseline (same trace, same pool, simulated)")
+        compare.add_row("disaggregated", f"{report.overall.throughput:.3g}", f"{report.overall.p50_s:.3g}",
+                        f"{report.overall.p95_s:.3g}", "none: stages only where they fit")
+        compare.add_row(base.mode, f"{base.overall.throughput:.3g}", f"{base.overall.p50_s:.3g}", f"{base.overall.p95_s:.3g}",
+                        ", ".join(f"{name}: {'+'.join(stages)}" for name, stages in base.offloaded.items() if stages) or "none")
+        console.print(compare)
+        console.print(f"throughput {base.throughput_ratio:.2f}x the {base.mode} baseline's; p95 latency "
+                      f"{base.p95_ratio:.2f}x lower")
     errors = Table("model/stage", "predictor error (running)", title="Predictor")
     for key, error in report.predictor_error.items():
         errors.add_row(key, "-" if error is None else f"{error:.1%}")

@@ -16,6 +16,7 @@ from disagfusion.memory import GB, StageMemory
 from disagfusion.protocol import STAGES
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import Controller
+from services.scheduler.monolithic import Offload, offloaded, simulate_monolithic
 from services.scheduler.policies import Policy, Scheduled, make_policy
 from services.scheduler.pool import Allocation, Pool, empty_allocation, fit_to_pool, per_stage
 from services.scheduler.predictor import Predictor
@@ -50,6 +51,19 @@ class StageDeployment(BaseModel):
     """The model that sets ``memory_gb``."""
 
 
+class BaselineReport(BaseModel):
+    mode: str
+    """``monolithic``: every device runs whole jobs (services/scheduler/monolithic.py)."""
+    phases: list[PhaseReport]
+    overall: PhaseReport
+    offloaded: dict[str, list[str]]
+    """Per device class, the stages its pipeline offloads for lack of memory."""
+    throughput_ratio: float
+    """The plan's throughput over the baseline's."""
+    p95_ratio: float
+    """The baseline's p95 latency over the plan's: how many times lower the plan's is."""
+
+
 class PlanReport(BaseModel):
     policy: str
     pool: str
@@ -63,6 +77,8 @@ class PlanReport(BaseModel):
     """Per model/stage, the predictor's running relative error at the end."""
     class_memory_gb: dict[str, float | None] = {}
     """Memory of each device class of the pool (None: unknown)."""
+    baseline: BaselineReport | None = None
+    """The same trace on the same pool served another way, to compare against."""
 
 
 def ideal_latency(truth: Predictor, record: JobRecord) -> float:
@@ -252,12 +268,35 @@ def plan(
     pool_text: str = "",
     policy: str = "hybrid",
     memory: Mapping[str, StageMemory] | None = None,
+    baseline: str | None = None,
+    offload: Offload | None = None,
+    workers: Mapping[str, StageWorkers] | None = None,
 ) -> PlanReport:
     """What the scheduler would deploy for ``trace`` on ``pool`` and what it would achieve.
     With ``memory`` (per stage, what an instance needs: ``disagfusion.memory``) each stage is
-    placed only on classes it fits (``Pool.fitted``; ``PlacementError`` if one fits nowhere)."""
-    if memory:
-        pool = pool.fitted(memory)
-    chosen = make_policy(policy, pool, settings, static=even_split(pool) if policy == "static" else None)
-    result, predictor, truth = simulate(trace, pool, chosen, profiles, settings, initial=even_split(pool))
-    return report(policy, pool_text, result, truth, predictor, pool, memory)
+    placed only on classes it fits (``Pool.fitted``; ``PlacementError`` if one fits nowhere).
+    ``baseline="monolithic"`` also serves the trace with a whole pipeline per device on the same
+    pool, offloading where memory is short (``offload``: its cost), and compares."""
+    fitted = pool.fitted(memory) if memory else pool
+    chosen = make_policy(policy, fitted, settings, static=even_split(fitted) if policy == "static" else None)
+    result, predictor, truth = simulate(trace, fitted, chosen, profiles, settings, initial=even_split(fitted), workers=workers)
+    planned = report(policy, pool_text, result, truth, predictor, fitted, memory)
+    if baseline is None:
+        return planned
+    if baseline != "monolithic":
+        raise ValueError(f"unknown baseline {baseline!r}; the one baseline is monolithic")
+    needs = memory or {}
+    records = simulate_monolithic(trace, pool, truth, needs, offload)
+    by_phase: dict[str, list[JobRecord]] = {}
+    for record in records:
+        by_phase.setdefault(record.phase or "all", []).append(record)
+    overall = phase_metrics("all", records, truth)
+    planned.baseline = BaselineReport(
+        mode=baseline,
+        phases=[phase_metrics(name, rs, truth) for name, rs in by_phase.items()],
+        overall=overall,
+        offloaded={c.name: list(offloaded(c, needs)) for c in pool.classes},
+        throughput_ratio=planned.overall.throughput / overall.throughput if overall.throughput > 0 else math.inf,
+        p95_ratio=overall.p95_s / planned.overall.p95_s if planned.overall.p95_s > 0 else math.inf,
+    )
+    return planned
