@@ -257,6 +257,8 @@ def main() -> None:
     console = Console(stderr=True, width=170)
     jobs = args.jobs or (36 if args.quick else 240)
     known = models()
+    if args.export is not None:
+        args.export.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, ratios = [], []
     for scenario in SCENARIOS:
