@@ -276,12 +276,16 @@ def main() -> None:
                           f"{r[f'{load}_p95_ratio']:.2f}")
     console.print(table)
     load = os.getloadavg()
+    command = "PYTHONPATH=. python bench/fleet.py" + (" --quick" if args.quick else "")
+    machine = subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip()
+    console.print(f"EMULATED device classes, SIMULATED time: nothing ran on a GPU. Paper: {PAPER['throughput'][0]}-"
+                  f"{PAPER['throughput'][1]}x throughput, {PAPER['latency']}x lower latency. Sources: the script's SOURCES.")
+    console.print(f"reproduce: {command}  (machine {machine}, load average {load[0]:.2f}, "
+                  f"{time.perf_counter() - started:.1f} s wall)", soft_wrap=True)
     print(json.dumps({
         "bench": "fleet-emulated", "simulated": True, "quick": args.quick, "jobs_per_run": jobs,
         "wall_s": round(time.perf_counter() - started, 1), "paper": PAPER, "sources": SOURCES,
-        "command": "PYTHONPATH=. python bench/fleet.py" + (" --quick" if args.quick else ""),
-        "machine": subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip(),
-        "loadavg": [round(x, 2) for x in load], "rows": rows, "ratios": ratios,
+        "command": command, "machine": machine, "loadavg": [round(x, 2) for x in load], "rows": rows, "ratios": ratios,
     }))
 
 
