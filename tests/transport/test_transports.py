@@ -13,7 +13,7 @@ from disagfusion.config import Settings
 from disagfusion.transport import ChecksumError, MissingBlobError, Transports
 from disagfusion.transport.redis import KEY_PREFIX
 from disagfusion.transport.ref import tensor_bytes
-from disagfusion.transport.shm import HEADER_BYTES, parse_key
+from disagfusion.transport.shm import parse_key
 
 TENSORS = {
     "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
@@ -54,20 +54,20 @@ def test_inline_round_trip() -> None:
         assert torch.equal(t.get(ref), tensor), name
 
 
-def test_corrupted_blob_is_detected(transports: Transports) -> None:
-    tensor = torch.arange(1000, dtype=torch.float32)
-    ref = transports.put("job.test.corrupt", tensor)
-    if ref.transport == "shm":
-        with open(transports.shm.directory / parse_key(ref.key)[0], "r+b") as f:
-            f.seek(HEADER_BYTES + 17)
-            byte = f.read(1)[0]
-            f.seek(HEADER_BYTES + 17)
-            f.write(bytes([byte ^ 0x01]))
-    else:
-        key = KEY_PREFIX + ref.key
-        transports.redis.client.setrange(key, 17, bytes([transports.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
+def test_corrupted_bytes_are_detected_where_they_cross_a_boundary(redis_server: str) -> None:
+    """Redis and inline bytes leave the process (a server, the network, a message) and are
+    checksummed; shm bytes stay in this host's memory and are not (see transport/shm.py)."""
+    t = Transports(Settings(transport="redis", inline_max_bytes=0, redis_url=redis_server))
+    ref = t.put("job.test.corrupt", torch.arange(1000, dtype=torch.float32))
+    key = KEY_PREFIX + ref.key
+    t.redis.client.setrange(key, 17, bytes([t.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
     with pytest.raises(ChecksumError, match="corrupted"):
-        transports.get(ref)
+        t.get(ref)
+    inline = t.inline.put("job.test.inline", torch.arange(10, dtype=torch.float32))
+    flipped = bytes([inline.data[0] ^ 0x01]) + inline.data[1:]
+    with pytest.raises(ChecksumError, match="corrupted"):
+        t.get(inline.model_copy(update={"data": flipped}))
+    t.close()
 
 
 def test_deleted_blob_is_reported(transports: Transports) -> None:
