@@ -87,3 +87,17 @@ def test_janitor_removes_only_expired_blobs(tmp_path: Path, age_slot) -> None:
     assert torch.equal(t.get(new), torch.ones(4))
     with pytest.raises(MissingBlobError, match="expired or deleted"):
         t.get(old)
+
+
+def test_empty_gives_a_slot_only_where_put_would_use_shm(tmp_path: Path, redis_server: str) -> None:
+    shm = Transports(Settings(inline_max_bytes=1024, shm_dir=tmp_path))
+    small, large = shm.empty((16,), torch.float32), shm.empty((64, 64), torch.float32)
+    assert not shm.shm._writing.get(small.data_ptr()) and shm.shm._writing.get(large.data_ptr())
+    large.fill_(2.5)
+    ref = shm.put("job.test.large", large)
+    assert ref.transport == "shm" and not shm.shm._writing  # sealed in place, not copied
+    assert torch.equal(shm.get(ref), torch.full((64, 64), 2.5))
+    redis = Transports(Settings(transport="redis", inline_max_bytes=0, shm_dir=tmp_path, redis_url=redis_server))
+    assert not redis.shm._writing.get(redis.empty((64, 64), torch.float32).data_ptr())
+    shm.close()
+    redis.close()
