@@ -215,27 +215,30 @@ class PeerSlot(SlotHeader):
             raise MissingBlobError(f"tensor {ref.key!r}: its shm slot file is truncated "
                                    f"({max(0, have)} data bytes, the ref names {ref.nbytes})")
 
-    def hand_out(self, nbytes: int) -> torch.Tensor:
-        """The first ``nbytes`` as a uint8 tensor over the copy-on-write mapping, without copying.
+    def hand_out(self, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+        """The ref's tensor over the copy-on-write mapping, without copying.
 
         Pages the previous tensor wrote into are private to this process and would hide what
         the producer has written since, so they are dropped first (the next read maps the shared
         pages again). Every torch in-place op bumps a tensor's version counter, shared with its
         views, so an unchanged counter proves there is nothing to drop: the pages stay mapped."""
         if self._handed is not None and self._handed._version != self._handed_version:
-            end = -(-self._handed.numel() // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = -(-self._handed.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
             self.data.madvise(mmap.MADV_DONTNEED, 0, min(len(self.data), end))
-        tensor = torch.frombuffer(self.data, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        if not ref.nbytes:
+            return torch.empty(ref.shape, dtype=dtype)
+        tensor = torch.frombuffer(self.data, dtype=dtype, count=ref.nbytes // dtype.itemsize)
         self._handed, self._handed_version = tensor, tensor._version
-        return tensor
+        return tensor.view(ref.shape)
 
-    def read_copy(self, nbytes: int) -> torch.Tensor:
-        """The first ``nbytes`` read from the file into new memory: for a second tensor of a slot
+    def read_copy(self, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+        """The ref's tensor read from the file into new memory: for a second tensor of a slot
         this process already hands out, which must not share (or see) the first one's pages."""
-        tensor = torch.empty(nbytes, dtype=torch.uint8)
-        got = os.preadv(self.fd, [tensor.numpy()], HEADER_BYTES) if nbytes else 0
-        if got != nbytes:
-            raise MissingBlobError(f"shm slot file truncated while reading it ({got} of {nbytes} bytes)")
+        tensor = torch.empty(ref.shape, dtype=dtype)
+        got = os.preadv(self.fd, [tensor.view(-1).view(torch.uint8).numpy()], HEADER_BYTES) if ref.nbytes else 0
+        if got != ref.nbytes:
+            raise MissingBlobError(f"tensor {ref.key!r}: its shm slot file was truncated while being read "
+                                   f"({got} of {ref.nbytes} bytes)")
         return tensor
 
 
@@ -269,7 +272,7 @@ class ShmTransport:
             return torch.empty(shape, dtype=dtype)
         slot, generation = self._claim(nbytes)
         raw = slot.data[:nbytes]  # a new array, which the tensor's storage holds until it dies
-        tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
+        tensor = torch.frombuffer(raw, dtype=dtype).view(shape)
         claim = (slot, generation, nbytes)
         self._writing[tensor.data_ptr()] = claim
         weakref.finalize(raw, self._abandon, tensor.data_ptr(), claim)
@@ -355,11 +358,10 @@ class ShmTransport:
             raise
         try:
             peer.check_size(ref)
-            raw = peer.read_copy(ref.nbytes) if holds else peer.hand_out(ref.nbytes)
+            return peer.read_copy(ref, dtype) if holds else peer.hand_out(ref, dtype)
         except BaseException:
             self._release(ref, deleting=False)
             raise
-        return raw.view(dtype).reshape(ref.shape)
 
     def _peer(self, name: str, key: str) -> PeerSlot:
         with self._lock:
