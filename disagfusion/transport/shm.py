@@ -266,7 +266,8 @@ class ShmTransport:
 
     def empty(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor in a claimed slot of this producer's, for a stage to write its output into;
-        ``put`` then hands it over without copying. Freed again if it is never put."""
+        ``put`` then hands it over without copying. Freed again if it is never put. Once put, it
+        is the slot's: the producer must drop it, as the slot is reused after its consumers delete it."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
