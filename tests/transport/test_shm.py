@@ -315,3 +315,32 @@ def test_a_symlink_named_like_a_slot_is_never_followed(tmp_path: Path) -> None:
         shm.get(ref)
     os.utime(link, (0, 0), follow_symlinks=False)
     assert shm.sweep(3600) == 1 and not link.is_symlink() and target.exists()
+
+
+ZERO_COPY_PRODUCER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from disagfusion.transport.shm import ShmTransport
+    shm = ShmTransport(Path(sys.argv[1]))
+    out = shm.empty((3, 100, 1000), torch.bfloat16)
+    torch.arange(out.numel(), out=out.view(-1))
+    print(shm.put("k", out).model_dump_json(), flush=True)
+    """
+)
+
+
+def test_a_tensor_written_in_another_process_outlives_its_producer_and_its_file(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", ZERO_COPY_PRODUCER, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=60, check=True)
+    ref = TensorRef.model_validate_json(done.stdout)
+    consumer = ShmTransport(tmp_path)
+    got = consumer.get(ref)
+    expected = torch.arange(300_000, dtype=torch.bfloat16).view(3, 100, 1000)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    consumer.delete(ref)
+    assert consumer.sweep(3600) == 1 and slot_files(tmp_path) == []  # the dead producer's freed slot went
+    assert torch.equal(got, expected)  # still mapped: an unlinked file stays valid for who maps it
+    with pytest.raises(MissingBlobError):
+        ShmTransport(tmp_path).get(ref)
