@@ -14,11 +14,13 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from disagfusion import bus
-from disagfusion.config import Settings
+from disagfusion.config import BusSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
+    RESULTS_STREAM,
     JobSpec,
     ProgressEvent,
     Result,
@@ -38,8 +40,8 @@ class JobTimeout(DisagFusionError, TimeoutError):
 
 
 class Client:
-    def __init__(self, settings: Settings | None = None):
-        self.settings = settings or Settings()
+    def __init__(self, settings: BusSettings | None = None):
+        self.settings = settings or BusSettings()
         self._bus: bus.Bus | None = None
 
     async def __aenter__(self) -> Client:
@@ -51,9 +53,14 @@ class Client:
         await self._bus.close()
 
     @property
-    def _js(self):
+    def bus(self) -> bus.Bus:
+        """The connection, for callers that also read the queues (the gateway)."""
         assert self._bus is not None, "use Client as an async context manager"
-        return self._bus.js
+        return self._bus
+
+    @property
+    def _js(self):
+        return self.bus.js
 
     async def submit(self, spec: JobSpec) -> str:
         """Queue a job; returns its id. Submitting the same job id twice queues it once."""
@@ -70,6 +77,14 @@ class Client:
             raise JobTimeout(f"no result for job {job_id} within {timeout:.0f} s") from None
         finally:
             await sub.unsubscribe()
+        return unpack(Result, msg.data)
+
+    async def lookup(self, job_id: str) -> Result | None:
+        """A job's result if it has one now; None while the job runs (or for a job nobody submitted)."""
+        try:
+            msg = await self._js.get_last_msg(RESULTS_STREAM, results_subject(job_id))
+        except NotFoundError:
+            return None
         return unpack(Result, msg.data)
 
     async def generate(

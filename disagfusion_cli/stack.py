@@ -37,6 +37,8 @@ def up(
     console.print(f"stack up: NATS {state.nats_url}, Redis {state.redis_url}, logs in {data_dir / 'logs'}")
     for name, procs in state.services.items():
         console.print(f"  {name}: {len(procs)} process(es)")
+    if state.gateway_url:
+        console.print(f"gateway (OpenAI API): {state.gateway_url}/v1")
 
 
 def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
