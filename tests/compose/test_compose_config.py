@@ -19,7 +19,7 @@ STAGES = {"encoder", "dit", "decoder"}
 )
 def test_config_accepts(overrides: tuple[Path, ...]) -> None:
     config = compose_client(*overrides).compose.config(return_json=True)
-    assert set(config["services"]) == {"nats", "redis"} | STAGES
+    assert set(config["services"]) == {"nats", "redis", "gateway"} | STAGES
     for name in STAGES:
         service = config["services"][name]
         assert service["command"] == ["python", "-m", f"services.{name}"]
@@ -52,6 +52,17 @@ def test_hostnet_uses_loopback_and_creates_no_network() -> None:
     assert "127.0.0.1" in config["services"]["redis"]["command"]
 
 
+def test_gateway_is_published_on_loopback_and_checks_its_health() -> None:
+    gateway = compose_client().compose.config(return_json=True)["services"]["gateway"]
+    assert gateway["command"] == ["python", "-m", "services.gateway"]
+    [port] = gateway["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8000)
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+    hostnet = compose_client(HOSTNET_OVERRIDE).compose.config(return_json=True)["services"]["gateway"]
+    assert hostnet["environment"]["DF_GATEWAY_HOST"] == "127.0.0.1"
+    assert hostnet["environment"]["DF_NATS_URL"].startswith("nats://127.0.0.1:")
+
+
 def test_gpu_reserves_devices_per_stage(tmp_path: Path) -> None:
     env_file = tmp_path / "gpus.env"
     env_file.write_text("DF_DIT_GPUS=1,2,3\nDF_ENCODER_GPUS=0\nDF_DECODER_GPUS=0\n")
@@ -75,6 +86,8 @@ VARIABLES = {
     "DF_ENGRAM_SCRATCH_DIR": "/dev/shm/scratch", "DF_NATS_PORT": "14401", "DF_NATS_MONITOR_PORT": "14402",
     "DF_REDIS_PORT": "14403", "DF_GPU_IMAGE": "gpu:6", "DF_CUDA_BASE_IMAGE": "cuda:7",
     "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
+    "DF_GATEWAY_PORT": "18000", "DF_GATEWAY_PUBLISH": "127.0.0.1:18001", "DF_API_KEYS": "k1,k2",
+    "DF_GATEWAY_MAX_BACKLOG": "50",
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 
