@@ -37,6 +37,11 @@ async def nats_error_handler(_: Request, exc: nats.errors.Error) -> JSONResponse
     return error_response(503, f"the job queue did not answer: {exc!r}; retry shortly", code="service_unavailable")
 
 
+def model_object(name: str) -> dict:
+    """OpenAI's ``Model`` object; ``created`` is now, as a served model has no date of its own."""
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "disagfusion"}
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     backend = Backend(settings)
@@ -61,9 +66,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models() -> dict:
-        created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "disagfusion"}
-                                           for name in await backend.models()]}
+        return {"object": "list", "data": [model_object(name) for name in await backend.models()]}
+
+    @app.get("/v1/models/{model}", dependencies=[Depends(require_key)])
+    async def retrieve_model(model: str) -> dict:
+        if model not in await backend.models():
+            raise ApiError(404, f"the model {model!r} is not served here", param="model", code="model_not_found")
+        return model_object(model)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

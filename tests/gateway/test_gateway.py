@@ -87,6 +87,7 @@ async def test_any_job_by_id_also_one_published_straight_to_nats(gateway_url: st
 
 def test_models_are_the_ones_every_stage_serves(sdk: openai.OpenAI) -> None:
     assert sorted(model.id for model in sdk.models.list()) == ["emulated-video", "tiny"]
+    assert sdk.models.retrieve("tiny").id == "tiny"
 
 
 def test_a_video_round_trips_through_the_sdk(sdk: openai.OpenAI) -> None:
@@ -148,6 +149,8 @@ def test_not_found_cases_are_404(sdk: openai.OpenAI, gateway_url: str) -> None:
     with pytest.raises(openai.NotFoundError) as raised:
         sdk.images.generate(model="no-such-model", prompt="x", size="64x64")
     assert raised.value.code == "model_not_found" and raised.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("no-such-model")
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve("no-such-video")
     for path in ("/v1/jobs/nosuchjob", "/v1/jobs/no.such>job", "/v1/nothing-here"):
