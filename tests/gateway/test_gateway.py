@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -56,6 +57,19 @@ def test_sdk_images_are_the_clis_images_for_the_same_seeds(sdk: openai.OpenAI, g
         assert done.exit_code == 0, done.output
         assert out.read_bytes() == png, f"seed {seed}: the gateway's PNG differs from disagfusion generate's"
     assert np.asarray(Image.open(io.BytesIO(pngs[0]))).shape == (64, 64, 3)
+
+
+def test_concurrent_requests_each_get_their_own_images(sdk: openai.OpenAI) -> None:
+    def generate(seed: int) -> list[bytes]:
+        answer = sdk.images.generate(model="tiny", prompt="a crowd", size="64x64", n=2,
+                                     extra_body={"seed": seed, "num_inference_steps": 2})
+        return [base64.b64decode(image.b64_json) for image in answer.data]
+
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(generate, [100, 102, 104, 106]))
+    pngs = [png for batch in batches for png in batch]
+    assert len(set(pngs)) == 8  # seeds 100..107, each once
+    assert generate(103)[0] == batches[1][1]  # seed 103 is the second image of the seed-102 request
 
 
 async def test_extensions_url_and_webp(sdk: openai.OpenAI, gateway_stack: Launcher) -> None:
