@@ -168,10 +168,14 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.
 
 
 class Launcher:
-    def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None):
+    def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None,
+                 gateway_port: int = 0):
         self.data_dir = data_dir.resolve()
         self.compose_file = compose_file
         self.models_dir = models_dir
+        # The gateway's port when free (``disagfusion up`` asks for 8000); 0 or a taken one: any
+        # free port, so stacks started side by side (tests) never race for one.
+        self.gateway_port = gateway_port
         self.state_file = self.data_dir / "stack.json"
         self.logs = self.data_dir / "logs"
         self.services = load_services(compose_file)
@@ -323,7 +327,7 @@ class Launcher:
         env["DF_HEALTH_FILE"] = str(health)
         url = None
         if "DF_GATEWAY_PORT" in env:  # serves HTTP: on loopback only, at a port free here
-            port = port_or_free(int(env["DF_GATEWAY_PORT"] or 0))
+            port = port_or_free(self.gateway_port)
             env["DF_GATEWAY_HOST"], env["DF_GATEWAY_PORT"] = "127.0.0.1", str(port)
             url = f"http://127.0.0.1:{port}"
         proc, _ = self._spawn(f"{service}-{index}", command, env)
