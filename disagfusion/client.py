@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from disagfusion import bus
@@ -33,6 +33,11 @@ from disagfusion.protocol import (
     unpack,
     work_subject,
 )
+
+
+MAX_FILTERED_JOBS = 256
+"""``run_many`` of up to this many jobs filters its consumer to their result subjects (the
+consumer's config must fit in one NATS message); a larger batch reads every new result."""
 
 
 class JobTimeout(DisagFusionError, TimeoutError):
@@ -111,8 +116,12 @@ class Client:
         Raises JobTimeout if ``timeout`` seconds pass without any new result."""
         specs = list(specs)
         pending = {spec.job_id for spec in specs}
+        # A small batch's consumer is sent only its own results, so many callers at once (the
+        # gateway's requests) do not each receive every result; a large one reads them all.
+        own = ConsumerConfig(filter_subjects=[results_subject(job_id) for job_id in pending])
         sub = await self._js.subscribe(
-            "df.results.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+            "df.results.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+            config=own if len(pending) <= MAX_FILTERED_JOBS else None,
         )
         try:
             await asyncio.gather(*(self.submit(spec) for spec in specs))
