@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from disagfusion import bus
-from disagfusion.config import Settings
+from disagfusion.config import BusSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
+    RESULTS_STREAM,
     JobSpec,
     ProgressEvent,
     Result,
@@ -33,13 +35,18 @@ from disagfusion.protocol import (
 )
 
 
+MAX_FILTERED_JOBS = 256
+"""``run_many`` of up to this many jobs filters its consumer to their result subjects (the
+consumer's config must fit in one NATS message); a larger batch reads every new result."""
+
+
 class JobTimeout(DisagFusionError, TimeoutError):
     """No result came within the time a caller was willing to wait."""
 
 
 class Client:
-    def __init__(self, settings: Settings | None = None):
-        self.settings = settings or Settings()
+    def __init__(self, settings: BusSettings | None = None):
+        self.settings = settings or BusSettings()
         self._bus: bus.Bus | None = None
 
     async def __aenter__(self) -> Client:
@@ -51,9 +58,14 @@ class Client:
         await self._bus.close()
 
     @property
-    def _js(self):
+    def bus(self) -> bus.Bus:
+        """The connection, for callers that also read the queues (the gateway)."""
         assert self._bus is not None, "use Client as an async context manager"
-        return self._bus.js
+        return self._bus
+
+    @property
+    def _js(self):
+        return self.bus.js
 
     async def submit(self, spec: JobSpec) -> str:
         """Queue a job; returns its id. Submitting the same job id twice queues it once."""
@@ -82,6 +94,14 @@ class Client:
             await sub.unsubscribe()
         return unpack(Result, msg.data)
 
+    async def lookup(self, job_id: str) -> Result | None:
+        """A job's result if it has one now; None while the job runs (or for a job nobody submitted)."""
+        try:
+            msg = await self._js.get_last_msg(RESULTS_STREAM, results_subject(job_id))
+        except NotFoundError:
+            return None
+        return unpack(Result, msg.data)
+
     async def generate(
         self, spec: JobSpec, on_event: Callable[[ProgressEvent], None] | None = None, timeout: float = 600.0
     ) -> Result:
@@ -106,8 +126,12 @@ class Client:
         Raises JobTimeout if ``timeout`` seconds pass without any new result."""
         specs = list(specs)
         pending = {spec.job_id for spec in specs}
+        # A small batch's consumer is sent only its own results, so many callers at once (the
+        # gateway's requests) do not each receive every result; a large one reads them all.
+        own = ConsumerConfig(filter_subjects=[results_subject(job_id) for job_id in pending])
         sub = await self._js.subscribe(
-            "df.results.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+            "df.results.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+            config=own if len(pending) <= MAX_FILTERED_JOBS else None,
         )
         try:
             await asyncio.gather(*(self.submit(spec) for spec in specs))

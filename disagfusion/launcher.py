@@ -52,6 +52,8 @@ class Proc(BaseModel):
     pid: int
     log: Path
     health_file: Path | None = None
+    url: str | None = None
+    """Where a service that serves HTTP (the gateway) answers."""
 
 
 class StackState(BaseModel):
@@ -61,6 +63,11 @@ class StackState(BaseModel):
     nats: Proc
     redis: Proc
     services: dict[str, list[Proc]] = {}
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The URL of the first gateway process, if the stack runs one."""
+        return next((p.url for p in self.services.get("gateway", []) if p.url), None)
 
 
 class LauncherError(DisagFusionError, RuntimeError):
@@ -102,6 +109,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_or_free(port: int) -> int:
+    """``port`` if nothing listens on it here, else (or for 0) a free one: a second stack, or
+    a test's, gets a port of its own instead of failing to start."""
+    if port:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                pass
+    return free_port()
 
 
 def binary(name: str) -> str:
@@ -148,10 +168,14 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.
 
 
 class Launcher:
-    def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None):
+    def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None,
+                 gateway_port: int = 0):
         self.data_dir = data_dir.resolve()
         self.compose_file = compose_file
         self.models_dir = models_dir
+        # The gateway's port when free (``disagfusion up`` asks for 8000); 0 or a taken one: any
+        # free port, so stacks started side by side (tests) never race for one.
+        self.gateway_port = gateway_port
         self.state_file = self.data_dir / "stack.json"
         self.logs = self.data_dir / "logs"
         self.services = load_services(compose_file)
@@ -301,8 +325,13 @@ class Launcher:
         health = self.data_dir / "health" / f"{service}-{time.time_ns()}"
         health.parent.mkdir(parents=True, exist_ok=True)
         env["DF_HEALTH_FILE"] = str(health)
+        url = None
+        if "DF_GATEWAY_PORT" in env:  # serves HTTP: on loopback only, at a port free here
+            port = port_or_free(self.gateway_port)
+            env["DF_GATEWAY_HOST"], env["DF_GATEWAY_PORT"] = "127.0.0.1", str(port)
+            url = f"http://127.0.0.1:{port}"
         proc, _ = self._spawn(f"{service}-{index}", command, env)
-        return proc.model_copy(update={"health_file": health})
+        return proc.model_copy(update={"health_file": health, "url": url})
 
     def _spawn(self, label: str, command: list[str], env: dict[str, str] | None = None) -> tuple[Proc, subprocess.Popen]:
         log = self.logs / f"{label}.log"

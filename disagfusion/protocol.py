@@ -77,6 +77,11 @@ ENGRAM_QUEUE_GROUP = "engram_store"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def is_token(value: str) -> bool:
+    """Whether ``value`` can be a model name or job id: one subject token, no wildcards."""
+    return bool(_TOKEN.match(value))
+
+
 def work_subject(stage: str, model: str) -> str:
     return f"df.work.{stage}.{model}"
 

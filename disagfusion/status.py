@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nats.js import JetStreamContext
 from pydantic import BaseModel
 
 from disagfusion import bus
@@ -24,9 +25,22 @@ class StageStatus(BaseModel):
 async def stage_status(settings: Settings) -> list[StageStatus]:
     stack = await bus.connect(settings, "disagfusion-status")
     try:
-        consumers = await stack.js.consumers_info(WORK_STREAM)
+        return await read_stage_status(stack.js)
     finally:
         await stack.close()
+
+
+def served_models(rows: list[StageStatus]) -> list[str]:
+    """Models with a consumer on every stage: those a job can be submitted for and finish."""
+    stages_of: dict[str, set[str]] = {}
+    for row in rows:
+        stages_of.setdefault(row.model, set()).add(row.stage)
+    return sorted(model for model, stages in stages_of.items() if stages == set(STAGES))
+
+
+async def read_stage_status(js: JetStreamContext) -> list[StageStatus]:
+    """``stage_status`` over a connection the caller holds."""
+    consumers = await js.consumers_info(WORK_STREAM)
     rows = []
     for info in consumers:
         named = parse_consumer_name(info.name)

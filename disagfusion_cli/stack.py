@@ -26,9 +26,11 @@ from disagfusion_cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, par
 def up(
     scale: Annotated[list[str], typer.Option(help="SERVICE=COUNT, e.g. --scale dit=2")] = [],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    gateway_port: Annotated[int, typer.Option(envvar="DF_GATEWAY_PORT",
+                                              help="The gateway's port, when free (else any free one).")] = 8000,
 ) -> None:
     """Start nats-server, redis-server and the services of compose.yaml as local processes."""
-    launcher = Launcher(data_dir)
+    launcher = Launcher(data_dir, gateway_port=gateway_port)
     try:
         with console.status("starting the stack (models are created on first use)"):
             state = launcher.up(parse_scales(scale))
@@ -37,6 +39,8 @@ def up(
     console.print(f"stack up: NATS {state.nats_url}, Redis {state.redis_url}, logs in {data_dir / 'logs'}")
     for name, procs in state.services.items():
         console.print(f"  {name}: {len(procs)} process(es)")
+    if state.gateway_url:
+        console.print(f"gateway (OpenAI API): {state.gateway_url}/v1")
 
 
 def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:

@@ -180,10 +180,11 @@ def compose_up(
     """compose.yaml + the hostnet override up under a unique project name on free loopback ports,
     health checks passed; `env` adds compose variables (DF_MODELS, ...) to its env file. On exit
     removes its containers and volumes (`down -v`), also when `up` failed half-way."""
-    nats_port, monitor_port, redis_port = free_port(), free_port(), free_port()
+    nats_port, monitor_port, redis_port, gateway_port = free_port(), free_port(), free_port(), free_port()
     project = f"dftest-{uuid.uuid4().hex[:10]}"
     env_file = directory / f"{project}.env"
-    variables = {"DF_NATS_PORT": nats_port, "DF_NATS_MONITOR_PORT": monitor_port, "DF_REDIS_PORT": redis_port, **(env or {})}
+    variables = {"DF_NATS_PORT": nats_port, "DF_NATS_MONITOR_PORT": monitor_port, "DF_REDIS_PORT": redis_port,
+                 "DF_GATEWAY_PORT": gateway_port, **(env or {})}
     env_file.write_text("".join(f"{key}={value}\n" for key, value in variables.items()))
     stack = ComposeStack(
         docker=compose_client(HOSTNET_OVERRIDE, project=project, env_file=env_file),

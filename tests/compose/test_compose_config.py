@@ -19,7 +19,7 @@ STAGES = {"encoder", "dit", "decoder"}
 )
 def test_config_accepts(overrides: tuple[Path, ...]) -> None:
     config = compose_client(*overrides).compose.config(return_json=True)
-    assert set(config["services"]) == {"nats", "redis"} | STAGES
+    assert set(config["services"]) == {"nats", "redis", "gateway"} | STAGES
     for name in STAGES:
         service = config["services"][name]
         assert service["command"] == ["python", "-m", f"services.{name}"]
@@ -34,10 +34,10 @@ def test_config_accepts(overrides: tuple[Path, ...]) -> None:
 def test_nats_cluster_override_keeps_every_stream_on_three_nodes() -> None:
     config = compose_client(ROOT / "deploy/compose.nats-cluster.yaml").compose.config(return_json=True)
     nodes = ["nats", "nats-2", "nats-3"]
-    assert set(config["services"]) == {"redis", *nodes} | STAGES
-    routes = {tuple(config["services"][node]["command"]) [-1] for node in nodes}
+    assert set(config["services"]) == {"redis", "gateway", *nodes} | STAGES
+    routes = {config["services"][node]["command"][-1] for node in nodes}
     assert routes == {",".join(f"nats://{node}:6222" for node in nodes)}
-    for name in STAGES:
+    for name in STAGES | {"gateway"}:
         environment = config["services"][name]["environment"]
         assert environment["DF_NATS_URL"].split(",") == [f"nats://{node}:4222" for node in nodes]
         assert environment["DF_STREAM_REPLICAS"] == "3"
@@ -65,6 +65,17 @@ def test_hostnet_uses_loopback_and_creates_no_network() -> None:
     assert "127.0.0.1" in config["services"]["redis"]["command"]
 
 
+def test_gateway_is_published_on_loopback_and_checks_its_health() -> None:
+    gateway = compose_client().compose.config(return_json=True)["services"]["gateway"]
+    assert gateway["command"] == ["python", "-m", "services.gateway"]
+    [port] = gateway["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8000)
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+    hostnet = compose_client(HOSTNET_OVERRIDE).compose.config(return_json=True)["services"]["gateway"]
+    assert hostnet["environment"]["DF_GATEWAY_HOST"] == "127.0.0.1"
+    assert hostnet["environment"]["DF_NATS_URL"].startswith("nats://127.0.0.1:")
+
+
 def test_gpu_reserves_devices_per_stage(tmp_path: Path) -> None:
     env_file = tmp_path / "gpus.env"
     env_file.write_text("DF_DIT_GPUS=1,2,3\nDF_ENCODER_GPUS=0\nDF_DECODER_GPUS=0\n")
@@ -89,6 +100,8 @@ VARIABLES = {
     "DF_REDIS_PORT": "14403", "DF_GPU_IMAGE": "gpu:6", "DF_CUDA_BASE_IMAGE": "cuda:7",
     "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
     "DF_VARIANT": "fp16", "DF_VAE_TILING": "true", "DF_VAE_TILE_SIZE": "256",
+    "DF_GATEWAY_PORT": "18000", "DF_GATEWAY_PUBLISH": "127.0.0.1:18001", "DF_API_KEYS": "k1,k2",
+    "DF_GATEWAY_MAX_BACKLOG": "50",
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 

@@ -28,7 +28,7 @@ from disagfusion.config import Settings
 from disagfusion.launcher import Launcher, load_services
 from disagfusion.protocol import JobSpec
 
-SERVICES = ["nats", "redis", "encoder", "dit", "decoder"]
+SERVICES = ["nats", "redis", "encoder", "dit", "decoder", "gateway"]
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -110,6 +110,15 @@ def test_nats_is_a_three_node_cluster_that_keeps_every_stream_on_each(rendered) 
     assert settings["DF_STREAM_REPLICAS"] == "3"
 
 
+def test_the_gateway_serves_on_its_compose_port(rendered) -> None:
+    overlay, objects = rendered
+    port = int(defaults(COMPOSE["services"]["gateway"]["environment"]["DF_GATEWAY_PORT"]))
+    [container] = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "DF_GATEWAY_PORT", "value": str(port)} in container["env"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert find(objects, "Service", "gateway")["spec"]["ports"][0]["port"] == port
+
+
 def test_stage_pods_drain_within_their_grace_and_have_memory_shm(rendered) -> None:
     overlay, objects = rendered
     drain = float(find(objects, "ConfigMap", "disagfusion-env")["data"]["DF_DRAIN_TIMEOUT_S"])
