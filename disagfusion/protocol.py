@@ -9,14 +9,15 @@ docs/protocol.md describes the same thing for clients in other languages.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from disagfusion.errors import DisagFusionError
 
@@ -230,20 +231,48 @@ class JobSpec(Message):
 
 TransportName = Literal["inline", "shm", "redis", "cuda_ipc"]
 
+TENSOR_ITEMSIZES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+"""Bytes per element of every dtype a ``TensorRef`` may name (numpy names, plus bfloat16)."""
+
 
 class TensorRef(Strict):
     """One stored tensor, as the next stage's task names it (inside a versioned ``StageTask``).
-    The bytes are the tensor's memory in C order; ``dtype`` is a numpy name or ``bfloat16``."""
+    The bytes are the tensor's memory in C order; ``dtype`` is a numpy name or ``bfloat16``.
+
+    A ref that cannot describe a tensor (an unknown dtype, a shape that does not hold
+    ``nbytes``) fails validation, so its task is answered as undecodable when it arrives
+    instead of failing deep inside the worker that rebuilds the tensor."""
 
     transport: TransportName
     key: str
     dtype: str
-    shape: list[int]
-    nbytes: int
+    shape: list[Annotated[int, Field(ge=0)]]
+    nbytes: int = Field(ge=0)
     checksum: str
     """xxh3-64 of the raw bytes, hex. Fast enough (tens of GB/s) to check on every handoff."""
     data: bytes | None = None
     """The bytes themselves, for the inline transport only."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in TENSOR_ITEMSIZES:
+            raise ValueError(f"unknown dtype {value!r} (known: {', '.join(TENSOR_ITEMSIZES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _shape_holds_nbytes(self) -> TensorRef:
+        expected = math.prod(self.shape) * TENSOR_ITEMSIZES[self.dtype]
+        if expected != self.nbytes:
+            raise ValueError(
+                f"tensor {self.key!r}: shape {self.shape} of {self.dtype} is {expected} bytes, not nbytes={self.nbytes}"
+            )
+        if self.data is not None and len(self.data) != self.nbytes:
+            raise ValueError(f"tensor {self.key!r}: {len(self.data)} inline bytes, not nbytes={self.nbytes}")
+        return self
 
 
 class StageTask(Message):
