@@ -379,3 +379,18 @@ async def test_a_worker_whose_pull_stalls_while_work_waits_turns_unhealthy(
     worker.stop()
     await asyncio.wait_for(running, 30)
     await stack.close()
+
+
+async def test_a_deleted_consumer_is_recreated_and_the_stage_serves_on(run_worker: Worker, nats_server: str) -> None:
+    """Deleting a stage's durable consumer (by hand, or a JetStream that lost its state) used to
+    stop that stage for good; the worker recreates it at its next pull."""
+    first, second = specs(2)
+    stack = await submit_denoise_tasks(nats_server, [first])
+    await run_worker(SlowModel(0.01))
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    assert output.job.job_id == first.job_id
+    await stack.js.delete_consumer(WORK_STREAM, "denoise-m")
+    await (await submit_denoise_tasks(nats_server, [second])).close()
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    assert output.job.job_id == second.job_id
