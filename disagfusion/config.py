@@ -36,6 +36,8 @@ class BusSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     results_max_age_s: int = Field(default=24 * 3600, ge=1)
     """Results (and their large outputs) are kept this long."""
+    dlq_max_age_s: int = Field(default=7 * 24 * 3600, ge=1)
+    """Dead-lettered tasks (``DF_DLQ``) are kept this long for ``disagfusion dlq`` to show or replay."""
     heartbeat_s: float = Field(default=5.0, gt=0)
     """How often a service tells JetStream it still works on what it holds, and the container
     runtime that it is alive (at most every 5 s)."""

@@ -46,6 +46,7 @@ from disagfusion.protocol import (
 )
 from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy
+from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class StageWorker:
         self.transports = open_transports(settings)
         self._stopping = asyncio.Event()
         self._in_flight: InFlight | None = None
+        self._dead_letters: DeadLetters | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         """Jobs taken for compute that did not fit the batch they came with, in order."""
@@ -188,6 +190,7 @@ class StageWorker:
             self.models[name] = await self._load(name)
         self._bus = await bus.connect(self.settings, self.name)
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js))
+        self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js), self.stage, self.name)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
@@ -354,8 +357,11 @@ class StageWorker:
             if msg.metadata.num_delivered > self.settings.max_deliver:
                 failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
                 if failed > self.settings.max_deliver:
-                    await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
+                    cause = await self._dead_letters.last_unanswered(spec)
+                    await self._fail(msg, spec.job_id, f"stage {self.stage} gave up after {self.settings.max_deliver} "
+                                     f"delivery attempts; the last: {cause}", dead_letter=True)
                     return None
+            await self._dead_letters.taken(msg, spec)
             model = self.models.get(spec.model)
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
@@ -379,16 +385,18 @@ class StageWorker:
                         failures.describe(exc), delay)
             await self.in_flight.hand_back(msg, task.job, delay)
             return
+        dead = outcome is not failures.Outcome.REJECT
         if isinstance(exc, DecodeError):
             # Report spec problems by JobSpec field name ("steps", not "job.steps").
             field = exc.field.removeprefix("job.") if exc.field and exc.field.startswith("job.") else None
-            await self._fail(msg, exc.job_id, str(exc), field)
+            await self._fail(msg, exc.job_id, str(exc), field, dead_letter=dead)
             return
         field = exc.field if isinstance(exc, SpecError) else None
-        if outcome is failures.Outcome.DEAD:
+        if dead:
             log.error("%s: job %s: %s", self.name, task.job.job_id if task else None, doing, exc_info=exc)
         error = str(exc) if isinstance(exc, SpecError) else f"{doing}: {failures.describe(exc)}"
-        await self._fail(msg, task.job.job_id if task else None, error, field)
+        await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
+                         replay=task.replay if task else 0)
 
     async def _next_batch(self) -> list[Job]:
         """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
@@ -502,7 +510,8 @@ class StageWorker:
         """Ship a finished job downstream. The decoder overrides this to publish the result."""
         refs = await asyncio.to_thread(self._store_outputs, job)
         task = job.task.handed_on(refs, job.compute_s, job.batch_size)
-        await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task), task_msg_id(task.job.job_id, task.stage))
+        await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task),
+                          task_msg_id(task.job.job_id, task.stage, task.replay))
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -510,22 +519,27 @@ class StageWorker:
             for name, tensor in job.outputs.items()
         }
 
-    async def publish_result(self, result: Result) -> None:
-        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id))
+    async def publish_result(self, result: Result, replay: int = 0) -> None:
+        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``)."""
+        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id, replay))
 
-    async def reject(self, job_id: str, error: str, field: str | None = None) -> None:
+    async def reject(self, job_id: str, error: str, field: str | None = None, replay: int = 0) -> None:
         """Answer a job that cannot be done: an ``error`` event, then its error result."""
         log.warning("job %s rejected at %s: %s", job_id, self.stage, error)
         await self.publish_event(job_id, "error")
-        await self.publish_result(Result.failed(job_id, error, self.stage, field))
+        await self.publish_result(Result.failed(job_id, error, self.stage, field), replay)
 
-    async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None) -> None:
-        """Answer a task that cannot be done with an error result, and terminate it. If NATS
-        cannot take the answer, the task is let go unanswered: JetStream redelivers it after
+    async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None,
+                    dead_letter: bool = False, replay: int = 0) -> None:
+        """Answer a task that cannot be done with an error result, copy it to the dead-letter
+        stream if it failed for a reason other than the user's, and terminate it. If NATS
+        cannot take all that, the task is let go unterminated: JetStream redelivers it after
         AckWait and it is judged again."""
         try:
+            if dead_letter:
+                await self._dead_letters.send(msg, job_id, error)
             if job_id is not None:
-                await self.reject(job_id, error, field)
+                await self.reject(job_id, error, field, replay)
             else:
                 log.error("dropping an unreadable message with no job id (subject %s): %s", msg.subject, error)
             await msg.term()
