@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from disagfusion.launcher import _alive
+from disagfusion.launcher import alive
 
 # A parent that starts one child, prints its pid and never reaps it.
 PARENT = """
@@ -29,11 +29,22 @@ def test_an_exited_process_another_parent_has_not_reaped_is_gone() -> None:
     running_parent, running_pid = _grandchild(60.0)
     try:
         deadline = time.monotonic() + 20
-        while _alive(pid):
+        while alive(pid):
             assert time.monotonic() < deadline, f"pid {pid} exited but still counts as alive"
             time.sleep(0.05)
-        assert _alive(running_pid)
+        assert alive(running_pid)
     finally:
         for p in (parent, running_parent):
             p.kill()
             p.wait()
+
+
+def test_the_transport_set_for_up_reaches_the_stage_services(monkeypatch) -> None:
+    """compose.yaml says ${DF_TRANSPORT:-shm}: `DF_TRANSPORT=redis disagfusion up` is not ignored."""
+    from disagfusion.launcher import load_services
+
+    assert {s.environment["DF_TRANSPORT"] for s in load_services().values()} == {"shm"}
+    monkeypatch.setenv("DF_TRANSPORT", "redis")
+    services = load_services()
+    assert {services[name].environment["DF_TRANSPORT"] for name in ("encoder", "dit", "decoder")} == {"redis"}
+    assert {services[name].restart for name in ("encoder", "dit", "decoder")} == {"unless-stopped"}
