@@ -372,7 +372,12 @@ class Launcher:
 
 
 def redis_command(port: int, directory: Path) -> list[str]:
-    return [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    """The embedded redis-server. Persistent, as in compose.yaml: tensors handed between stages
+    are the only copy of a job's progress once the producer acked its input, so a Redis restart
+    must not lose them. The append-only file is synced every second (a crash loses at most the
+    last second's writes); RDB snapshots stay off."""
+    return [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory)]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -48,3 +48,34 @@ def test_the_transport_set_for_up_reaches_the_stage_services(monkeypatch) -> Non
     services = load_services()
     assert {services[name].environment["DF_TRANSPORT"] for name in ("encoder", "dit", "decoder")} == {"redis"}
     assert {services[name].restart for name in ("encoder", "dit", "decoder")} == {"unless-stopped"}
+
+
+def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
+    """Append-only, synced every second: a key written more than a second before a SIGKILL is
+    there after the restart (tensor blobs survive a Redis restart)."""
+    import redis
+
+    from disagfusion.launcher import free_port, redis_command, wait_port
+
+    port = free_port()
+    command = redis_command(port, tmp_path)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, server, "redis-server")
+        redis.Redis(port=port).set("df:blob:kept", b"\x00tensor bytes")
+        time.sleep(1.5)
+        server.kill()
+        server.wait()
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, server, "redis-server")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert redis.Redis(port=port).get("df:blob:kept") == b"\x00tensor bytes"
+                break
+            except redis.exceptions.BusyLoadingError:  # replaying the file
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        server.kill()
+        server.wait()
