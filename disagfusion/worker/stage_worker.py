@@ -272,8 +272,7 @@ class StageWorker:
         this loop: a failed pull is retried (on a consumer recreated if it was deleted), and
         every failure of a task is answered by ``_admit``."""
         while not self._stopping.is_set():
-            self._pulling.pop(model, None)  # waiting for room is not a stall
-            await self._until_fetch_ahead()
+            await self._until_fetch_ahead()  # waiting for room is not a stall: _pulling has no entry
             # As many tasks as there are free slots, up to a batch, so the inputs of several
             # jobs are fetched at once (a slow handoff then hides behind the others and compute).
             slots = await self.in_flight.reserve(policy.pull_size(self.limits, self._last_taken))
@@ -291,7 +290,9 @@ class StageWorker:
                 sub = await self._rebound(model, sub)
             finally:
                 self.in_flight.take(slots, msgs)
-            for job in await asyncio.gather(*(self._admit(msg) for msg in msgs)):
+            admitted = await asyncio.gather(*(self._admit(msg) for msg in msgs))
+            self._pulling.pop(model, None)  # a full compute queue below is backpressure, not a stall
+            for job in admitted:
                 if job is not None:
                     self._last_taken = job.spec
                     self.in_flight.admitted(job.msg, job.spec)
