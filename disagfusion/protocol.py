@@ -151,7 +151,8 @@ def unserved_consumer_name(model: str) -> str:
 
 
 def handback_key(job_id: str, stage: str) -> str:
-    """Key in ``DF_HANDBACKS``: how often a draining worker handed this task back unstarted."""
+    """Key in ``DF_HANDBACKS``: how often a worker handed this task back without failing it (a
+    drain, or a retry after Redis or NATS was briefly away)."""
     return f"{job_id}.{stage}"
 
 

@@ -1,7 +1,8 @@
 """The in-flight ledger: every task a stage worker holds, from the pull that takes it to its end.
 
 A task ends in exactly one of three ways: acked (its output is published), terminated (it got
-an error result) or handed back (nak'd unstarted, for another instance to start at once), and
+an error result) or handed back (nak'd, for another instance to start at once, or after a delay
+when Redis or NATS was briefly away), and
 each of them goes through ``release``, the one place a slot comes free. The ledger bounds how
 many tasks a worker holds (``capacity`` slots), knows which are admitted but not started (the
 fetch-ahead rule estimates them), and counts hand-backs in the KV bucket ``DF_HANDBACKS`` so
