@@ -6,17 +6,19 @@ idempotent, so any process that starts first creates them and the rest find them
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from disagfusion.config import BusSettings
+from disagfusion.config import BusSettings, comma_list
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
     DLQ_STREAM,
@@ -31,6 +33,14 @@ from disagfusion.protocol import (
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
 replayed after a crash does not create a second task or a second result."""
+
+
+JETSTREAM_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+"""What JetStream's API answers while it cannot serve for a while: a cluster electing a stream
+or meta leader after a node died (about 10 s here), or a server still starting."""
+
+JETSTREAM_WAIT_S = 60.0
+"""How long ``connect`` waits out an unavailable JetStream before giving up."""
 
 
 @dataclass
@@ -48,15 +58,28 @@ async def connect(settings: BusSettings, name: str) -> Bus:
     """Connect and make sure the streams exist. Reconnects forever: a NATS restart must not
     take the services down with it."""
     nc = await nats.connect(
-        settings.nats_url,
+        servers(settings.nats_url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
     )
     js = nc.jetstream()
-    await ensure_streams(js, settings)
-    return Bus(nc, js)
+    deadline = asyncio.get_running_loop().time() + JETSTREAM_WAIT_S
+    while True:
+        try:
+            await ensure_streams(js, settings)
+            return Bus(nc, js)
+        except JETSTREAM_UNAVAILABLE:
+            if asyncio.get_running_loop().time() > deadline:
+                await nc.close()
+                raise
+            await asyncio.sleep(1.0)
+
+
+def servers(nats_url: str) -> list[str]:
+    """``DF_NATS_URL`` as the server list nats-py takes: one URL or a cluster's comma-separated nodes."""
+    return comma_list(nats_url)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -78,6 +101,7 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=settings.stream_replicas,
         ),
     )
     await _ensure_stream(
@@ -89,6 +113,7 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             storage=StorageType.FILE,
             max_age=float(settings.results_max_age_s),
             duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=settings.stream_replicas,
         ),
     )
     await _ensure_stream(
@@ -100,16 +125,17 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             storage=StorageType.FILE,
             max_age=float(settings.dlq_max_age_s),
             duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=settings.stream_replicas,
         ),
     )
 
 
-async def outputs_bucket(js: JetStreamContext) -> ObjectStore:
+async def outputs_bucket(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
     try:
         return await js.object_store(OUTPUTS_BUCKET)
     except NotFoundError:
         try:
-            return await js.create_object_store(OUTPUTS_BUCKET)
+            return await js.create_object_store(OUTPUTS_BUCKET, config=ObjectStoreConfig(replicas=replicas))
         except BadRequestError:
             return await js.object_store(OUTPUTS_BUCKET)
 
@@ -118,25 +144,25 @@ HANDBACK_TTL_S = 24 * 3600.0
 """A hand-back is remembered this long; a task queued longer counts it as a failed delivery."""
 
 
-async def handbacks_bucket(js: JetStreamContext) -> KeyValue:
+async def handbacks_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """How often a draining worker handed each task back (key ``<job_id>.<stage>``). Those
     redeliveries are not failures, so they do not count against ``max_deliver``."""
     try:
         return await js.key_value(HANDBACKS_BUCKET)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=HANDBACKS_BUCKET, history=1, ttl=HANDBACK_TTL_S)
+            return await js.create_key_value(bucket=HANDBACKS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
         except BadRequestError:
             return await js.key_value(HANDBACKS_BUCKET)
 
 
-async def attempts_bucket(js: JetStreamContext) -> KeyValue:
+async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Which worker took the latest delivery of each task (key ``<job_id>.<stage>``)."""
     try:
         return await js.key_value(ATTEMPTS_BUCKET)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=ATTEMPTS_BUCKET, history=1, ttl=HANDBACK_TTL_S)
+            return await js.create_key_value(bucket=ATTEMPTS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
         except BadRequestError:
             return await js.key_value(ATTEMPTS_BUCKET)
 

@@ -62,10 +62,20 @@ class Client:
         return spec.job_id
 
     async def result(self, job_id: str, timeout: float = 600.0) -> Result:
-        """Wait for a job's result (also one that was published before this call)."""
-        sub = await self._js.subscribe(results_subject(job_id), ordered_consumer=True)
+        """Wait for a job's result (also one that was published before this call). JetStream
+        that does not answer for a while (a cluster electing a new leader, about 10 s) is waited
+        out within ``timeout``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                sub = await self._js.subscribe(results_subject(job_id), ordered_consumer=True)
+                break
+            except bus.JETSTREAM_UNAVAILABLE:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise JobTimeout(f"JetStream did not answer within {timeout:.0f} s asking for job {job_id}'s result") from None
+                await asyncio.sleep(1.0)
         try:
-            msg = await sub.next_msg(timeout=timeout)
+            msg = await sub.next_msg(timeout=max(deadline - asyncio.get_running_loop().time(), 0.1))
         except TimeoutError:
             raise JobTimeout(f"no result for job {job_id} within {timeout:.0f} s") from None
         finally:
@@ -119,5 +129,5 @@ class Client:
             raise ValueError(f"job {result.job_id} failed: {result.error}")
         if result.data is not None:
             return result.data
-        bucket = await bus.outputs_bucket(self._js)
+        bucket = await bus.outputs_bucket(self._js, self.settings.stream_replicas)
         return (await bucket.get(result.object_name)).data

@@ -34,6 +34,11 @@ class BusSettings(BaseSettings):
     model_config = _ENV
 
     nats_url: str = "nats://127.0.0.1:4222"
+    """One server, or the comma-separated nodes of a cluster (a client fails over between them)."""
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    """Copies JetStream keeps of every stream and bucket this creates: 3 on a three-node cluster,
+    so a node can die without losing a task or a result (docs/deploy.md). Existing streams keep
+    theirs."""
     results_max_age_s: int = Field(default=24 * 3600, ge=1)
     """Results (and their large outputs) are kept this long."""
     dlq_max_age_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -87,6 +92,13 @@ class ModelSettings(BaseSettings):
     variant: str = ""
     """Weight files to load where a checkpoint has several (``fp16`` reads
     ``*.fp16.safetensors``); empty: the plain files."""
+    vae_tiling: bool = False
+    """Decode in overlapping spatial tiles (the VAE's own ``enable_tiling``): the decoder's memory
+    stays bounded for large images and long videos, and the frames differ from an untiled decode
+    by the bound docs/models.md states. Off: decoded frames are the stock pipeline's, bit for bit."""
+    vae_tile_size: int = Field(default=0, ge=0)
+    """Tile edge in pixels when ``vae_tiling`` is on (a multiple of the VAE's scale factor); tiles
+    overlap by a quarter. 0: the VAE's own default (256 to 512 pixels, per family)."""
     emulated_speed: float = Field(default=1.0, gt=0)
     """Speed factor of emulated accelerators (model family ``emulated``): 2.0 halves every
     profiled service time, for heterogeneous pools."""

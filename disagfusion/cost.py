@@ -180,6 +180,14 @@ class CostProfile(BaseModel):
     fit_error: dict[Stage, float] = Field(default_factory=dict)
     """Measured profiles: per stage, the median relative error of the fit on the samples it
     was fitted to (what to expect of the profile before online refinement)."""
+    weight_bytes: dict[Stage, int] = Field(default_factory=dict)
+    """Per stage, the bytes of weights it holds on the device (``disagfusion.memory``): lets
+    the planner place stages by memory without the checkpoint at hand. A model whose files
+    are in the models dir is measured from them instead."""
+    activation_bytes: dict[Stage, int] = Field(default_factory=dict)
+    """Per stage, the working memory beyond weights at the sizes the profile was made for
+    (activations, attention buffers, the VAE's decoded frames); missing: an allowance in
+    proportion to the weights (``disagfusion.memory.ACTIVATION_ALLOWANCE``)."""
 
     def seconds(self, stage: str, specs: Sequence[JobSpec]) -> float:
         """Predicted service time of one batch of ``specs`` at ``stage``."""

@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
 
 from disagfusion.config import Settings, comma_list
 from disagfusion.machine import describe
-from disagfusion.models import load_stage_model
+from disagfusion.models import load_stage_model, weight_bytes
 from disagfusion.models.base import StageModel, Tensors
 from disagfusion.cost import COEFFICIENTS, PREDICTOR_TERMS, CostProfile, StageCost, fit_stage_cost
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
@@ -125,6 +125,9 @@ class Measurement(BaseModel):
     threads: int
     machine: dict[str, object] = Field(default_factory=dict)
     """``disagfusion.machine.describe()``: CPU, cores, torch, load average, GPU."""
+    weight_bytes: dict[str, int] = Field(default_factory=dict)
+    """Per stage, the bytes of weights it loads (from the model's files): the profile carries
+    them, so the planner places the model by memory without its checkpoint."""
 
     @property
     def command(self) -> str:
@@ -226,7 +229,7 @@ def measure(
     return Measurement(
         model=model, samples=samples, grid=grid, runs=runs, started=started, elapsed_s=time.perf_counter() - clock,
         device=f"{device.type}: {name}" if name else device.type, dtype=settings.dtype,
-        threads=torch.get_num_threads(), machine=describe(),
+        threads=torch.get_num_threads(), machine=describe(), weight_bytes=weight_bytes(model, settings),
     )
 
 
@@ -258,6 +261,7 @@ def fit(measurement: Measurement) -> Fit:
         ),
         stages=fitted,
         fit_error={stage: round(error, 4) for stage, error in median_error.items()},
+        weight_bytes={stage: size for stage, size in measurement.weight_bytes.items() if size},
     )
     return Fit(profile=profile, median_error=median_error, max_error=max_error)
 

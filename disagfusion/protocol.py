@@ -271,7 +271,8 @@ class TensorRef(Strict):
     shape: list[Annotated[int, Field(ge=0)]]
     nbytes: int = Field(ge=0)
     checksum: str
-    """xxh3-64 of the raw bytes, hex. Fast enough (tens of GB/s) to check on every handoff."""
+    """xxh3-64 of the raw bytes, hex, where the bytes leave the host's memory (inline, redis);
+    empty for shm and cuda_ipc, whose bytes stay in one host's (or device's) memory."""
     data: bytes | None = None
     """The bytes themselves, for the inline transport only."""
 

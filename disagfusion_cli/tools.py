@@ -13,15 +13,16 @@ from rich.table import Table
 
 from disagfusion.config import ModelSettings, Settings
 from disagfusion.cost import PREDICTOR_TERMS, load_profiles
+from disagfusion.memory import fleet_memory
 from disagfusion.models import PRESET_WRITERS, init_preset, model_family
 from disagfusion.models.base import SpecError
 from disagfusion.profiling import Grid, fit, load_stages, measure
 from disagfusion.protocol import TimingSample
 from disagfusion_cli.common import console, fail, progress, validation_message
 from services.scheduler.config import SchedulerSettings
-from services.scheduler.planner import PlanReport
+from services.scheduler.planner import PlanReport, StageDeployment
 from services.scheduler.planner import plan as simulate_plan
-from services.scheduler.pool import parse_pool
+from services.scheduler.pool import PlacementError, parse_pool
 from services.scheduler.trace import read_trace
 
 
@@ -31,18 +32,28 @@ def plan(
     policy: Annotated[str, typer.Option(help="hybrid, predictor, lag, threshold or static")] = "hybrid",
     profiles: Annotated[list[Path] | None, typer.Option("--profile", help="Cost profile files or folders (default DF_PROFILES_DIR)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    baseline: Annotated[str | None, typer.Option(help="Also serve the trace another way and compare: monolithic "
+                                                      "(a whole pipeline per device, offloading where memory is short)")] = None,
 ) -> None:
     """Size a fleet for a trace: run it through the scheduler in a discrete-event simulation
     (simulated time, instances batching as this environment's stage settings say) and print
-    what it would deploy and the throughput and latency to expect."""
-    report = simulate_plan(
-        read_trace(trace),
-        parse_pool(pool),
-        list(load_profiles(profiles or [ModelSettings().profiles_dir]).values()),
-        SchedulerSettings(),
-        pool_text=pool,
-        policy=policy,
-    )
+    what it would deploy and the throughput and latency to expect. Each stage is placed only on
+    device classes with the memory it needs (weights from the model's files or its profile)."""
+    jobs = read_trace(trace)
+    loaded = list(load_profiles(profiles or [ModelSettings().profiles_dir]).values())
+    try:
+        report = simulate_plan(
+            jobs,
+            parse_pool(pool),
+            loaded,
+            SchedulerSettings(),
+            pool_text=pool,
+            policy=policy,
+            memory=fleet_memory(sorted({entry.spec.model for entry in jobs}), loaded, Settings()),
+            baseline=baseline,
+        )
+    except (PlacementError, ValueError) as exc:
+        fail(str(exc))
     if json_output:
         typer.echo(report.model_dump_json(indent=2))
     else:
@@ -54,18 +65,39 @@ def print_report(report: PlanReport) -> None:
         f"[bold]Plan[/] for {report.jobs} jobs on pool [cyan]{report.pool}[/] with the "
         f"[cyan]{report.policy}[/] policy ({report.simulated_s:.0f} s simulated, {report.instance_starts} instance starts)"
     )
-    deploy = Table("stage", "peak instances per class", "mean serving", title="What it would deploy")
+    deploy = Table("stage", "peak instances per class", "mean serving", "memory per instance", title="What it would deploy")
     for d in report.deployment:
-        deploy.add_row(d.stage, ", ".join(f"{name}: {n}" for name, n in d.peak.items()) or "-", f"{d.mean:.1f}")
+        deploy.add_row(d.stage, ", ".join(f"{name}: {n}" for name, n in d.peak.items()) or "-", f"{d.mean:.1f}",
+                       memory_cell(d, report.class_memory_gb))
     console.print(deploy)
     phases = Table("phase", "jobs", "done", "throughput (jobs/s)", "p50 (s)", "p95 (s)", "SLO met", title="What to expect")
     for p in [*report.phases, report.overall]:
         phases.add_row(p.phase, str(p.jobs), str(p.completed), f"{p.throughput:.3g}", f"{p.p50_s:.3g}", f"{p.p95_s:.3g}", f"{p.slo:.0%}")
     console.print(phases)
+    if report.baseline is not None:
+        base = report.baseline
+        compare = Table("mode", "throughput (jobs/s)", "p50 (s)", "p95 (s)", "offloads",
+                        title=f"Against the {base.mode} baseline (same trace, same pool, simulated)")
+        compare.add_row("disaggregated", f"{report.overall.throughput:.3g}", f"{report.overall.p50_s:.3g}",
+                        f"{report.overall.p95_s:.3g}", "none: stages only where they fit")
+        compare.add_row(base.mode, f"{base.overall.throughput:.3g}", f"{base.overall.p50_s:.3g}", f"{base.overall.p95_s:.3g}",
+                        ", ".join(f"{name}: {'+'.join(stages)}" for name, stages in base.offloaded.items() if stages) or "none")
+        console.print(compare)
+        console.print(f"throughput {base.throughput_ratio:.2f}x the {base.mode} baseline's; p95 latency "
+                      f"{base.p95_ratio:.2f}x lower")
     errors = Table("model/stage", "predictor error (running)", title="Predictor")
     for key, error in report.predictor_error.items():
         errors.add_row(key, "-" if error is None else f"{error:.1%}")
     console.print(errors)
+
+
+def memory_cell(deployment: StageDeployment, class_memory_gb: dict[str, float | None]) -> str:
+    """``33.6 GB (wan-14b) of h100 80 GB``: what one instance needs and the classes it is on."""
+    if deployment.memory_gb is None:
+        return "not known"
+    on = ", ".join(f"{name} {class_memory_gb[name]:g} GB" if class_memory_gb.get(name) else f"{name} (size not given)"
+                   for name in deployment.peak)
+    return f"{deployment.memory_gb:.1f} GB ({deployment.memory_model})" + (f" of {on}" if on else "")
 
 
 def _grid_option(field: str, what: str) -> object:

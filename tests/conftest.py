@@ -4,13 +4,19 @@ family as the reference for its images."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nats
+import nats.errors
+import nats.js.errors
 import numpy as np
 import pytest
 import torch
@@ -26,14 +32,15 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[None]:
+def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_port(port, proc, what)
-        yield
+        yield proc
     finally:
-        stop_process(proc)
+        if proc.poll() is None:
+            stop_process(proc)
 
 
 # Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
@@ -46,6 +53,60 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
     with _server(command, port, "nats-server", directory / "nats.log"):
         yield f"nats://127.0.0.1:{port}"
+
+
+@dataclass
+class NatsCluster:
+    """Three clustered nats-servers with JetStream, each on its own loopback ports."""
+
+    urls: list[str]
+    nodes: dict[str, subprocess.Popen]
+    """Server name (n0, n1, n2) -> its process."""
+
+    @property
+    def url(self) -> str:
+        """The nodes as DF_NATS_URL takes them."""
+        return ",".join(self.urls)
+
+    def kill(self, server_name: str) -> None:
+        """SIGKILL one node, as a crashed machine would leave it."""
+        self.nodes[server_name].kill()
+        self.nodes[server_name].wait()
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    directory = tmp_path_factory.mktemp("nats-cluster")
+    client_ports, route_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
+    with ExitStack() as servers:
+        nodes = {}
+        for index, (port, route_port) in enumerate(zip(client_ports, route_ports)):
+            name = f"n{index}"
+            command = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / name),
+                       "--server_name", name, "--cluster_name", "df", "--cluster", f"nats://127.0.0.1:{route_port}",
+                       "--routes", routes]
+            nodes[name] = servers.enter_context(_server(command, port, f"nats-server {name}", directory / f"{name}.log"))
+        cluster = NatsCluster([f"nats://127.0.0.1:{port}" for port in client_ports], nodes)
+        asyncio.run(_jetstream_ready(cluster.url))
+        yield cluster
+
+
+async def _jetstream_ready(url: str, timeout: float = 30.0) -> None:
+    """Until the cluster has elected its JetStream meta leader, its API answers 503."""
+    nc = await nats.connect(url.split(","))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except (nats.js.errors.APIError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture(scope="module")

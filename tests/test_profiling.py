@@ -63,6 +63,8 @@ def test_fit_keeps_to_the_predictors_terms(fitted: Fit) -> None:
     assert fitted.profile.stages["denoise"].per_step
     assert set(fitted.median_error) == set(STAGES)
     assert "disagfusion profile" in fitted.profile.source and "fit error" in fitted.profile.source
+    # The profile carries each stage's weight bytes from the files, for placement by memory.
+    assert set(fitted.profile.weight_bytes) == set(STAGES) and all(fitted.profile.weight_bytes.values())
 
 
 def test_the_written_profile_predicts_the_measured_samples(measured: Measurement, fitted: Fit, tmp_path: Path) -> None:

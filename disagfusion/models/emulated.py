@@ -226,8 +226,10 @@ class EmulatedFamily(Family):
         return STAGE_MODELS[stage](directory, settings)
 
     def weight_bytes(self, directory: Path, variant: str | None = None) -> dict[str, int]:
-        """Emulated stages hold no weights."""
-        return dict.fromkeys(STAGE_MODELS, 0)
+        """Emulated stages hold no weights: the bytes of the model they stand for, as its profile
+        gives them (0 where it gives none), so placement treats them as that model."""
+        declared = CostProfile.load(directory / PROFILE_FILE).weight_bytes
+        return {stage: declared.get(stage, 0) for stage in STAGE_MODELS}
 
 
 FAMILY = EmulatedFamily()

@@ -14,6 +14,7 @@ the stage runs the stock pipeline's own code, which is what keeps its pixels ide
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 from abc import ABC, abstractmethod
@@ -187,11 +188,39 @@ class DiffusersFamily(Family):
             # Decode the jobs of a batch one by one: batched convolutions round differently (up
             # to 2/255 in bfloat16 on CPU), and one large image already fills a device.
             pipe.vae.enable_slicing()
+        if settings.vae_tiling and getattr(pipe, "vae", None) is not None:
+            tile_vae(pipe.vae, settings.vae_tile_size, geometry.vae_scale_factor)
         return pipe.to(settings.device)
 
     def weight_bytes(self, directory: Path, variant: str | None = None) -> dict[str, int]:
         return {stage: sum(_weight_bytes(directory / name, variant) for name in self.stage_components[stage])
                 for stage in STAGES}
+
+
+def tile_vae(vae: Any, tile: int, scale_factor: int) -> None:
+    """Turn on ``vae``'s tiled decoding, with ``tile``-pixel tiles overlapping by a quarter (0:
+    the VAE's default tiles). The video VAEs take tile sizes as arguments; AutoencoderKL keeps
+    them as attributes. A quarter of a tile must be whole latent pixels, or the tiles' seams do
+    not line up and the decoded frame comes out larger than the job's."""
+    if tile % (4 * scale_factor):
+        raise SpecError("model", f"vae_tile_size {tile} is not a multiple of {4 * scale_factor} "
+                                 f"(4 × the VAE's scale factor {scale_factor}): its quarter overlap must be whole latent pixels")
+    arguments = inspect.signature(vae.enable_tiling).parameters
+    if not tile:
+        vae.enable_tiling()
+        return
+    if "tile_sample_min_height" not in arguments:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // scale_factor
+        vae.tile_overlap_factor = 0.25
+        return
+    sizes: dict[str, float] = {"tile_sample_min_height": tile, "tile_sample_min_width": tile}
+    if "tile_sample_stride_height" in arguments:
+        sizes |= {"tile_sample_stride_height": tile * 3 // 4, "tile_sample_stride_width": tile * 3 // 4}
+    else:  # CogVideoX: overlap factors (its own are 1/6 and 1/5, which fit its default tiles only)
+        sizes |= {"tile_overlap_factor_height": 0.25, "tile_overlap_factor_width": 0.25}
+    vae.enable_tiling(**sizes)
 
 
 def _weight_bytes(folder: Path, variant: str | None) -> int:

@@ -2,7 +2,9 @@
 
 A stage worker hands tensors through one ``Transports`` (``router.py``), made by
 ``open_transports``. ``put`` stores a tensor and returns the ``TensorRef`` that travels in the
-next stage's message; ``get`` turns a ref back into a tensor, verifying its checksum;
+next stage's message (``empty`` gives a stage an output tensor that ``put`` hands over without
+copying); ``get`` turns a ref back into a tensor, verifying its checksum where bytes crossed a
+boundary that can corrupt them (Redis, a message);
 ``delete`` frees it once the consumer's own output is durably published; ``sweep`` is the
 janitor's round over what crashed jobs left behind. Small tensors go inline, the rest through
 the configured transport (shm on one host, redis across hosts, CUDA IPC between processes on

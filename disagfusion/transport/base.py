@@ -27,7 +27,8 @@ class Transport(Protocol):
 
     def get(self, ref: TensorRef) -> torch.Tensor:
         """The tensor ``ref`` names, valid until its ``delete``: ``MissingBlobError`` if it is
-        gone, ``ChecksumError`` if the backend checksums bytes and these are not the ones stored."""
+        gone, ``ChecksumError`` if the backend checksums bytes and these are not the ones stored.
+        It may share the backend's memory (shm does): writes into it stay in this process."""
         ...
 
     def delete(self, ref: TensorRef) -> None:

@@ -37,6 +37,7 @@ import nats
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from disagfusion.config import comma_list
 from disagfusion.protocol import (
     IpcRelease, MissingBlobError, TensorRef, TransportName, ipc_release_subject, pack, unpack,
 )
@@ -143,7 +144,7 @@ class ReleaseChannel:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     async def _connect(self, url: str):
-        nc = await nats.connect(url, name=f"ipc-release-{self.producer}", max_reconnect_attempts=-1)
+        nc = await nats.connect(comma_list(url), name=f"ipc-release-{self.producer}", max_reconnect_attempts=-1)
 
         async def handle(msg) -> None:
             try:

@@ -4,6 +4,7 @@ from any producer whatever its own ``DF_TRANSPORT``."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +65,14 @@ class Transports:
         if self.settings.transport == "cuda_ipc" and not tensor.is_cuda:
             return self.shm
         return self._backend(self.settings.transport)
+
+    def empty(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor for a stage output that ``put`` hands over without copying: in a shm
+        slot where ``put`` would send a CPU tensor of this size through shm, else plain memory."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= self.settings.inline_max_bytes and self.settings.transport in ("shm", "cuda_ipc"):
+            return self.shm.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype)
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
         return self._for(tensor).put(key, tensor)

@@ -7,6 +7,10 @@ consumer maps each slot file once and keeps the mapping. Fresh pages cost more t
 bytes on a VM (about 5 µs per 4 KiB page, see bench/RESULTS.md), so in the steady
 state a handoff touches no new page and makes no mapping call.
 
+Zero copy: ``empty`` claims a slot and returns a tensor over the producer's shared mapping of
+it; a stage that writes its output there hands it over with ``put`` without any copy. A claim
+that is never put is freed once its tensor is garbage.
+
 The header's first word packs ``generation | pins | state``; every change is one aligned 8-byte
 store under a lock (a process-wide mutex plus an open-file-description lock on the word, which
 the kernel drops when a process dies), so a crash leaves a whole word behind. A ref's key carries the slot
@@ -17,14 +21,28 @@ copy-on-write mapping of it, without copying: writes into that tensor stay in th
 slot is only freed once every pinning process has deleted it (a redelivered task read by two
 workers at once is safe), so a tensor from ``get`` is valid until its ``delete``.
 
+No checksum (``TensorRef.checksum`` is empty), unlike Redis and inline refs: the bytes never
+leave this host's memory, where nothing flips them in transit, and hashing them would cost a
+pass over every byte at each end, more than the copy this transport saves (bench/RESULTS.md).
+What a checksum caught here were the slot's own hazards, and they are checked instead: a
+stale or reused slot by the generation, a short or truncated file by its size. A consumer's
+own writes into a tensor from ``get`` (made private by copy-on-write, so they would hide the
+producer's next bytes in that slot) are noticed by the tensor's version counter, which every
+torch in-place op bumps, and dropped before the slot is read again. Writes that bypass torch's
+counter (through ``.data``, a numpy view or a raw pointer) are not noticed: a model must not
+write into its inputs that way.
+
 Liveness needs no pid: a producer holds a shared ``flock`` on each of its slot files for as long
 as it runs. The janitor (``sweep``, which every worker runs) unlinks a producer's slots
 that have gone unfreed for the TTL (a consumer crashed), and the files of dead producers once
-they are free or stale; an unlinked file stays valid for whoever still has it mapped.
+they are free or stale; an unlinked file stays valid for whoever still has it mapped. Nothing
+here truncates a slot file; one truncated by another process under a live tensor makes reads
+of the lost pages fault (SIGBUS), and ``get`` refuses a slot shorter than its ref.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import mmap
@@ -42,16 +60,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xxhash
 
-from disagfusion.protocol import ChecksumError, MissingBlobError, TensorRef, TransportName
-from disagfusion.transport.ref import DTYPE_NAMES, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.protocol import MissingBlobError, TensorRef, TransportName
+from disagfusion.transport.ref import DTYPE_NAMES, DTYPES, tensor_bytes
 
 HEADER_BYTES = mmap.PAGESIZE
 """The slot's data starts on the next page, so it can be mapped on its own."""
 SLOT_NAME = re.compile(r"slot-\d+-[0-9a-f]{12}-\d+")
-HASH_CHUNK = 1 << 20
-"""``put`` hashes each chunk right after copying it, while it is still in cache."""
 
 FREE, WRITING, READY, DELETED, RETIRED = range(5)
 """Slot states. DELETED: deleted by one consumer, still pinned by another. RETIRED: unlinked."""
@@ -176,24 +191,55 @@ class PeerSlot(SlotHeader):
     """A slot as a reader sees it: the header mapped shared, the data copy-on-write."""
 
     def __init__(self, path: Path):
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             header = mmap.mmap(fd, HEADER_BYTES)
-            data = mmap.mmap(fd, size - HEADER_BYTES, access=mmap.ACCESS_COPY, offset=HEADER_BYTES)
+            data = mmap.mmap(fd, max(0, size - HEADER_BYTES), access=mmap.ACCESS_COPY, offset=HEADER_BYTES)
         except BaseException:
             os.close(fd)
             raise
         super().__init__(fd, header)
         self.data = data
+        self._handed: torch.Tensor | None = None
+        """The last tensor handed out over ``data``, and its version counter then."""
+        self._handed_version = 0
 
     def gone(self) -> bool:
         return os.fstat(self.fd).st_nlink == 0 or unpack_word(self.peek())[2] == RETIRED
 
-    def forget_own_writes(self, nbytes: int) -> None:
-        """Drop pages this process wrote into (copy-on-write made them private, so they no longer
-        show what the producer writes); the next read maps the shared pages again."""
-        self.data.madvise(mmap.MADV_DONTNEED, 0, min(len(self.data), -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE))
+    def check_size(self, ref: TensorRef) -> None:
+        """MissingBlobError unless the file (still) holds the ref's bytes."""
+        have = min(len(self.data), os.fstat(self.fd).st_size - HEADER_BYTES)
+        if have < ref.nbytes:
+            raise MissingBlobError(f"tensor {ref.key!r}: its shm slot file is truncated "
+                                   f"({max(0, have)} data bytes, the ref names {ref.nbytes})")
+
+    def hand_out(self, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+        """The ref's tensor over the copy-on-write mapping, without copying.
+
+        Pages the previous tensor wrote into are private to this process and would hide what
+        the producer has written since, so they are dropped first (the next read maps the shared
+        pages again). Every torch in-place op bumps a tensor's version counter, shared with its
+        views, so an unchanged counter proves there is nothing to drop: the pages stay mapped."""
+        if self._handed is not None and self._handed._version != self._handed_version:
+            end = -(-self._handed.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+            self.data.madvise(mmap.MADV_DONTNEED, 0, min(len(self.data), end))
+        if not ref.nbytes:
+            return torch.empty(ref.shape, dtype=dtype)
+        tensor = torch.frombuffer(self.data, dtype=dtype, count=ref.nbytes // dtype.itemsize)
+        self._handed, self._handed_version = tensor, tensor._version
+        return tensor.view(ref.shape)
+
+    def read_copy(self, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+        """The ref's tensor read from the file into new memory: for a second tensor of a slot
+        this process already hands out, which must not share (or see) the first one's pages."""
+        tensor = torch.empty(ref.shape, dtype=dtype)
+        got = os.preadv(self.fd, [tensor.view(-1).view(torch.uint8).numpy()], HEADER_BYTES) if ref.nbytes else 0
+        if got != ref.nbytes:
+            raise MissingBlobError(f"tensor {ref.key!r}: its shm slot file was truncated while being read "
+                                   f"({got} of {ref.nbytes} bytes)")
+        return tensor
 
 
 class ShmTransport:
@@ -213,29 +259,57 @@ class ShmTransport:
         """Slot file name -> this process's mapping of it, kept so its pages stay mapped."""
         self._pinned: Counter[tuple[str, int]] = Counter()
         """(slot, generation) -> pins this process holds (its gets not yet deleted)."""
+        self._writing: dict[int, tuple[OwnSlot, int, int]] = {}
+        """Address of a tensor from ``empty`` -> its claim (slot, generation, bytes), until put."""
 
     # ------------------------------------------------------------------ producer
 
-    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
-        raw = tensor_bytes(tensor)
-        slot, generation = self._claim(raw.nbytes)
-        try:
-            data, digest = slot.data[: raw.nbytes], xxhash.xxh3_64()
-            for start in range(0, raw.nbytes, HASH_CHUNK):
-                end = start + HASH_CHUNK
-                np.copyto(data[start:end], raw[start:end])
-                digest.update(data[start:end])
-        except BaseException:
+    def empty(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor in a claimed slot of this producer's, for a stage to write its output into;
+        ``put`` then hands it over without copying. Freed again if it is never put. Once put, it
+        is the slot's: the producer must drop it, as the slot is reused after its consumers delete it."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        slot, generation = self._claim(nbytes)
+        raw = slot.data[:nbytes]  # a new array, which the tensor's storage holds until it dies
+        tensor = torch.frombuffer(raw, dtype=dtype).view(shape)
+        claim = (slot, generation, nbytes)
+        self._writing[tensor.data_ptr()] = claim
+        weakref.finalize(raw, self._abandon, tensor.data_ptr(), claim)
+        return tensor
+
+    def _abandon(self, address: int, claim: tuple[OwnSlot, int, int]) -> None:
+        """Free a claim from ``empty`` whose tensor died without a ``put``. It takes no lock (a
+        finaliser may run inside a locked section): nothing else touches a slot being written,
+        and the address is claimed anew only after this frees the slot."""
+        if self._writing.get(address) is claim:
+            del self._writing[address]
+            slot, generation, _ = claim
             slot.finish(generation, FREE)
-            raise
+
+    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+        dtype, nbytes = DTYPE_NAMES[tensor.dtype], tensor.numel() * tensor.element_size()
+        in_place = tensor.device.type == "cpu" and tensor.is_contiguous()
+        claim = self._writing.pop(tensor.data_ptr(), None) if in_place else None
+        if claim is not None:  # written in place by the producer (a tensor cannot outgrow its claim)
+            slot, generation, _ = claim
+        else:
+            raw = tensor_bytes(tensor)
+            slot, generation = self._claim(nbytes)
+            try:
+                np.copyto(slot.data[:nbytes], raw)
+            except BaseException:
+                slot.finish(generation, FREE)
+                raise
         slot.finish(generation, READY)
         return TensorRef(
             transport="shm",
             key=f"{slot.path.name}:{generation}:{key}",
-            dtype=DTYPE_NAMES[tensor.dtype],
+            dtype=dtype,
             shape=list(tensor.shape),
-            nbytes=raw.nbytes,
-            checksum=digest.hexdigest(),
+            nbytes=nbytes,
+            checksum="",  # see the module's docstring: no byte hash on one host
         )
 
     def _claim(self, nbytes: int) -> tuple[OwnSlot, int]:
@@ -267,27 +341,28 @@ class ShmTransport:
 
     def get(self, ref: TensorRef) -> torch.Tensor:
         name, generation = parse_key(ref.key)
+        dtype = DTYPES.get(ref.dtype)
+        if dtype is None or ref.nbytes != math.prod(ref.shape) * dtype.itemsize:
+            raise MissingBlobError(f"tensor {ref.key!r}: {ref.nbytes} bytes cannot hold {ref.dtype} {ref.shape}")
         peer = self._peer(name, ref.key)
-        with self._lock:
+        with self._lock:  # one decision per process: the first pin gets the mapping, later ones a copy
             holds = self._pinned[name, generation] > 0
-        with peer.locked() as (current, pins, state):
-            # A deleted slot that another consumer still pins is only readable to the pinners.
-            if current != generation or not (state == READY or state == DELETED and holds):
-                raise MissingBlobError(f"tensor {ref.key!r} is not in {self.directory} (expired or deleted)")
-            peer.store(current, pins + 1, state)
-        with self._lock:
             self._pinned[name, generation] += 1
-        view = memoryview(peer.data)[: ref.nbytes]
         try:
-            try:
-                verify(ref, view)
-            except ChecksumError:
-                peer.forget_own_writes(ref.nbytes)
-                verify(ref, view)
+            with peer.locked() as (current, pins, state):
+                # A deleted slot that another consumer still pins is only readable to the pinners.
+                if current != generation or not (state == READY or state == DELETED and holds):
+                    raise MissingBlobError(f"tensor {ref.key!r} is not in {self.directory} (expired or deleted)")
+                peer.store(current, pins + 1, state)
+        except BaseException:
+            self._unpin_locally(name, generation)
+            raise
+        try:
+            peer.check_size(ref)
+            return peer.read_copy(ref, dtype) if holds else peer.hand_out(ref, dtype)
         except BaseException:
             self._release(ref, deleting=False)
             raise
-        return tensor_from_buffer(view, ref.dtype, ref.shape)
 
     def _peer(self, name: str, key: str) -> PeerSlot:
         with self._lock:
@@ -297,6 +372,10 @@ class ShmTransport:
                     peer = self._peers[name] = PeerSlot(self.directory / name)
                 except FileNotFoundError:
                     raise MissingBlobError(f"tensor {key!r} is not in {self.directory} (expired or deleted)") from None
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    raise MissingBlobError(f"tensor {key!r}: {self.directory / name} is a symlink, not a slot file") from None
             return peer
 
     def delete(self, ref: TensorRef) -> None:
@@ -310,10 +389,7 @@ class ShmTransport:
             peer = self._peer(name, ref.key)
         except MissingBlobError:
             return
-        with self._lock:
-            held = self._pinned.pop((name, generation), 0)
-            if held > 1:
-                self._pinned[name, generation] = held - 1
+        held = self._unpin_locally(name, generation)
         with peer.locked() as (current, pins, state):
             if current != generation or state not in (READY, DELETED):
                 return
@@ -321,6 +397,14 @@ class ShmTransport:
             if deleting or state == DELETED:
                 state = DELETED if pins else FREE
             peer.store(current, pins, state)
+
+    def _unpin_locally(self, name: str, generation: int) -> int:
+        """Drop one of this process's pins on the slot; how many it held before."""
+        with self._lock:
+            held = self._pinned.pop((name, generation), 0)
+            if held > 1:
+                self._pinned[name, generation] = held - 1
+            return held
 
     # ------------------------------------------------------------------ janitor
 
@@ -342,9 +426,9 @@ class ShmTransport:
                 continue
             path = self.directory / name
             try:
-                if SLOT_NAME.fullmatch(name):
+                if SLOT_NAME.fullmatch(name) and not path.is_symlink():
                     removed += self._remove_if_orphaned(path, cutoff)
-                elif path.stat().st_mtime < cutoff:
+                elif path.lstat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:
@@ -357,7 +441,7 @@ class ShmTransport:
 
     @staticmethod
     def _remove_if_orphaned(path: Path, cutoff: float) -> int:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

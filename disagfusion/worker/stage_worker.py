@@ -189,8 +189,9 @@ class StageWorker:
         for name in self.model_names:
             self.models[name] = await self._load(name)
         self._bus = await bus.connect(self.settings, self.name)
-        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js))
-        self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js), self.stage, self.name)
+        replicas = self.settings.stream_replicas
+        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
+        self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()

@@ -13,7 +13,7 @@ from services.decoder import media
 
 class DecoderWorker(StageWorker):
     async def setup(self) -> None:
-        self.outputs = await bus.outputs_bucket(self.js)
+        self.outputs = await bus.outputs_bucket(self.js, self.settings.stream_replicas)
 
     async def emit(self, job: Job) -> None:
         spec = job.spec

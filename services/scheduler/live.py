@@ -23,6 +23,7 @@ from pydantic_settings import NoDecode
 from disagfusion import bus
 from disagfusion.config import Settings, comma_list
 from disagfusion.cost import CostProfile, load_profiles
+from disagfusion.memory import fleet_memory
 from disagfusion.health import health_path, write_health
 from disagfusion.models import carried_profile
 from disagfusion.protocol import (
@@ -132,9 +133,11 @@ def fleet_of(running: dict[str, int], pool: Pool, template: str) -> Allocation:
 class LiveScheduler:
     def __init__(self, settings: LiveSettings, runtime: Settings, actuator: Actuator, policy: Policy | None = None):
         self.settings, self.runtime, self.actuator = settings, runtime, actuator
-        self.pool = parse_pool(settings.pool)
         self.models = runtime.model_names
-        self.predictor = Predictor(starting_profiles(runtime))
+        profiles = starting_profiles(runtime)
+        # Each stage only on the classes its largest served model fits (PlacementError if none).
+        self.pool = parse_pool(settings.pool).fitted(fleet_memory(self.models, profiles, runtime))
+        self.predictor = Predictor(profiles)
         self.feedback = Feedback(self.predictor, settings.arrival_tau_s, settings.horizon_s, settings.latency_budget)
         self.latency = LatencyWindow(settings.latency_window_s)
         self.policy = policy

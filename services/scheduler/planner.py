@@ -12,9 +12,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from disagfusion.cost import CostProfile
+from disagfusion.memory import GB, StageMemory
 from disagfusion.protocol import STAGES
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.controller import Controller
+from services.scheduler.monolithic import Offload, offloaded, simulate_monolithic
 from services.scheduler.policies import Policy, Scheduled, make_policy
 from services.scheduler.pool import Allocation, Pool, empty_allocation, fit_to_pool, per_stage
 from services.scheduler.predictor import Predictor
@@ -43,6 +45,23 @@ class StageDeployment(BaseModel):
     """Most instances per device class at any tick: what to provision."""
     mean: float
     """Time-averaged instances serving."""
+    memory_gb: float | None = None
+    """Memory one instance needs (the largest model served; None: not known)."""
+    memory_model: str | None = None
+    """The model that sets ``memory_gb``."""
+
+
+class BaselineReport(BaseModel):
+    mode: str
+    """``monolithic``: every device runs whole jobs (services/scheduler/monolithic.py)."""
+    phases: list[PhaseReport]
+    overall: PhaseReport
+    offloaded: dict[str, list[str]]
+    """Per device class, the stages its pipeline offloads for lack of memory."""
+    throughput_ratio: float
+    """The plan's throughput over the baseline's."""
+    p95_ratio: float
+    """The baseline's p95 latency over the plan's: how many times lower the plan's is."""
 
 
 class PlanReport(BaseModel):
@@ -56,6 +75,10 @@ class PlanReport(BaseModel):
     instance_starts: int
     predictor_error: dict[str, float | None]
     """Per model/stage, the predictor's running relative error at the end."""
+    class_memory_gb: dict[str, float | None] = {}
+    """Memory of each device class of the pool (None: unknown)."""
+    baseline: BaselineReport | None = None
+    """The same trace on the same pool served another way, to compare against."""
 
 
 def ideal_latency(truth: Predictor, record: JobRecord) -> float:
@@ -89,7 +112,8 @@ def phases_of(trace: Sequence[TraceEntry]) -> list[tuple[str, float, float]]:
     return [(name, a, b) for name, (a, b) in spans.items()]
 
 
-def report(policy: str, pool_text: str, result: SimResult, truth: Predictor, predictor: Predictor) -> PlanReport:
+def report(policy: str, pool_text: str, result: SimResult, truth: Predictor, predictor: Predictor,
+           pool: Pool | None = None, memory: Mapping[str, StageMemory] | None = None) -> PlanReport:
     by_phase: dict[str, list[JobRecord]] = {}
     for record in result.jobs:
         by_phase.setdefault(record.phase or "all", []).append(record)
@@ -102,7 +126,12 @@ def report(policy: str, pool_text: str, result: SimResult, truth: Predictor, pre
         points = result.timeline
         area = sum((b.t - a.t) * a.running[stage] for a, b in zip(points, points[1:]))
         mean = area / (points[-1].t - points[0].t) if len(points) > 1 and points[-1].t > points[0].t else 0.0
-        deployment.append(StageDeployment(stage=stage, peak=peak, mean=mean))
+        need = (memory or {}).get(stage)
+        deployment.append(StageDeployment(
+            stage=stage, peak=peak, mean=mean,
+            memory_gb=need.total_bytes / GB if need is not None and need.source != "unknown" else None,
+            memory_model=need.model if need is not None else None,
+        ))
     return PlanReport(
         policy=policy,
         pool=pool_text,
@@ -113,13 +142,14 @@ def report(policy: str, pool_text: str, result: SimResult, truth: Predictor, pre
         overall=phase_metrics("all", result.jobs, truth),
         instance_starts=result.instance_starts,
         predictor_error={f"{e.model}/{e.stage}": e.rel_error for e in predictor.errors()},
+        class_memory_gb={c.name: c.memory_gb for c in pool.classes} if pool is not None else {},
     )
 
 
 def even_split(pool: Pool) -> Allocation:
     """A naive starting fleet: the pool shared equally among the stages each class may host."""
     allocation = empty_allocation()
-    for c in pool.classes:
+    for c in pool.classes:  # a class that fits no stage (Pool.fitted) hosts none
         for k, stage in enumerate(c.stages):
             n = c.count // len(c.stages) + (1 if k < c.count % len(c.stages) else 0)
             if n:
@@ -237,8 +267,36 @@ def plan(
     settings: SchedulerSettings,
     pool_text: str = "",
     policy: str = "hybrid",
+    memory: Mapping[str, StageMemory] | None = None,
+    baseline: str | None = None,
+    offload: Offload | None = None,
+    workers: Mapping[str, StageWorkers] | None = None,
 ) -> PlanReport:
-    """What the scheduler would deploy for ``trace`` on ``pool`` and what it would achieve."""
-    chosen = make_policy(policy, pool, settings, static=even_split(pool) if policy == "static" else None)
-    result, predictor, truth = simulate(trace, pool, chosen, profiles, settings, initial=even_split(pool))
-    return report(policy, pool_text, result, truth, predictor)
+    """What the scheduler would deploy for ``trace`` on ``pool`` and what it would achieve.
+    With ``memory`` (per stage, what an instance needs: ``disagfusion.memory``) each stage is
+    placed only on classes it fits (``Pool.fitted``; ``PlacementError`` if one fits nowhere).
+    ``baseline="monolithic"`` also serves the trace with a whole pipeline per device on the same
+    pool, offloading where memory is short (``offload``: its cost), and compares."""
+    fitted = pool.fitted(memory) if memory else pool
+    chosen = make_policy(policy, fitted, settings, static=even_split(fitted) if policy == "static" else None)
+    result, predictor, truth = simulate(trace, fitted, chosen, profiles, settings, initial=even_split(fitted), workers=workers)
+    planned = report(policy, pool_text, result, truth, predictor, fitted, memory)
+    if baseline is None:
+        return planned
+    if baseline != "monolithic":
+        raise ValueError(f"unknown baseline {baseline!r}; the one baseline is monolithic")
+    needs = memory or {}
+    records = simulate_monolithic(trace, pool, truth, needs, offload)
+    by_phase: dict[str, list[JobRecord]] = {}
+    for record in records:
+        by_phase.setdefault(record.phase or "all", []).append(record)
+    overall = phase_metrics("all", records, truth)
+    planned.baseline = BaselineReport(
+        mode=baseline,
+        phases=[phase_metrics(name, rs, truth) for name, rs in by_phase.items()],
+        overall=overall,
+        offloaded={c.name: list(offloaded(c, needs)) for c in pool.classes},
+        throughput_ratio=planned.overall.throughput / overall.throughput if overall.throughput > 0 else math.inf,
+        p95_ratio=overall.p95_s / planned.overall.p95_s if planned.overall.p95_s > 0 else math.inf,
+    )
+    return planned

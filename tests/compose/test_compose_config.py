@@ -31,6 +31,19 @@ def test_config_accepts(overrides: tuple[Path, ...]) -> None:
     assert config["volumes"]["shm"]["driver_opts"]["type"] == "tmpfs"
 
 
+def test_nats_cluster_override_keeps_every_stream_on_three_nodes() -> None:
+    config = compose_client(ROOT / "deploy/compose.nats-cluster.yaml").compose.config(return_json=True)
+    nodes = ["nats", "nats-2", "nats-3"]
+    assert set(config["services"]) == {"redis", *nodes} | STAGES
+    routes = {tuple(config["services"][node]["command"]) [-1] for node in nodes}
+    assert routes == {",".join(f"nats://{node}:6222" for node in nodes)}
+    for name in STAGES:
+        environment = config["services"][name]["environment"]
+        assert environment["DF_NATS_URL"].split(",") == [f"nats://{node}:4222" for node in nodes]
+        assert environment["DF_STREAM_REPLICAS"] == "3"
+        assert environment["DF_MODELS"] == "tiny,small"  # the base environment is kept
+
+
 def test_bridge_network_by_default() -> None:
     config = compose_client().compose.config(return_json=True)
     assert config["services"]["dit"]["environment"]["DF_NATS_URL"] == "nats://nats:4222"
@@ -75,6 +88,7 @@ VARIABLES = {
     "DF_ENGRAM_SCRATCH_DIR": "/dev/shm/scratch", "DF_NATS_PORT": "14401", "DF_NATS_MONITOR_PORT": "14402",
     "DF_REDIS_PORT": "14403", "DF_GPU_IMAGE": "gpu:6", "DF_CUDA_BASE_IMAGE": "cuda:7",
     "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
+    "DF_VARIANT": "fp16", "DF_VAE_TILING": "true", "DF_VAE_TILE_SIZE": "256",
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 

@@ -12,11 +12,12 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from disagfusion.protocol import MissingBlobError, TensorRef
-from disagfusion.transport.shm import ShmTransport, parse_key, size_class
+from disagfusion.transport.shm import HEADER_BYTES, ShmTransport, parse_key, size_class
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = 300_000  # 1.2 MB
@@ -214,3 +215,132 @@ def test_a_process_killed_while_holding_a_slot_lock_blocks_nobody(tmp_path: Path
         holder.kill()
         holder.wait(30)
     assert torch.equal(shm.get(ref), tensor)
+
+
+# ------------------------------------------------------------------ zero copy
+
+
+def mapping_range(buffer) -> tuple[int, int]:
+    """[start, end) addresses of a mapping (an mmap or an array over one)."""
+    array = np.frombuffer(buffer, dtype=np.uint8)
+    return array.ctypes.data, array.ctypes.data + array.nbytes
+
+
+def test_an_output_written_into_a_slot_is_handed_over_without_a_copy(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    out = producer.empty((FLOATS,), torch.float32)
+    torch.arange(FLOATS, dtype=torch.float32, out=out)  # the stage's last op writes straight in
+    ref = producer.put("k", out)
+    (slot,) = [s for slots in producer._own.values() for s in slots]
+    assert out.data_ptr() == mapping_range(slot.data)[0] and ref.checksum == ""
+    got = consumer.get(ref)
+    start, end = mapping_range(consumer._peers[parse_key(ref.key)[0]].data)
+    assert start == got.data_ptr() and got.data_ptr() + ref.nbytes <= end  # a view of the mapping
+    assert torch.equal(got, torch.arange(FLOATS, dtype=torch.float32))
+    consumer.delete(ref)
+    again = producer.put("k2", torch.ones(FLOATS))  # a plain tensor is copied into the freed slot
+    assert parse_key(again.key) == (slot.path.name, parse_key(ref.key)[1] + 1)
+    assert consumer.get(again).data_ptr() == start  # the same warm pages, mapped once
+
+
+def test_consumer_writes_reach_neither_the_producer_nor_its_next_tensor(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    out = producer.empty((FLOATS,), torch.float32)
+    out.fill_(1.0)
+    ref = producer.put("k", out)
+    got = consumer.get(ref)
+    got[: FLOATS // 2].mul_(3)  # in place through a view, as a model may do
+    assert torch.equal(out, torch.ones(FLOATS))  # copy-on-write: the producer's slot is untouched
+    other = ShmTransport(tmp_path)
+    assert torch.equal(other.get(ref), torch.ones(FLOATS))  # nor another consumer's tensor
+    other.delete(ref)
+    consumer.delete(ref)
+    nxt = producer.empty((FLOATS,), torch.float32)
+    torch.arange(FLOATS, dtype=torch.float32, out=nxt)
+    again = producer.put("k2", nxt)
+    assert parse_key(again.key)[0] == parse_key(ref.key)[0]
+    assert torch.equal(consumer.get(again), torch.arange(FLOATS, dtype=torch.float32))  # its private pages dropped
+
+
+def test_a_second_get_in_one_process_gets_its_own_copy(tmp_path: Path) -> None:
+    producer, consumer = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    ref = producer.put("k", torch.ones(FLOATS))
+    first = consumer.get(ref)
+    first.mul_(2)
+    second = consumer.get(ref)  # a redelivered task read again by the same worker
+    start, end = mapping_range(consumer._peers[parse_key(ref.key)[0]].data)
+    assert not start <= second.data_ptr() < end
+    assert torch.equal(second, torch.ones(FLOATS)) and torch.equal(first, torch.full((FLOATS,), 2.0))
+    consumer.delete(ref)
+    consumer.delete(ref)
+    assert parse_key(producer.put("k2", torch.zeros(FLOATS)).key)[0] == parse_key(ref.key)[0]  # both pins gone
+
+
+def test_an_output_never_put_frees_its_slot(tmp_path: Path) -> None:
+    shm = ShmTransport(tmp_path)
+    out = shm.empty((FLOATS,), torch.float32)
+    name = slot_files(tmp_path)[0]
+    del out  # the stage failed before handing it over
+    ref = shm.put("k", torch.ones(FLOATS))
+    assert parse_key(ref.key) == (name, 2) and slot_files(tmp_path) == [name]
+
+
+def test_a_truncated_or_vanished_slot_file_is_a_clear_error(tmp_path: Path) -> None:
+    producer, early = ShmTransport(tmp_path), ShmTransport(tmp_path)
+    ref = producer.put("k", torch.ones(FLOATS))
+    path = tmp_path / parse_key(ref.key)[0]
+    early.get(ref)
+    early.delete(ref)
+    ref = producer.put("k", torch.ones(FLOATS))  # `early` keeps the slot mapped from before
+    os.truncate(path, HEADER_BYTES + 100)
+    for consumer in (early, ShmTransport(tmp_path)):
+        with pytest.raises(MissingBlobError, match=rf"truncated \(100 data bytes, the ref names {4 * FLOATS}\)"):
+            consumer.get(ref)
+    path.unlink()
+    with pytest.raises(MissingBlobError, match="expired or deleted"):
+        ShmTransport(tmp_path).get(ref)
+    with pytest.raises(MissingBlobError, match="cannot hold"):
+        producer.get(ref.model_copy(update={"nbytes": ref.nbytes + 4}))
+
+
+def test_a_symlink_named_like_a_slot_is_never_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * (HEADER_BYTES + 16))
+    (tmp_path / "shm").mkdir()
+    link = tmp_path / "shm" / "slot-1-abcdefabcdef-0"
+    link.symlink_to(target)
+    shm = ShmTransport(tmp_path / "shm")
+    ref = TensorRef(transport="shm", key=f"{link.name}:0:k", dtype="uint8", shape=[16], nbytes=16, checksum="")
+    with pytest.raises(MissingBlobError, match="symlink"):
+        shm.get(ref)
+    os.utime(link, (0, 0), follow_symlinks=False)
+    assert shm.sweep(3600) == 1 and not link.is_symlink() and target.exists()
+
+
+ZERO_COPY_PRODUCER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from disagfusion.transport.shm import ShmTransport
+    shm = ShmTransport(Path(sys.argv[1]))
+    out = shm.empty((3, 100, 1000), torch.bfloat16)
+    torch.arange(out.numel(), out=out.view(-1))
+    print(shm.put("k", out).model_dump_json(), flush=True)
+    """
+)
+
+
+def test_a_tensor_written_in_another_process_outlives_its_producer_and_its_file(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", ZERO_COPY_PRODUCER, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=60, check=True)
+    ref = TensorRef.model_validate_json(done.stdout)
+    consumer = ShmTransport(tmp_path)
+    got = consumer.get(ref)
+    expected = torch.arange(300_000, dtype=torch.bfloat16).view(3, 100, 1000)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    consumer.delete(ref)
+    assert consumer.sweep(3600) == 1 and slot_files(tmp_path) == []  # the dead producer's freed slot went
+    assert torch.equal(got, expected)  # still mapped: an unlinked file stays valid for who maps it
+    with pytest.raises(MissingBlobError):
+        ShmTransport(tmp_path).get(ref)

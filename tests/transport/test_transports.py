@@ -13,7 +13,7 @@ from disagfusion.config import Settings
 from disagfusion.transport import ChecksumError, MissingBlobError, Transports
 from disagfusion.transport.redis import KEY_PREFIX
 from disagfusion.transport.ref import tensor_bytes
-from disagfusion.transport.shm import HEADER_BYTES, parse_key
+from disagfusion.transport.shm import parse_key
 
 TENSORS = {
     "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
@@ -41,9 +41,10 @@ def test_round_trip_is_bit_exact(transports: Transports, name: str) -> None:
     tensor = TENSORS[name]
     ref = transports.put(f"job.test.{name}", tensor)
     assert ref.transport == transports.settings.transport
-    back = transports.get(ref)
-    assert back.dtype == tensor.dtype and back.shape == tensor.shape
-    assert np.array_equal(tensor_bytes(back), tensor_bytes(tensor))
+    back, again = transports.get(ref), transports.get(ref)  # shm: a view of the mapping, then a copy
+    for got in (back, again):
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert np.array_equal(tensor_bytes(got), tensor_bytes(tensor))
 
 
 def test_inline_round_trip() -> None:
@@ -54,20 +55,20 @@ def test_inline_round_trip() -> None:
         assert torch.equal(t.get(ref), tensor), name
 
 
-def test_corrupted_blob_is_detected(transports: Transports) -> None:
-    tensor = torch.arange(1000, dtype=torch.float32)
-    ref = transports.put("job.test.corrupt", tensor)
-    if ref.transport == "shm":
-        with open(transports.shm.directory / parse_key(ref.key)[0], "r+b") as f:
-            f.seek(HEADER_BYTES + 17)
-            byte = f.read(1)[0]
-            f.seek(HEADER_BYTES + 17)
-            f.write(bytes([byte ^ 0x01]))
-    else:
-        key = KEY_PREFIX + ref.key
-        transports.redis.client.setrange(key, 17, bytes([transports.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
+def test_corrupted_bytes_are_detected_where_they_cross_a_boundary(redis_server: str) -> None:
+    """Redis and inline bytes leave the process (a server, the network, a message) and are
+    checksummed; shm bytes stay in this host's memory and are not (see transport/shm.py)."""
+    t = Transports(Settings(transport="redis", inline_max_bytes=0, redis_url=redis_server))
+    ref = t.put("job.test.corrupt", torch.arange(1000, dtype=torch.float32))
+    key = KEY_PREFIX + ref.key
+    t.redis.client.setrange(key, 17, bytes([t.redis.client.getrange(key, 17, 17)[0] ^ 0x01]))
     with pytest.raises(ChecksumError, match="corrupted"):
-        transports.get(ref)
+        t.get(ref)
+    inline = t.inline.put("job.test.inline", torch.arange(10, dtype=torch.float32))
+    flipped = bytes([inline.data[0] ^ 0x01]) + inline.data[1:]
+    with pytest.raises(ChecksumError, match="corrupted"):
+        t.get(inline.model_copy(update={"data": flipped}))
+    t.close()
 
 
 def test_deleted_blob_is_reported(transports: Transports) -> None:
@@ -87,3 +88,17 @@ def test_janitor_removes_only_expired_blobs(tmp_path: Path, age_slot) -> None:
     assert torch.equal(t.get(new), torch.ones(4))
     with pytest.raises(MissingBlobError, match="expired or deleted"):
         t.get(old)
+
+
+def test_empty_gives_a_slot_only_where_put_would_use_shm(tmp_path: Path, redis_server: str) -> None:
+    shm = Transports(Settings(inline_max_bytes=1024, shm_dir=tmp_path))
+    small, large = shm.empty((16,), torch.float32), shm.empty((64, 64), torch.float32)
+    assert not shm.shm._writing.get(small.data_ptr()) and shm.shm._writing.get(large.data_ptr())
+    large.fill_(2.5)
+    ref = shm.put("job.test.large", large)
+    assert ref.transport == "shm" and not shm.shm._writing  # sealed in place, not copied
+    assert torch.equal(shm.get(ref), torch.full((64, 64), 2.5))
+    redis = Transports(Settings(transport="redis", inline_max_bytes=0, shm_dir=tmp_path, redis_url=redis_server))
+    assert not redis.shm._writing.get(redis.empty((64, 64), torch.float32).data_ptr())
+    shm.close()
+    redis.close()
