@@ -387,6 +387,8 @@ class Attempt(Message):
     worker: str
     delivery: int
     t: float = Field(default_factory=time.time)
+    error: str | None = None
+    """How the delivery failed, when the worker lived to say (else it never answered)."""
 
 
 class DeadLetter(Message):

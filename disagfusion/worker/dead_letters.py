@@ -33,7 +33,13 @@ class DeadLetters:
     async def taken(self, msg: Msg, spec: JobSpec) -> None:
         """Remember that this worker took this delivery. Best effort: a missing record only
         makes a later error result less precise."""
-        attempt = Attempt(worker=self.worker, delivery=msg.metadata.num_delivered)
+        await self._record(spec, Attempt(worker=self.worker, delivery=msg.metadata.num_delivered))
+
+    async def failed(self, msg: Msg, spec: JobSpec, error: str) -> None:
+        """Remember that this delivery failed with ``error`` and is left to be redelivered."""
+        await self._record(spec, Attempt(worker=self.worker, delivery=msg.metadata.num_delivered, error=error))
+
+    async def _record(self, spec: JobSpec, attempt: Attempt) -> None:
         try:
             await self._attempts.put(attempt_key(spec.job_id, self.stage), pack(attempt))
         except Exception as exc:
@@ -47,6 +53,8 @@ class DeadLetters:
         except (KeyNotFoundError, DecodeError):
             return "no worker recorded taking it, so none lived long enough to load its inputs"
         when = time.strftime("%H:%M:%S UTC", time.gmtime(attempt.t))
+        if attempt.error:
+            return f"delivery {attempt.delivery} was taken by {attempt.worker} at {when} and failed: {attempt.error}"
         return (f"delivery {attempt.delivery} was taken by {attempt.worker} at {when} and never answered "
                 f"(that worker died, was killed, or stalled past DF_ACK_WAIT_S)")
 

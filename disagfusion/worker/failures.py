@@ -51,6 +51,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # a stream electing its leader in a cluster
 )
 """Failures of the world around the worker, not of the task: they pass when it recovers."""
 
@@ -68,6 +69,12 @@ def classify(exc: BaseException) -> Outcome:
     if isinstance(exc, TRANSIENT) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS):
         return Outcome.RETRY
     return Outcome.DEAD
+
+
+def never_fits(exc: BaseException) -> bool:
+    """The output can never be sent as it is (larger than NATS's max payload): sending it again
+    would fail the same way."""
+    return isinstance(exc, nats.errors.MaxPayloadError)
 
 
 def retry_delay(deliveries: int, base_s: float, most_s: float) -> float:

@@ -474,7 +474,16 @@ class StageWorker:
             try:
                 await self._send(job)
             except Exception as exc:
-                await self._failed(job.msg, job.task, exc, f"stage {self.stage} could not hand on its output")
+                doing = f"stage {self.stage} could not hand on its output"
+                if failures.classify(exc) is failures.Outcome.DEAD and not failures.never_fits(exc):
+                    # Unexpected here, after the compute, and likely the world's (a cluster
+                    # failing over): not acked, so the task is redelivered and replayed after
+                    # AckWait, as a counted delivery; if they run out, the job's error names this.
+                    log.exception("%s: job %s: %s; it is redelivered", self.name, job.spec.job_id, doing)
+                    await self._dead_letters.failed(job.msg, job.spec, f"{doing}: {failures.describe(exc)}")
+                    self.in_flight.release(job.msg)
+                else:
+                    await self._failed(job.msg, job.task, exc, doing)
                 continue
             self.in_flight.release(job.msg)
             try:

@@ -84,3 +84,37 @@ async def test_a_task_out_of_deliveries_names_the_worker_that_never_answered(
             worker.stop()
             await asyncio.wait_for(task, 30)
         await stack.close()
+
+
+class UnluckySender(StageWorker):
+    """A worker whose every hand-off fails in a way nothing expects."""
+
+    async def emit(self, job) -> None:
+        raise RuntimeError("the output went nowhere")
+
+
+async def test_an_unexpected_send_failure_is_redelivered_and_its_give_up_names_it(
+    nats_server: str, tmp_path: Path
+) -> None:
+    """After the compute, an unexpected failure is more likely the world's than the task's: the
+    task is redelivered (a counted delivery), and once deliveries run out, its error says how
+    the last one failed."""
+    [job] = specs(1)
+    stack = await submit_denoise_tasks(nats_server, [job])
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", max_deliver=1, ack_wait_s=1.0,
+                        worker_name="dit-unlucky")
+    model = SlowModel(0.01)
+    worker = UnluckySender("denoise", settings, load_model=lambda name, stage, s: model)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with Client(Settings(nats_url=nats_server)) as client:
+            result = await client.result(job.job_id, timeout=20)
+        assert len(model.batches) == 1  # run once, sent never, redelivered once, then given up
+        assert result.error.startswith("stage denoise gave up after 1 delivery attempts; the last: delivery 1 was "
+                                       "taken by dit-unlucky at ")
+        assert result.error.endswith("and failed: stage denoise could not hand on its output: "
+                                     "RuntimeError: the output went nowhere")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await stack.close()

@@ -28,6 +28,7 @@ from disagfusion.worker.failures import Outcome, classify, describe, retry_delay
         (redis.exceptions.OutOfMemoryError("OOM"), Outcome.RETRY),
         (nats.errors.TimeoutError(), Outcome.RETRY),
         (nats.js.errors.ServiceUnavailableError(), Outcome.RETRY),
+        (nats.js.errors.NoStreamResponseError(), Outcome.RETRY),
         (OSError(errno.ENOSPC, "No space left on device"), Outcome.RETRY),
         (PermissionError(errno.EACCES, "denied"), Outcome.DEAD),
     ],
