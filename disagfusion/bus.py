@@ -19,7 +19,16 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from disagfusion.config import BusSettings, comma_list
-from disagfusion.protocol import HANDBACKS_BUCKET, OUTPUTS_BUCKET, RESULTS_STREAM, WORK_STREAM, consumer_name, work_subject
+from disagfusion.protocol import (
+    ATTEMPTS_BUCKET,
+    DLQ_STREAM,
+    HANDBACKS_BUCKET,
+    OUTPUTS_BUCKET,
+    RESULTS_STREAM,
+    WORK_STREAM,
+    consumer_name,
+    work_subject,
+)
 
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
@@ -107,6 +116,18 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             num_replicas=settings.stream_replicas,
         ),
     )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=["df.dlq.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=float(settings.dlq_max_age_s),
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=settings.stream_replicas,
+        ),
+    )
 
 
 async def outputs_bucket(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
@@ -133,6 +154,17 @@ async def handbacks_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
             return await js.create_key_value(bucket=HANDBACKS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
         except BadRequestError:
             return await js.key_value(HANDBACKS_BUCKET)
+
+
+async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """Which worker took the latest delivery of each task (key ``<job_id>.<stage>``)."""
+    try:
+        return await js.key_value(ATTEMPTS_BUCKET)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=ATTEMPTS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
+        except BadRequestError:
+            return await js.key_value(ATTEMPTS_BUCKET)
 
 
 async def ensure_consumer(js: JetStreamContext, stage: str, model: str, ack_wait_s: float) -> str:

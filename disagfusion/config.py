@@ -41,6 +41,8 @@ class BusSettings(BaseSettings):
     theirs."""
     results_max_age_s: int = Field(default=24 * 3600, ge=1)
     """Results (and their large outputs) are kept this long."""
+    dlq_max_age_s: int = Field(default=7 * 24 * 3600, ge=1)
+    """Dead-lettered tasks (``DF_DLQ``) are kept this long for ``disagfusion dlq`` to show or replay."""
     heartbeat_s: float = Field(default=5.0, gt=0)
     """How often a service tells JetStream it still works on what it holds, and the container
     runtime that it is alive (at most every 5 s)."""
@@ -149,6 +151,14 @@ class WorkerSettings(BaseSettings):
     Unlimited by default; the encoder's batches have no pixels."""
     max_batch_wait_ms: float = Field(default=0.0, ge=0)
     """How long a batch waits for more jobs after its first one."""
+    retry_delay_s: float = Field(default=1.0, gt=0)
+    retry_max_delay_s: float = Field(default=30.0, gt=0)
+    """A task that failed because Redis, NATS, memory or disk was briefly unavailable goes back
+    to the queue after retry_delay_s, doubled on each further retry up to retry_max_delay_s.
+    Such retries do not count against max_deliver: an outage does not fail the jobs."""
+    fetch_stall_s: float = Field(default=60.0, gt=0)
+    """The health check turns unhealthy when a pull has not come back for this long while the
+    worker has room for work and work is queued for it."""
     drain_timeout_s: float = Field(default=60.0, ge=0)
     """On SIGTERM, how long to finish held jobs before handing them back to the queue."""
     worker_name: str = ""

@@ -8,10 +8,13 @@ file that ``docker compose up`` uses.
 
 The processes outlive the command that started them (``disagfusion up`` returns at once);
 their ids, ports and logs are kept in the data directory, which ``down`` and ``scale`` read.
+A supervisor process (``disagfusion.supervisor``) restarts the ones that die, as each
+service's compose ``restart`` policy says.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -22,6 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -36,7 +41,9 @@ INFRASTRUCTURE = ("nats", "redis")
 """Compose services the launcher runs itself, from the binaries of the pip packages."""
 
 _STATE_LOCK = threading.Lock()
-"""Serialises read-change-save of stack.json: the scheduler scales services from several threads."""
+"""Serialises read-change-save of stack.json among threads (the scheduler scales services from
+several); a file lock does it among processes (the CLI, the scheduler, the supervisor)."""
+RESTART_POLICIES = ("no", "always", "on-failure", "unless-stopped")
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -46,6 +53,8 @@ class ServiceSpec(BaseModel):
     command: list[str]
     environment: dict[str, str]
     replicas: int = 1
+    restart: str = "no"
+    """compose's restart policy: no, always, on-failure or unless-stopped."""
 
 
 class Proc(BaseModel):
@@ -54,6 +63,16 @@ class Proc(BaseModel):
     health_file: Path | None = None
     url: str | None = None
     """Where a service that serves HTTP (the gateway) answers."""
+    command: list[str] = []
+    """What started it (nats and redis: the supervisor restarts them with it)."""
+    restarts: int = 0
+    """How often the supervisor restarted this replica."""
+    crashes: list[float] = []
+    """When it died lately (unix seconds), for the supervisor's backoff and give-up rule."""
+    restart_at: float | None = None
+    """Dead, and due to be restarted at this time."""
+    gave_up: str | None = None
+    """Dead, and not restarted any more: why."""
 
 
 class StackState(BaseModel):
@@ -63,6 +82,7 @@ class StackState(BaseModel):
     nats: Proc
     redis: Proc
     services: dict[str, list[Proc]] = {}
+    supervisor: Proc | None = None
 
     @property
     def gateway_url(self) -> str | None:
@@ -101,6 +121,7 @@ def load_services(compose_file: Path = COMPOSE_FILE) -> dict[str, ServiceSpec]:
             command=[interpolate(str(part)) for part in svc["command"]],
             environment={k: interpolate(str(v)) for k, v in env.items() if v is not None},
             replicas=(svc.get("deploy") or {}).get("replicas", 1),
+            restart=svc.get("restart", "no"),
         )
     return services
 
@@ -133,7 +154,8 @@ def binary(name: str) -> str:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,7 +209,16 @@ class Launcher:
             return None
         return StackState.model_validate_json(self.state_file.read_text())
 
-    def _save(self, state: StackState) -> None:
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold while reading, changing and saving the state."""
+        with _STATE_LOCK:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.data_dir / "stack.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
+
+    def save(self, state: StackState) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(state.model_dump_json(indent=2))
         tmp.replace(self.state_file)
@@ -203,13 +234,13 @@ class Launcher:
         state = self.state()
         if state is None:
             return {}
-        return {name: sum(_alive(p.pid) for p in procs) for name, procs in state.services.items()}
+        return {name: sum(alive(p.pid) for p in procs) for name, procs in state.services.items()}
 
     # ----------------------------------------------------------------- up / down
 
     def up(self, scales: dict[str, int] | None = None, wait: bool = True, timeout: float = 120.0) -> StackState:
         state = self.state()
-        if state is not None and _alive(state.nats.pid):
+        if state is not None and alive(state.nats.pid):
             raise LauncherError(f"a stack is already running from {self.data_dir} (disagfusion down stops it)")
         self.logs.mkdir(parents=True, exist_ok=True)
         nats_port, redis_port = free_port(), free_port()
@@ -217,11 +248,7 @@ class Launcher:
             "nats",
             [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(self.data_dir / "nats")],
         )
-        redis = self._spawn(
-            "redis",
-            [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
-             "--dir", str(self.data_dir)],
-        )
+        redis = self._spawn("redis", redis_command(redis_port, self.data_dir))
         wait_port(nats_port, nats[1], "nats-server")
         wait_port(redis_port, redis[1], "redis-server")
         state = StackState(
@@ -231,19 +258,33 @@ class Launcher:
             nats=nats[0],
             redis=redis[0],
         )
-        self._save(state)
+        self.save(state)
         scales = scales or {}
         for name, spec in self.services.items():
             self.scale(name, scales.get(name, spec.replicas), wait=False)
+        self._start_supervisor()
         if wait:
             self.wait_healthy(timeout)
         return self.state()
+
+    def _start_supervisor(self) -> None:
+        command = [sys.executable, "-m", "disagfusion.supervisor", str(self.data_dir),
+                   "--compose-file", str(self.compose_file)]
+        if self.models_dir is not None:
+            command += ["--models-dir", str(self.models_dir)]
+        supervisor, _ = self._spawn("supervisor", command, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        with self.locked():
+            state = self.state()
+            state.supervisor = supervisor
+            self.save(state)
 
     def down(self, timeout: float = 60.0) -> None:
         """Drain and stop the services, then stop NATS and Redis."""
         state = self.state()
         if state is None:
             return
+        if state.supervisor is not None:  # first, or it would restart what is stopped
+            _terminate([state.supervisor.pid], 10.0)
         procs = [p for ps in state.services.values() for p in ps]
         _terminate([p.pid for p in procs], timeout)
         _terminate([state.redis.pid, state.nats.pid], 10.0)
@@ -253,39 +294,46 @@ class Launcher:
     # ----------------------------------------------------------------- scaling
 
     def scale(self, service: str, replicas: int, wait: bool = True, timeout: float = 120.0) -> None:
-        """Start or drain processes until ``service`` has ``replicas`` of them.
+        """Start or drain processes until ``service`` has ``replicas`` live ones, whatever state
+        its replicas are in: dead ones (awaiting a restart, or given up) are replaced.
 
         Scaling down sends SIGTERM to the newest processes and waits for them to drain."""
         if service not in self.services:
             raise LauncherError(f"unknown service {service!r}; compose.yaml has {sorted(self.services)}")
-        with _STATE_LOCK:
+        with self.locked():
             state = self.state()
             if state is None:
                 raise LauncherError("no stack is running (disagfusion up starts one)")
-            procs = [p for p in state.services.get(service, []) if _alive(p.pid)]
+            procs = [p for p in state.services.get(service, []) if alive(p.pid)]
             while len(procs) < replicas:
                 procs.append(self._spawn_service(state, service, len(procs)))
             extra, procs = procs[replicas:], procs[:replicas]
             state.services[service] = procs
-            self._save(state)
+            self.save(state)
         _terminate([p.pid for p in extra], timeout=self._drain_timeout(service) + 10.0)
         if wait:
-            self.wait_healthy(timeout)
+            self.wait_healthy(timeout, [service])
 
     def _drain_timeout(self, service: str) -> float:
         return float(self.services[service].environment.get("DF_DRAIN_TIMEOUT_S", 60.0))
 
-    def wait_healthy(self, timeout: float = 120.0) -> None:
-        """Wait until every service process reports itself connected and consuming."""
+    def wait_healthy(self, timeout: float = 120.0, services: list[str] | None = None) -> None:
+        """Wait until every process of ``services`` (all when None) reports itself connected and
+        consuming. A dead one the supervisor is about to restart is waited for; one it gave up
+        on (or that no policy restarts) fails the wait."""
         deadline = time.monotonic() + timeout
         while True:
             state = self.state()
             pending = []
             for name, procs in state.services.items():
+                if services is not None and name not in services:
+                    continue
                 for proc in procs:
-                    if not _alive(proc.pid):
-                        raise LauncherError(f"{name} (pid {proc.pid}) exited; see {proc.log}")
-                    if health_age(proc.health_file) is None:
+                    if not alive(proc.pid):
+                        if proc.gave_up or self.services[name].restart == "no" or state.supervisor is None:
+                            raise LauncherError(f"{name} (pid {proc.pid}) exited; see {proc.log}")
+                        pending.append(f"{name} (restarting)")
+                    elif health_age(proc.health_file) is None:
                         pending.append(f"{name} (pid {proc.pid})")
             if not pending:
                 return
@@ -317,6 +365,10 @@ class Launcher:
         stack_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:10]
         return Path(f"/dev/shm/disagfusion-{stack_id}")
 
+    def respawn(self, state: StackState, service: str, index: int) -> Proc:
+        """A new process for a dead replica (the supervisor's restart)."""
+        return self._spawn_service(state, service, index)
+
     def _spawn_service(self, state: StackState, service: str, index: int) -> Proc:
         command = list(self.services[service].command)
         if command[0] in ("python", "python3"):
@@ -345,7 +397,16 @@ class Launcher:
                 cwd=self.compose_file.parent,
                 start_new_session=True,  # outlives `disagfusion up`, and Ctrl-C in its terminal
             )
-        return Proc(pid=popen.pid, log=log), popen
+        return Proc(pid=popen.pid, log=log, command=command), popen
+
+
+def redis_command(port: int, directory: Path) -> list[str]:
+    """The embedded redis-server. Persistent, as in compose.yaml: tensors handed between stages
+    are the only copy of a job's progress once the producer acked its input, so a Redis restart
+    must not lose them. The append-only file is synced every second (a crash loses at most the
+    last second's writes); RDB snapshots stay off."""
+    return [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory)]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -366,8 +427,8 @@ def _terminate(pids: list[int], timeout: float) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -9,14 +9,15 @@ docs/protocol.md describes the same thing for clients in other languages.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from disagfusion.errors import DisagFusionError
 
@@ -67,6 +68,8 @@ WORK_STREAM = "DF_WORK"
 RESULTS_STREAM = "DF_RESULTS"
 OUTPUTS_BUCKET = "DF_OUTPUTS"
 HANDBACKS_BUCKET = "DF_HANDBACKS"
+ATTEMPTS_BUCKET = "DF_ATTEMPTS"
+DLQ_STREAM = "DF_DLQ"
 SCHEDULER_BUCKET = "DF_SCHEDULER"
 SCHEDULER_STATUS_KEY = "status"
 SCHEDULER_PINS_KEY = "pins"
@@ -98,6 +101,11 @@ def metrics_subject(stage: str) -> str:
     return f"df.metrics.{stage}"
 
 
+def dlq_subject(stage: str, model: str) -> str:
+    """Where a dead-lettered task of ``stage`` for ``model`` is kept, in ``DF_DLQ``."""
+    return f"df.dlq.{stage}.{model}"
+
+
 def ipc_release_subject(producer: str) -> str:
     """Where a CUDA IPC producer hears that a consumer is done with one of its tensors."""
     return f"df.ipc.release.{producer}"
@@ -110,14 +118,25 @@ def engram_lookup_subject(arena: str) -> str:
     return f"df.engram.lookup.{arena}"
 
 
-def task_msg_id(job_id: str, stage: str) -> str:
+def _replayed(msg_id: str, replay: int) -> str:
+    """A message id of the ``replay``-th run of a job from the dead-letter stream: the failed
+    run's ids are remembered for the duplicate window, and the replay's must not match them."""
+    return f"{msg_id}:replay{replay}" if replay else msg_id
+
+
+def task_msg_id(job_id: str, stage: str, replay: int = 0) -> str:
     """``Nats-Msg-Id`` of a job's task for ``stage``: a replayed publish is stored once."""
-    return f"{job_id}:{stage}"
+    return _replayed(f"{job_id}:{stage}", replay)
 
 
-def result_msg_id(job_id: str) -> str:
-    """``Nats-Msg-Id`` of a job's result: one result per job, whoever publishes it."""
-    return f"{job_id}:result"
+def result_msg_id(job_id: str, replay: int = 0) -> str:
+    """``Nats-Msg-Id`` of a job's result: one result per job (per replay), whoever publishes it."""
+    return _replayed(f"{job_id}:result", replay)
+
+
+def attempt_key(job_id: str, stage: str) -> str:
+    """Key in ``DF_ATTEMPTS``: which worker took the latest delivery of this task, and when."""
+    return f"{job_id}.{stage}"
 
 
 def consumer_name(stage: str, model: str) -> str:
@@ -137,7 +156,8 @@ def unserved_consumer_name(model: str) -> str:
 
 
 def handback_key(job_id: str, stage: str) -> str:
-    """Key in ``DF_HANDBACKS``: how often a draining worker handed this task back unstarted."""
+    """Key in ``DF_HANDBACKS``: how often a worker handed this task back without failing it (a
+    drain, or a retry after Redis or NATS was briefly away)."""
     return f"{job_id}.{stage}"
 
 
@@ -235,21 +255,49 @@ class JobSpec(Message):
 
 TransportName = Literal["inline", "shm", "redis", "cuda_ipc"]
 
+TENSOR_ITEMSIZES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+"""Bytes per element of every dtype a ``TensorRef`` may name (numpy names, plus bfloat16)."""
+
 
 class TensorRef(Strict):
     """One stored tensor, as the next stage's task names it (inside a versioned ``StageTask``).
-    The bytes are the tensor's memory in C order; ``dtype`` is a numpy name or ``bfloat16``."""
+    The bytes are the tensor's memory in C order; ``dtype`` is a numpy name or ``bfloat16``.
+
+    A ref that cannot describe a tensor (an unknown dtype, a shape that does not hold
+    ``nbytes``) fails validation, so its task is answered as undecodable when it arrives
+    instead of failing deep inside the worker that rebuilds the tensor."""
 
     transport: TransportName
     key: str
     dtype: str
-    shape: list[int]
-    nbytes: int
+    shape: list[Annotated[int, Field(ge=0)]]
+    nbytes: int = Field(ge=0)
     checksum: str
     """xxh3-64 of the raw bytes, hex, where the bytes leave the host's memory (inline, redis);
     empty for shm and cuda_ipc, whose bytes stay in one host's (or device's) memory."""
     data: bytes | None = None
     """The bytes themselves, for the inline transport only."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in TENSOR_ITEMSIZES:
+            raise ValueError(f"unknown dtype {value!r} (known: {', '.join(TENSOR_ITEMSIZES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _shape_holds_nbytes(self) -> TensorRef:
+        expected = math.prod(self.shape) * TENSOR_ITEMSIZES[self.dtype]
+        if expected != self.nbytes:
+            raise ValueError(
+                f"tensor {self.key!r}: shape {self.shape} of {self.dtype} is {expected} bytes, not nbytes={self.nbytes}"
+            )
+        if self.data is not None and len(self.data) != self.nbytes:
+            raise ValueError(f"tensor {self.key!r}: {len(self.data)} inline bytes, not nbytes={self.nbytes}")
+        return self
 
 
 class StageTask(Message):
@@ -264,6 +312,9 @@ class StageTask(Message):
     batch_sizes: dict[str, int] = Field(default_factory=dict)
     """Jobs in the batch each stage so far ran this job in."""
     submitted_at: float = Field(default_factory=time.time)
+    replay: int = Field(default=0, ge=0)
+    """How often an operator replayed this job from the dead-letter stream (``disagfusion dlq
+    replay``); part of its message ids (``task_msg_id``), carried to the following stages."""
 
     def handed_on(self, tensors: dict[str, TensorRef], seconds: float, batch_size: int) -> StageTask:
         """The next stage's task: this stage's outputs, and its time and batch size added."""
@@ -272,7 +323,7 @@ class StageTask(Message):
             raise ValueError(f"stage {self.stage} is the last: its output is the job's result")
         timings, batch_sizes = self.with_stage(seconds, batch_size)
         return StageTask(job=self.job, stage=stage.next, tensors=tensors, timings=timings, batch_sizes=batch_sizes,
-                         submitted_at=self.submitted_at)
+                         submitted_at=self.submitted_at, replay=self.replay)
 
     def with_stage(self, seconds: float, batch_size: int) -> tuple[dict[str, float], dict[str, int]]:
         """``timings`` and ``batch_sizes`` with this stage's own added."""
@@ -331,6 +382,36 @@ class ProgressEvent(Message):
     stage: str | None = None
     step: int | None = None
     total: int | None = None
+    t: float = Field(default_factory=time.time)
+
+
+class Attempt(Message):
+    """Who took the latest delivery of a task, under ``attempt_key`` in ``DF_ATTEMPTS``: when a
+    task runs out of deliveries, what the last one ended in is the cause its error result gives."""
+
+    worker: str
+    delivery: int
+    t: float = Field(default_factory=time.time)
+    error: str | None = None
+    """How the delivery failed, when the worker lived to say (else it never answered)."""
+
+
+class DeadLetter(Message):
+    """A task given up for a reason other than a user's error, on ``df.dlq.<stage>.<model>`` in
+    ``DF_DLQ``: the task as it was delivered, and why it was given up. ``disagfusion dlq replay``
+    publishes ``task`` again."""
+
+    job_id: str | None
+    """None for a message so broken that its job id could not be read."""
+    stage: str
+    model: str | None
+    subject: str
+    """Where the task was consumed from, and where a replay publishes it."""
+    reason: str
+    deliveries: int
+    worker: str
+    task: bytes
+    """The task message's bytes, as delivered."""
     t: float = Field(default_factory=time.time)
 
 

@@ -3,14 +3,14 @@
 An application above the services: it may import ``disagfusion`` and ``services`` (the
 scheduler's planner), and nothing imports it. One module per group of commands: ``stack``
 (up, down, scale, status), ``jobs`` (generate, submit) and ``tools`` (profile, plan,
-init-model; ``engram`` is its own group).
+init-model; ``engram`` and ``dlq`` are groups of their own).
 """
 
 from __future__ import annotations
 
 import typer
 
-from disagfusion_cli import engram, jobs, stack, tools
+from disagfusion_cli import dlq, engram, jobs, stack, tools
 
 app = typer.Typer(help="DisagFusion: diffusion models served as a disaggregated pipeline.", no_args_is_help=True)
 
@@ -24,3 +24,4 @@ app.command()(tools.profile)
 app.command()(tools.plan)
 app.command("init-model")(tools.init_model)
 app.add_typer(engram.app, name="engram")
+app.add_typer(dlq.app, name="dlq")

@@ -117,6 +117,42 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
+class RestartableRedis:
+    """A redis-server of one test's own, which the test stops and starts again (on the same
+    port, with an empty store) to play an outage."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                   "--dir", str(self.directory)]
+        with open(self.directory / "redis.log", "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_port(self.port, self.proc, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """One torch thread here and in every service a test starts (DF_TORCH_THREADS): the tiny

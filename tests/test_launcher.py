@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from disagfusion.launcher import _alive
+from disagfusion.launcher import alive
 
 # A parent that starts one child, prints its pid and never reaps it.
 PARENT = """
@@ -29,11 +29,53 @@ def test_an_exited_process_another_parent_has_not_reaped_is_gone() -> None:
     running_parent, running_pid = _grandchild(60.0)
     try:
         deadline = time.monotonic() + 20
-        while _alive(pid):
+        while alive(pid):
             assert time.monotonic() < deadline, f"pid {pid} exited but still counts as alive"
             time.sleep(0.05)
-        assert _alive(running_pid)
+        assert alive(running_pid)
     finally:
         for p in (parent, running_parent):
             p.kill()
             p.wait()
+
+
+def test_the_transport_set_for_up_reaches_the_stage_services(monkeypatch) -> None:
+    """compose.yaml says ${DF_TRANSPORT:-shm}: `DF_TRANSPORT=redis disagfusion up` is not ignored."""
+    from disagfusion.launcher import load_services
+
+    assert {s.environment["DF_TRANSPORT"] for s in load_services().values()} == {"shm"}
+    monkeypatch.setenv("DF_TRANSPORT", "redis")
+    services = load_services()
+    assert {services[name].environment["DF_TRANSPORT"] for name in ("encoder", "dit", "decoder")} == {"redis"}
+    assert {services[name].restart for name in ("encoder", "dit", "decoder")} == {"unless-stopped"}
+
+
+def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
+    """Append-only, synced every second: a key written more than a second before a SIGKILL is
+    there after the restart (tensor blobs survive a Redis restart)."""
+    import redis
+
+    from disagfusion.launcher import free_port, redis_command, wait_port
+
+    port = free_port()
+    command = redis_command(port, tmp_path)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, server, "redis-server")
+        redis.Redis(port=port).set("df:blob:kept", b"\x00tensor bytes")
+        time.sleep(1.5)
+        server.kill()
+        server.wait()
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, server, "redis-server")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert redis.Redis(port=port).get("df:blob:kept") == b"\x00tensor bytes"
+                break
+            except redis.exceptions.BusyLoadingError:  # replaying the file
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        server.kill()
+        server.wait()

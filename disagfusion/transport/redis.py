@@ -10,13 +10,17 @@ from disagfusion.protocol import MissingBlobError, TensorRef, TransportName
 from disagfusion.transport.ref import describe, tensor_bytes, tensor_from_buffer, verify
 
 KEY_PREFIX = "df:blob:"
+CONNECT_TIMEOUT_S = 5.0
+IO_TIMEOUT_S = 60.0
 
 
 class RedisTransport:
     name: TransportName = "redis"
 
     def __init__(self, url: str, ttl_s: int):
-        self.client = redis.Redis.from_url(url)
+        # Bounded waits: an unreachable Redis must raise (the worker retries the task later),
+        # not hang a handoff thread forever.
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=IO_TIMEOUT_S)
         self.ttl_s = ttl_s
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:

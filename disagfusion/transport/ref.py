@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import xxhash
 
-from disagfusion.protocol import ChecksumError, TensorRef, TransportName
+from disagfusion.protocol import TENSOR_ITEMSIZES, ChecksumError, TensorRef, TransportName
 
 # Wire names are numpy-style names, plus bfloat16 which numpy lacks.
 DTYPES: dict[str, torch.dtype] = {
@@ -28,6 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+assert {name: torch.tensor([], dtype=t).element_size() for name, t in DTYPES.items()} == TENSOR_ITEMSIZES
 
 
 def checksum(buf: memoryview | bytes | np.ndarray) -> str:

@@ -1,7 +1,8 @@
 """The in-flight ledger: every task a stage worker holds, from the pull that takes it to its end.
 
 A task ends in exactly one of three ways: acked (its output is published), terminated (it got
-an error result) or handed back (nak'd unstarted, for another instance to start at once), and
+an error result) or handed back (nak'd, for another instance to start at once, or after a delay
+when Redis or NATS was briefly away), and
 each of them goes through ``release``, the one place a slot comes free. The ledger bounds how
 many tasks a worker holds (``capacity`` slots), knows which are admitted but not started (the
 fetch-ahead rule estimates them), and counts hand-backs in the KV bucket ``DF_HANDBACKS`` so
@@ -100,13 +101,14 @@ class InFlight:
         self._waiting.pop(id(msg), None)
         self._changed.set()
 
-    async def hand_back(self, msg: Msg, spec: JobSpec) -> None:
+    async def hand_back(self, msg: Msg, spec: JobSpec, delay_s: float | None = None) -> None:
         """Return an unstarted task to the queue, where another instance takes it before newer
-        ones, and count the hand-back so it does not count as a failed delivery."""
+        ones (or, with ``delay_s``, that much later: a retry after a brief outage), and count
+        the hand-back so it does not count as a failed delivery."""
         try:
             handed = await self.handbacks_of(spec)
             await self._handbacks.put(handback_key(spec.job_id, self.stage), str(handed + 1).encode())
-            await msg.nak()
+            await msg.nak(delay=delay_s)
         except Exception as exc:  # not lost: JetStream redelivers it after AckWait
             log.warning("could not hand back job %s: %s", spec.job_id, exc)
         self.release(msg)
@@ -130,5 +132,8 @@ class InFlight:
             except TimeoutError:
                 break
         for msg in self.messages():
-            await msg.nak()
+            try:
+                await msg.nak()
+            except Exception as exc:  # not lost: JetStream redelivers it after AckWait
+                log.warning("could not hand back a task: %s", exc)
             self.release(msg)

@@ -15,24 +15,25 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from disagfusion import bus
 from disagfusion.config import Settings
 from disagfusion.cost import cost_key
-from disagfusion.health import health_path, write_health
+from disagfusion.errors import DisagFusionError
+from disagfusion.health import health_path, write_health, write_unhealthy
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors, UnloadableModel
 from disagfusion.protocol import (
-    ChecksumError,
     DecodeError,
     JobSpec,
-    MissingBlobError,
     ProgressEvent,
     ProgressKind,
     Result,
     Stage,
     StageTask,
     TimingSample,
+    consumer_name,
     events_subject,
     metrics_subject,
     pack,
@@ -44,10 +45,15 @@ from disagfusion.protocol import (
     work_subject,
 )
 from disagfusion.transport import open_transports
-from disagfusion.worker import policy
+from disagfusion.worker import failures, policy
+from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
+
+
+class WorkerCrashed(DisagFusionError, RuntimeError):
+    """One of a stage worker's loops ended while it was serving: the process must exit and be restarted."""
 
 ModelLoader = Callable[[str, str, Settings], StageModel]
 
@@ -134,6 +140,7 @@ class StageWorker:
         self.transports = open_transports(settings)
         self._stopping = asyncio.Event()
         self._in_flight: InFlight | None = None
+        self._dead_letters: DeadLetters | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         """Jobs taken for compute that did not fit the batch they came with, in order."""
@@ -147,6 +154,8 @@ class StageWorker:
         """The batch computing: (its estimated seconds, its perf_counter() start)."""
         self._progress = asyncio.Event()
         """Set when a batch starts or ends (or the worker stops): the work in hand changed."""
+        self._pulling: dict[str, float] = {}
+        """Model → when its fetch loop began the pull under way (absent while it waits for room)."""
 
     @property
     def js(self):
@@ -180,31 +189,56 @@ class StageWorker:
         for name in self.model_names:
             self.models[name] = await self._load(name)
         self._bus = await bus.connect(self.settings, self.name)
-        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, self.settings.stream_replicas))
+        replicas = self.settings.stream_replicas
+        self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
+        self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
-        fetchers = []
-        for name in self.model_names:
-            durable = await bus.ensure_consumer(self.js, self.stage, name, self.settings.ack_wait_s)
-            sub = await self.js.pull_subscribe_bind(durable, bus.WORK_STREAM)
-            fetchers.append(asyncio.create_task(self._fetch_loop(sub)))
+        subs = {name: await self._bind(name) for name in self.model_names}
+        fetchers = [asyncio.create_task(self._fetch_loop(name, sub), name=f"fetch {name}") for name, sub in subs.items()]
         helpers = [
-            asyncio.create_task(self._compute_loop()),
-            asyncio.create_task(self._send_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
-            asyncio.create_task(self._janitor_loop()),
+            asyncio.create_task(self._compute_loop(), name="compute"),
+            asyncio.create_task(self._send_loop(), name="send"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._janitor_loop(), name="janitor"),
         ]
         log.info("%s serving %s for models %s (%s pipeline)", self.name, self.stage, self.model_names, self.settings.pipeline)
-        await self._stopping.wait()
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait([stopping, *fetchers, *helpers], return_when=asyncio.FIRST_COMPLETED)
+        died = [task for task in (*fetchers, *helpers) if task.done()]
+        if died and not self._stopping.is_set():
+            await self._crash(died[0], fetchers, helpers)
         log.info("%s draining", self.name)
         await self._drain(fetchers)
+        await self._close(helpers)
+        log.info("%s stopped", self.name)
+
+    async def _close(self, helpers: list[asyncio.Task]) -> None:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
         await self._bus.close()
         self.transports.close()
-        log.info("%s stopped", self.name)
+
+    async def _crash(self, died: asyncio.Task, fetchers: list[asyncio.Task], helpers: list[asyncio.Task]) -> None:
+        """One of the worker's loops ended while it was serving: a bug, not a task's fault.
+        Say so in the health file at once, hand back every task held (another instance runs
+        them now, not after AckWait) and raise, so the process exits non-zero and its
+        supervisor restarts it. A worker that went on without one of its loops would hold its
+        tasks forever while looking alive."""
+        exc = died.exception() if not died.cancelled() else None
+        reason = f"{died.get_name()} loop of {self.name} ended: {failures.describe(exc) if exc else 'returned'}"
+        log.critical("%s; the worker exits for its supervisor to restart it", reason, exc_info=exc)
+        await asyncio.to_thread(write_unhealthy, health_path(), reason)
+        self.stop()
+        for task in (*fetchers, *helpers):
+            task.cancel()
+        await asyncio.gather(*fetchers, *helpers, return_exceptions=True)
+        await self._hand_back(self._unstarted())
+        await self.in_flight.drained(0)
+        await self._close([])
+        raise WorkerCrashed(reason) from exc
 
     def stop(self) -> None:
         self._stopping.set()
@@ -223,34 +257,69 @@ class StageWorker:
         not keep it behind this one: a DiT holding three 14 s video jobs would take a minute to
         leave. JetStream redelivers a nak'd task before newer ones."""
         await self._hand_back(self._unstarted())  # also frees a fetcher blocked on a full queue
-        await asyncio.gather(*fetchers)
+        await asyncio.gather(*fetchers, return_exceptions=True)
         await self._hand_back(self._unstarted())  # what the fetchers took meanwhile
         await self.in_flight.drained(self.settings.drain_timeout_s)
 
     # ----------------------------------------------------------------- the three parts
 
-    async def _fetch_loop(self, sub) -> None:
+    async def _bind(self, model: str):
+        """A pull subscription on the stage's durable consumer for ``model``, created if missing."""
+        durable = await bus.ensure_consumer(self.js, self.stage, model, self.settings.ack_wait_s)
+        return await self.js.pull_subscribe_bind(durable, bus.WORK_STREAM)
+
+    async def _fetch_loop(self, model: str, sub) -> None:
+        """Pull tasks for ``model`` until the worker stops. Nothing a pull or a task does ends
+        this loop: a failed pull is retried (on a consumer recreated if it was deleted), and
+        every failure of a task is answered by ``_admit``."""
         while not self._stopping.is_set():
-            await self._until_fetch_ahead()
+            await self._until_fetch_ahead()  # waiting for room is not a stall: _pulling has no entry
             # As many tasks as there are free slots, up to a batch, so the inputs of several
             # jobs are fetched at once (a slow handoff then hides behind the others and compute).
             slots = await self.in_flight.reserve(policy.pull_size(self.limits, self._last_taken))
             if not slots:  # stopping
                 break
+            self._pulling[model] = time.monotonic()
+            msgs = []
             try:
                 msgs = await sub.fetch(slots, timeout=1.0)
             except TimeoutError:
-                msgs = []
-            except Exception as exc:  # connection trouble: nats-py reconnects on its own
-                log.warning("fetch failed: %s", exc)
-                msgs = []
+                pass
+            except Exception as exc:  # connection trouble (nats-py reconnects on its own) or no consumer
+                log.warning("%s: pull for %s failed: %s", self.name, model, failures.describe(exc))
                 await asyncio.sleep(0.5)
-            self.in_flight.take(slots, msgs)
-            for job in await asyncio.gather(*(self._admit(msg) for msg in msgs)):
+                sub = await self._rebound(model, sub)
+            finally:
+                self.in_flight.take(slots, msgs)
+            admitted = await asyncio.gather(*(self._admit(msg) for msg in msgs))
+            self._pulling.pop(model, None)  # a full compute queue below is backpressure, not a stall
+            for job in admitted:
                 if job is not None:
                     self._last_taken = job.spec
                     self.in_flight.admitted(job.msg, job.spec)
                     await self._to_compute.put(job)
+
+    async def _rebound(self, model: str, sub):
+        """``sub``, or a new subscription if the consumer was deleted (by an operator, or a
+        JetStream that lost its state): without one the stage would never serve again."""
+        try:
+            await self.js.consumer_info(bus.WORK_STREAM, consumer_name(self.stage, model))
+            return sub
+        except NotFoundError:
+            log.warning("%s: consumer %s is gone; recreating it", self.name, consumer_name(self.stage, model))
+        except Exception as exc:  # NATS unreachable: keep the subscription, try again next pull
+            log.warning("%s: cannot look up consumer %s: %s", self.name, consumer_name(self.stage, model), exc)
+            return sub
+        try:
+            new = await self._bind(model)
+        except Exception as exc:
+            log.warning("%s: cannot recreate consumer %s: %s", self.name, consumer_name(self.stage, model), exc)
+            return sub
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the old subscription's server side is gone already
+            pass
+        return new
 
     def _estimate(self, spec: JobSpec) -> float:
         """What a job takes here, as the last of its shape took: unknown (infinite) for a shape
@@ -280,34 +349,56 @@ class StageWorker:
                 pass
 
     async def _admit(self, msg: Msg) -> Job | None:
-        """Decode and check a task and load its inputs; answer bad input with an error result."""
+        """Decode and check a task and load its inputs. Whatever fails is answered here (an
+        error result, a dead letter or a delayed retry: ``failures``), so no task is left held
+        and unanswered."""
+        task: StageTask | None = None
         try:
             task = unpack(StageTask, msg.data)
-        except DecodeError as exc:
-            # Report spec problems by JobSpec field name ("steps", not "job.steps").
-            field = exc.field.removeprefix("job.") if exc.field else None
-            await self._fail(msg, exc.job_id, str(exc), field)
-            return None
-        spec = task.job
-        if msg.metadata.num_delivered > self.settings.max_deliver:
-            failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
-            if failed > self.settings.max_deliver:
-                await self._fail(msg, spec.job_id, f"gave up after {self.settings.max_deliver} delivery attempts")
-                return None
-        try:
+            spec = task.job
+            if msg.metadata.num_delivered > self.settings.max_deliver:
+                failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
+                if failed > self.settings.max_deliver:
+                    cause = await self._dead_letters.last_unanswered(spec)
+                    await self._fail(msg, spec.job_id, f"stage {self.stage} gave up after {self.settings.max_deliver} "
+                                     f"delivery attempts; the last: {cause}", dead_letter=True)
+                    return None
+            await self._dead_letters.taken(msg, spec)
             model = self.models.get(spec.model)
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
             model.check(spec)
             inputs = await asyncio.to_thread(self.transports.get_all, task.tensors)
-        except SpecError as exc:
-            await self._fail(msg, spec.job_id, str(exc), exc.field)
-            return None
-        except (MissingBlobError, ChecksumError) as exc:
-            await self._fail(msg, spec.job_id, f"input of stage {self.stage} unusable: {exc}")
+        except Exception as exc:
+            await self._failed(msg, task, exc, f"input of stage {self.stage} unusable")
             return None
         await self.publish_event(spec.job_id, "stage_started")
         return Job(msg=msg, task=task, inputs=inputs)
+
+    async def _failed(self, msg: Msg, task: StageTask | None, exc: Exception, doing: str) -> None:
+        """Answer a task whose handling raised ``exc``: reject it, dead-letter it or retry it
+        later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result."""
+        outcome = failures.classify(exc)
+        if outcome is failures.Outcome.RETRY and task is not None:
+            delay = failures.retry_delay(
+                msg.metadata.num_delivered, self.settings.retry_delay_s, self.settings.retry_max_delay_s
+            )
+            log.warning("%s: job %s: %s: %s; retrying in %.1f s", self.name, task.job.job_id, doing,
+                        failures.describe(exc), delay)
+            await self.in_flight.hand_back(msg, task.job, delay)
+            return
+        dead = outcome is not failures.Outcome.REJECT
+        if isinstance(exc, DecodeError):
+            # Report spec problems by JobSpec field name ("steps", not "job.steps").
+            field = exc.field.removeprefix("job.") if exc.field and exc.field.startswith("job.") else None
+            await self._fail(msg, exc.job_id, str(exc), field, dead_letter=dead)
+            return
+        field = exc.field if isinstance(exc, SpecError) else None
+        if dead:
+            log.error("%s: job %s: %s", self.name, task.job.job_id if task else None, doing, exc_info=exc)
+        error = str(exc) if isinstance(exc, SpecError) else f"{doing}: {failures.describe(exc)}"
+        await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
+                         replay=task.replay if task else 0)
 
     async def _next_batch(self) -> list[Job]:
         """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
@@ -348,11 +439,8 @@ class StageWorker:
                 model = self.models[specs[0].model]
                 outputs = await asyncio.to_thread(model.run, specs, [job.inputs for job in batch], on_step)
             except Exception as exc:
-                field = exc.field if isinstance(exc, SpecError) else None
-                if field is None:
-                    log.exception("stage %s failed on jobs %s", self.stage, [s.job_id for s in specs])
                 for job in batch:
-                    await self._fail(job.msg, job.spec.job_id, f"stage {self.stage} failed: {exc}", field)
+                    await self._failed(job.msg, job.task, exc, f"stage {self.stage} failed")
                 continue
             finally:
                 self._running = None
@@ -384,14 +472,44 @@ class StageWorker:
         while True:
             job = await self._to_send.get()
             try:
+                await self._send(job)
+            except Exception as exc:
+                doing = f"stage {self.stage} could not hand on its output"
+                if failures.classify(exc) is failures.Outcome.DEAD and not failures.never_fits(exc):
+                    # Unexpected here, after the compute, and likely the world's (a cluster
+                    # failing over): not acked, so the task is redelivered and replayed after
+                    # AckWait, as a counted delivery; if they run out, the job's error names this.
+                    log.exception("%s: job %s: %s; it is redelivered", self.name, job.spec.job_id, doing)
+                    await self._dead_letters.failed(job.msg, job.spec, f"{doing}: {failures.describe(exc)}")
+                    self.in_flight.release(job.msg)
+                else:
+                    await self._failed(job.msg, job.task, exc, doing)
+                continue
+            self.in_flight.release(job.msg)
+            try:
+                await asyncio.to_thread(self._delete_inputs, job.task)
+            except Exception as exc:  # the janitor (or Redis's TTL) frees them later
+                log.warning("%s: could not free the inputs of job %s: %s", self.name, job.spec.job_id, exc)
+
+    async def _send(self, job: Job) -> None:
+        """Ship a job's output and ack its task, retrying where Redis or NATS is briefly away:
+        the compute is done and worth keeping. Retries in place last about an AckWait (the
+        heartbeat keeps the task held meanwhile); a replayed publish is stored once."""
+        give_up = time.monotonic() + self.settings.ack_wait_s
+        attempt = 0
+        while True:
+            try:
                 await self.emit(job)
                 await job.msg.ack_sync()
-                await asyncio.to_thread(self._delete_inputs, job.task)
-            except Exception:
-                # Not acked: JetStream redelivers after AckWait and the stage is replayed.
-                log.exception("could not hand off job %s; it will be redelivered", job.spec.job_id)
-            finally:
-                self.in_flight.release(job.msg)
+                return
+            except Exception as exc:
+                attempt += 1
+                delay = failures.retry_delay(attempt, self.settings.retry_delay_s, self.settings.retry_max_delay_s)
+                if failures.classify(exc) is not failures.Outcome.RETRY or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("%s: job %s: sending failed (%s); retrying in %.1f s", self.name, job.spec.job_id,
+                            failures.describe(exc), delay)
+                await asyncio.sleep(delay)
 
     def _delete_inputs(self, task: StageTask) -> None:
         for ref in task.tensors.values():
@@ -403,7 +521,8 @@ class StageWorker:
         """Ship a finished job downstream. The decoder overrides this to publish the result."""
         refs = await asyncio.to_thread(self._store_outputs, job)
         task = job.task.handed_on(refs, job.compute_s, job.batch_size)
-        await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task), task_msg_id(task.job.job_id, task.stage))
+        await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task),
+                          task_msg_id(task.job.job_id, task.stage, task.replay))
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -411,43 +530,68 @@ class StageWorker:
             for name, tensor in job.outputs.items()
         }
 
-    async def publish_result(self, result: Result) -> None:
-        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id))
+    async def publish_result(self, result: Result, replay: int = 0) -> None:
+        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``)."""
+        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id, replay))
 
-    async def reject(self, job_id: str, error: str, field: str | None = None) -> None:
+    async def reject(self, job_id: str, error: str, field: str | None = None, replay: int = 0) -> None:
         """Answer a job that cannot be done: an ``error`` event, then its error result."""
         log.warning("job %s rejected at %s: %s", job_id, self.stage, error)
         await self.publish_event(job_id, "error")
-        await self.publish_result(Result.failed(job_id, error, self.stage, field))
+        await self.publish_result(Result.failed(job_id, error, self.stage, field), replay)
 
-    async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None) -> None:
-        """Answer a task that cannot be done with an error result, and terminate it."""
-        if job_id is not None:
-            await self.reject(job_id, error, field)
-        else:
-            log.error("dropping an unreadable message with no job id (subject %s): %s", msg.subject, error)
-        await msg.term()
-        self.in_flight.release(msg)
+    async def _fail(self, msg: Msg, job_id: str | None, error: str, field: str | None = None,
+                    dead_letter: bool = False, replay: int = 0) -> None:
+        """Answer a task that cannot be done with an error result, copy it to the dead-letter
+        stream if it failed for a reason other than the user's, and terminate it. If NATS
+        cannot take all that, the task is let go unterminated: JetStream redelivers it after
+        AckWait and it is judged again."""
+        try:
+            if dead_letter:
+                await self._dead_letters.send(msg, job_id, error)
+            if job_id is not None:
+                await self.reject(job_id, error, field, replay)
+            else:
+                log.error("dropping an unreadable message with no job id (subject %s): %s", msg.subject, error)
+            await msg.term()
+        except Exception as exc:
+            log.warning("%s: could not answer job %s (%s); it is redelivered after AckWait", self.name, job_id,
+                        failures.describe(exc))
+        finally:
+            self.in_flight.release(msg)
 
     # ----------------------------------------------------------------- side channels
 
     async def publish_event(self, job_id: str, kind: ProgressKind, **fields) -> None:
+        """Best effort, like progress events themselves: a lost event must not fail a job."""
         event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
-        await self._bus.nc.publish(events_subject(job_id), pack(event))
+        try:
+            await self._bus.nc.publish(events_subject(job_id), pack(event))
+        except Exception as exc:
+            log.debug("event %s of job %s not sent: %s", kind, job_id, exc)
 
     async def _publish_timing(self, specs: list[JobSpec], seconds: float) -> None:
         sample = TimingSample(
             stage=self.stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
         )
-        await self._bus.nc.publish(metrics_subject(self.stage), pack(sample))
+        try:
+            await self._bus.nc.publish(metrics_subject(self.stage), pack(sample))
+        except Exception as exc:  # the scheduler misses one sample
+            log.debug("timing sample not sent: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
         """Tell JetStream that held messages are being worked on, so AckWait does not expire,
-        and the container runtime that this worker is connected and consuming."""
+        and the container runtime that this worker is connected and consuming (or, at once,
+        that it is not: ``_stalled``)."""
         health = health_path()
         while True:
             if self._bus.nc.is_connected:
-                await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
+                stalled = await self._stalled()
+                if stalled:
+                    log.error("%s is unhealthy: %s", self.name, stalled)
+                    await asyncio.to_thread(write_unhealthy, health, stalled)
+                else:
+                    await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
             for msg in self.in_flight.messages():
                 try:
                     await msg.in_progress()
@@ -455,11 +599,32 @@ class StageWorker:
                     log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(min(self.settings.heartbeat_s, 5.0))
 
+    async def _stalled(self) -> str | None:
+        """Why this worker is not serving although it seems to, or None: a pull (with the
+        loading of what it brought) has not come back for ``fetch_stall_s`` while tasks are
+        queued for it."""
+        now = time.monotonic()
+        for model, since in list(self._pulling.items()):
+            if now - since < self.settings.fetch_stall_s:
+                continue
+            try:
+                info = await self.js.consumer_info(bus.WORK_STREAM, consumer_name(self.stage, model))
+            except Exception:  # cannot tell now; the next round asks again
+                continue
+            if info.num_pending:
+                return (f"{self.name} has not fetched from {info.name} for {now - since:.0f} s "
+                        f"while {info.num_pending} task(s) wait there")
+        return None
+
     async def _janitor_loop(self) -> None:
         while True:
-            removed = await asyncio.to_thread(self.transports.sweep)
-            if removed:
-                log.info("janitor removed %d expired tensor blobs", removed)
+            try:
+                removed = await asyncio.to_thread(self.transports.sweep)
+            except Exception as exc:  # a store briefly away: the next round sweeps it
+                log.warning("janitor round failed: %s", failures.describe(exc))
+            else:
+                if removed:
+                    log.info("janitor removed %d expired tensor blobs", removed)
             await asyncio.sleep(min(60.0, self.settings.blob_ttl_s))
 
 

@@ -34,4 +34,4 @@ class DecoderWorker(StageWorker):
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
                            height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done")
-        await self.publish_result(result)
+        await self.publish_result(result, job.task.replay)

@@ -1,9 +1,11 @@
-"""The stage worker in-process against a real nats-server: overlap, batching, drain."""
+"""The stage worker in-process against a real nats-server: overlap, batching, drain, and how it
+answers every failure (a lying task, Redis down, a loop that dies, a pull that stalls)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from disagfusion import bus
+from disagfusion import bus, health
 from disagfusion.config import Settings
-from disagfusion.client import Client
+from disagfusion.client import Client, JobTimeout
+from disagfusion.health import health_age
 from disagfusion.models.base import SpecError, StageModel, Tensors
-from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, pack, unpack, work_subject
-from disagfusion.worker.stage_worker import StageWorker
+from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, TensorRef, pack, unpack, work_subject
+from disagfusion.worker.stage_worker import StageWorker, WorkerCrashed
 from disagfusion.transport import Transports
 
 
@@ -238,3 +241,156 @@ async def test_a_model_that_cannot_load_answers_its_jobs_with_the_reason(nats_se
         await stack.close()
         worker.stop()
         await asyncio.wait_for(running, 30)
+
+
+# ----------------------------------------------------------------- a worker never dies quietly
+
+
+async def publish_task(stack: bus.Bus, spec: JobSpec, refs: dict[str, TensorRef]) -> None:
+    # model_construct: a lying ref must reach the worker, as it would from a broken producer.
+    task = StageTask.model_construct(job=spec, stage="denoise", tensors=refs)
+    await bus.publish(stack.js, work_subject("denoise", "m"), pack(task), f"{spec.job_id}:denoise")
+
+
+def inline_ref(spec: JobSpec) -> TensorRef:
+    return Transports(Settings()).inline.put(f"{spec.job_id}.encode.embeds", torch.full((4,), float(spec.seed)))
+
+
+@pytest.mark.parametrize(
+    ("lie", "words"),
+    [({"shape": [64, 64]}, "shape [64, 64] of float32 is 16384 bytes, not nbytes=16"),
+     ({"dtype": "complex64"}, "unknown dtype 'complex64'")],
+    ids=["lying shape", "unknown dtype"],
+)
+async def test_a_task_whose_tensor_ref_lies_gets_an_error_result_and_the_worker_serves_on(
+    run_worker: Worker, nats_server: str, lie: dict, words: str
+) -> None:
+    """An inline tensor whose shape does not hold its bytes, or whose dtype nobody knows, used
+    to end the fetch loop silently; it is answered, and the worker takes the next job."""
+    bad, good = specs(2)
+    stack = await bus.connect(Settings(nats_url=nats_server), "test")
+    lying = TensorRef.model_construct(**{**inline_ref(bad).model_dump(), **lie})
+    await publish_task(stack, bad, {"embeds": lying})
+    await run_worker(SlowModel(0.01))
+    async with Client(Settings(nats_url=nats_server)) as client:
+        result = await client.result(bad.job_id, timeout=20)
+    assert (result.status, result.stage) == ("error", "denoise")
+    assert words in result.error
+    await publish_task(stack, good, {"embeds": inline_ref(good)})
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    assert output.job.job_id == good.job_id
+
+
+async def test_a_task_met_while_redis_is_down_is_retried_not_failed(
+    run_worker: Worker, nats_server: str, restartable_redis
+) -> None:
+    """Redis unreachable while a task's inputs load: the task goes back with a delay (no error
+    result), and once Redis is back (empty, as after a restart without persistence, so the
+    producer's blob is written again) the job is served, and so is the next one."""
+    job, after = specs(2)
+    redis_settings = Settings(nats_url=nats_server, redis_url=restartable_redis.url, transport="redis",
+                              inline_max_bytes=0)
+    producer = Transports(redis_settings)
+    embeds = torch.full((4,), float(job.seed))
+    ref = producer.put(f"{job.job_id}.encode.embeds", embeds)
+    restartable_redis.stop()
+    stack = await bus.connect(Settings(nats_url=nats_server), "test")
+    await publish_task(stack, job, {"embeds": ref})
+    model = await run_worker(SlowModel(0.01), redis_url=restartable_redis.url, retry_delay_s=0.2,
+                             retry_max_delay_s=1.0, max_deliver=1)
+    async with Client(Settings(nats_url=nats_server)) as client:
+        with pytest.raises(JobTimeout):  # retried all along, never failed
+            await client.result(job.job_id, timeout=4)
+    assert model.batches == []
+    restartable_redis.start()
+    assert producer.put(f"{job.job_id}.encode.embeds", embeds) == ref
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    assert output.job.job_id == job.job_id
+    await publish_task(stack, after, {"embeds": producer.put(f"{after.job_id}.encode.embeds", embeds)})
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    producer.close()
+    assert output.job.job_id == after.job_id
+
+
+async def test_a_worker_whose_loop_dies_turns_unhealthy_and_exits(
+    nats_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop ending while the worker serves is a bug: the health check fails at once and the
+    worker exits with the reason, for its supervisor to restart it, instead of holding tasks
+    while looking alive."""
+    health_file = tmp_path / "health"
+    monkeypatch.setenv("DF_HEALTH_FILE", str(health_file))
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", heartbeat_s=0.2)
+    worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: SlowModel(0.01))
+
+    async def broken() -> list:
+        await asyncio.sleep(1.0)  # long enough to have been healthy first
+        raise RuntimeError("injected bug")
+
+    worker._next_batch = broken
+    running = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 20
+    while health_age(health_file) is None:
+        assert time.monotonic() < deadline, "the worker never reported healthy"
+        await asyncio.sleep(0.05)
+    with pytest.raises(WorkerCrashed, match="compute loop .* ended: RuntimeError: injected bug"):
+        await asyncio.wait_for(running, 20)
+    assert health_age(health_file) is None
+    assert health.main() == 1
+    assert health_file.read_text().startswith("unhealthy: compute loop")
+
+
+async def test_a_worker_whose_pull_stalls_while_work_waits_turns_unhealthy(
+    nats_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    health_file = tmp_path / "health"
+    monkeypatch.setenv("DF_HEALTH_FILE", str(health_file))
+    settings = Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", heartbeat_s=0.2,
+                        fetch_stall_s=1.0)
+    worker = StageWorker("denoise", settings, load_model=lambda name, stage, s: SlowModel(0.01))
+    release = threading.Event()
+    get_all = worker.transports.get_all
+
+    def hanging_get_all(refs):  # a handoff that never returns
+        release.wait(30)
+        return get_all(refs)
+
+    worker.transports.get_all = hanging_get_all
+    jobs = specs(2)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    running = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + 20
+        while not (health_file.exists() and health_file.read_text().startswith("unhealthy")):
+            assert time.monotonic() < deadline, "the stalled worker stayed healthy"
+            await asyncio.sleep(0.1)
+        assert "has not fetched from denoise-m" in health_file.read_text()
+        assert health.main() == 1
+    finally:
+        release.set()
+    outputs = await collect_outputs(stack, len(jobs), timeout=30)
+    assert sorted(o.job.job_id for _, o in outputs) == sorted(j.job_id for j in jobs)
+    deadline = time.monotonic() + 10
+    while health_age(health_file) is None:  # serving again
+        assert time.monotonic() < deadline, "the worker stayed unhealthy after the pull came back"
+        await asyncio.sleep(0.1)
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    await stack.close()
+
+
+async def test_a_deleted_consumer_is_recreated_and_the_stage_serves_on(run_worker: Worker, nats_server: str) -> None:
+    """Deleting a stage's durable consumer (by hand, or a JetStream that lost its state) used to
+    stop that stage for good; the worker recreates it at its next pull."""
+    first, second = specs(2)
+    stack = await submit_denoise_tasks(nats_server, [first])
+    await run_worker(SlowModel(0.01))
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    assert output.job.job_id == first.job_id
+    await stack.js.delete_consumer(WORK_STREAM, "denoise-m")
+    await (await submit_denoise_tasks(nats_server, [second])).close()
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    assert output.job.job_id == second.job_id
