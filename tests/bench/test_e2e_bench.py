@@ -24,7 +24,7 @@ def test_quick_run_ends_with_one_json_line() -> None:
         assert row["completed"] == row["jobs"] == 6 and not row["failed"]
         assert row["throughput"] > 0 and row["p50_s"] <= row["p95_s"] <= row["p99_s"]
         assert abs(row["efficiency"] - row["throughput"] / row["bound"]) < 0.01
-        assert row["rate"] == round(row["rate_x_bound"] * row["bound"], 3)
+        assert abs(row["rate"] - row["rate_x_bound"] * row["bound"]) < 0.01
         assert set(row["waited_s"]) == set(row["computed_s"]) == {"encode", "denoise", "decode"}
         assert all(seconds > 0 for seconds in row["computed_s"].values())
     assert len(report["ratios"]) == 2
