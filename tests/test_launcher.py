@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from disagfusion.launcher import _alive
+import pytest
+
+from disagfusion.launcher import _alive, load_services
 
 # A parent that starts one child, prints its pid and never reaps it.
 PARENT = """
@@ -37,3 +39,14 @@ def test_an_exited_process_another_parent_has_not_reaped_is_gone() -> None:
         for p in (parent, running_parent):
             p.kill()
             p.wait()
+
+
+def test_the_default_stack_runs_the_stages_and_the_monolithic_one_the_pipeline_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("COMPOSE_PROFILES", raising=False)
+    assert set(load_services()) == {"encoder", "dit", "decoder"}
+    assert set(load_services(monolithic=True)) == {"pipeline"}
+    # The compose profile alone swaps them too: the pipeline never shares the encoder's queue.
+    monkeypatch.setenv("COMPOSE_PROFILES", "monolithic,scheduler")
+    assert set(load_services()) == {"pipeline", "scheduler"}

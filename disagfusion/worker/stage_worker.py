@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from nats.aio.msg import Msg
+from nats.js.object_store import ObjectStore
 
 from disagfusion import bus, media
 from disagfusion.config import Settings
@@ -143,7 +144,7 @@ class StageWorker:
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outputs = None
+        self._outputs: ObjectStore | None = None
         """The DF_OUTPUTS object store, opened by the first result too large to travel inline."""
         self._job_s: dict[tuple, float] = {}
         """Measured seconds per job, by ``cost.cost_key``: how long the jobs in hand take."""
