@@ -35,10 +35,14 @@ from pydantic import BaseModel
 from disagfusion.config import Settings, comma_list
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_age
+from disagfusion.protocol import STAGE_SERVICES
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
 INFRASTRUCTURE = ("nats", "redis")
 """Compose services the launcher runs itself, from the binaries of the pip packages."""
+MONOLITHIC = "monolithic"
+"""The compose profile of the pipeline service, which runs every stage in one process instead of
+the stage services."""
 
 _STATE_LOCK = threading.Lock()
 """Serialises read-change-save of stack.json among threads (the scheduler scales services from
@@ -81,6 +85,7 @@ class StackState(BaseModel):
     redis_url: str
     nats: Proc
     redis: Proc
+    monolithic: bool = False
     services: dict[str, list[Proc]] = {}
     supervisor: Proc | None = None
 
@@ -104,14 +109,18 @@ def active_profiles() -> set[str]:
     return set(comma_list(os.environ.get("COMPOSE_PROFILES", "")))
 
 
-def load_services(compose_file: Path = COMPOSE_FILE) -> dict[str, ServiceSpec]:
+def load_services(compose_file: Path = COMPOSE_FILE, monolithic: bool = False) -> dict[str, ServiceSpec]:
     """The application services of a compose file (everything but nats and redis), leaving out
-    services of profiles that are not active, as docker compose does."""
+    services of profiles that are not active, as docker compose does. ``monolithic`` (or the
+    ``monolithic`` profile) swaps the stage services for the pipeline service: both would take
+    jobs from the encoder's queue."""
     doc = yaml.safe_load(compose_file.read_text())
-    profiles = active_profiles()
+    profiles = active_profiles() | ({MONOLITHIC} if monolithic else set())
     services = {}
     for name, svc in doc["services"].items():
         if name in INFRASTRUCTURE or (svc.get("profiles") and not profiles & set(svc["profiles"])):
+            continue
+        if MONOLITHIC in profiles and name in STAGE_SERVICES:
             continue
         env = svc.get("environment") or {}
         if isinstance(env, list):  # compose also allows ["KEY=value", ...]
@@ -190,8 +199,11 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.
 
 
 class Launcher:
+    """``monolithic``: run the pipeline service instead of the stage services; None: as the
+    stack running from ``data_dir`` does (no stack: not)."""
+
     def __init__(self, data_dir: Path, compose_file: Path = COMPOSE_FILE, models_dir: Path | None = None,
-                 gateway_port: int = 0):
+                 gateway_port: int = 0, monolithic: bool | None = None):
         self.data_dir = data_dir.resolve()
         self.compose_file = compose_file
         self.models_dir = models_dir
@@ -200,7 +212,11 @@ class Launcher:
         self.gateway_port = gateway_port
         self.state_file = self.data_dir / "stack.json"
         self.logs = self.data_dir / "logs"
-        self.services = load_services(compose_file)
+        if monolithic is None:
+            state = self.state()
+            monolithic = state is not None and state.monolithic
+        self.monolithic = monolithic or MONOLITHIC in active_profiles()
+        self.services = load_services(compose_file, monolithic)
 
     # ----------------------------------------------------------------- state
 
@@ -257,6 +273,7 @@ class Launcher:
             redis_url=f"redis://127.0.0.1:{redis_port}/0",
             nats=nats[0],
             redis=redis[0],
+            monolithic=self.monolithic,
         )
         self.save(state)
         scales = scales or {}

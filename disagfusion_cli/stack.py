@@ -25,12 +25,14 @@ from disagfusion_cli.common import DEFAULT_DATA_DIR, DataDir, console, fail, par
 
 def up(
     scale: Annotated[list[str], typer.Option(help="SERVICE=COUNT, e.g. --scale dit=2")] = [],
+    monolithic: Annotated[bool, typer.Option(help="Run every stage of a job in one process (the pipeline "
+                                             "service) instead of the encoder, dit and decoder.")] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     gateway_port: Annotated[int, typer.Option(envvar="DF_GATEWAY_PORT",
                                               help="The gateway's port, when free (else any free one).")] = 8000,
 ) -> None:
     """Start nats-server, redis-server and the services of compose.yaml as local processes."""
-    launcher = Launcher(data_dir, gateway_port=gateway_port)
+    launcher = Launcher(data_dir, gateway_port=gateway_port, monolithic=monolithic)
     try:
         with console.status("starting the stack (models are created on first use)"):
             state = launcher.up(parse_scales(scale))

@@ -30,7 +30,7 @@ def test_the_code_keeps_its_layers() -> None:
 @pytest.mark.parametrize(
     ("module", "wrong_import", "contract"),
     [
-        ("services/dit/__main__.py", "import services.decoder.worker", "Services never import one another"),
+        ("services/dit/__main__.py", "import services.encoder.worker", "Services never import one another"),
         ("disagfusion/bus.py", "import services.scheduler.pool", "The shared runtime imports neither the services nor the CLI"),
         ("services/scheduler/pool.py", "import disagfusion_cli.common", "Services do not import the CLI"),
         ("disagfusion/protocol.py", "import disagfusion.bus", "Layers inside disagfusion point one way"),

@@ -16,8 +16,9 @@ from operator import attrgetter
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
 
-from disagfusion import bus
+from disagfusion import bus, media
 from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.errors import DisagFusionError
@@ -36,6 +37,7 @@ from disagfusion.protocol import (
     consumer_name,
     events_subject,
     metrics_subject,
+    output_object_name,
     pack,
     result_msg_id,
     results_subject,
@@ -56,6 +58,8 @@ class WorkerCrashed(DisagFusionError, RuntimeError):
     """One of a stage worker's loops ended while it was serving: the process must exit and be restarted."""
 
 ModelLoader = Callable[[str, str, Settings], StageModel]
+StageSeconds = dict[Stage, float]
+"""Seconds a batch spent in each stage a worker ran it through, in pipeline order."""
 
 
 @dataclass
@@ -67,7 +71,7 @@ class Job:
     inputs: Tensors = field(default_factory=dict)
     outputs: Tensors = field(default_factory=dict)
     compute_s: float = 0.0
-    """This job's share of its batch's compute time."""
+    """This job's share of its batch's compute time in its task's stage."""
     batch_size: int = 1
 
     @property
@@ -115,7 +119,7 @@ class StageWorker:
       worker heartbeats what it holds, so only a dead worker's tasks are redelivered.
     - ``max_deliver``: deliveries (hand-backs not counted) before a task gets an error result.
     - ``drain_timeout_s``: how long a drain waits for the running batch before handing it back.
-    - ``result_inline_max_bytes``: the decoder's outputs above this go to ``DF_OUTPUTS``.
+    - ``result_inline_max_bytes``: a result's outputs above this go to ``DF_OUTPUTS``.
     - ``worker_name``: the name in logs and timing samples (default ``<service>@<host>:<pid>:<id>``).
     - transport (``transport``, ``inline_max_bytes``, ``shm_dir``, ...) and model (``device``,
       ``dtype``, ``models_dir``, ...) settings are read by ``disagfusion.transport`` and
@@ -146,6 +150,9 @@ class StageWorker:
         """Jobs taken for compute that did not fit the batch they came with, in order."""
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outputs: ObjectStore | None = None
+        """The DF_OUTPUTS object store, opened by the first result too large to travel inline."""
         self._job_s: dict[tuple, float] = {}
         """Measured seconds per job, by ``cost.cost_key``: how long the jobs in hand take."""
         self._last_taken: JobSpec | None = None
@@ -183,7 +190,7 @@ class StageWorker:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or ``stop()``), then drain."""
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         for name in self.model_names:
@@ -415,8 +422,31 @@ class StageWorker:
             (batch if joins else self._carried).append(job)
         return batch
 
+    def run_batch(self, batch: list[Job]) -> tuple[list[Tensors], StageSeconds]:
+        """Run a batch through this worker's stage (in a thread): each job's outputs, and the
+        seconds the batch took. A service that runs several stages in one go overrides it."""
+        specs = [job.spec for job in batch]
+        started = time.perf_counter()
+        outputs = self.models[specs[0].model].run(specs, [job.inputs for job in batch], self.step_events(specs, self.stage))
+        return outputs, {self.stage: time.perf_counter() - started}
+
+    def step_events(self, specs: list[JobSpec], stage: Stage) -> Callable[[int, int], None]:
+        """A model's step callback that publishes ``step`` events of ``stage`` for ``specs``."""
+
+        def on_step(step: int, total: int) -> None:
+            self.notify(specs, "step", stage, step=step, total=total)
+
+        return on_step
+
+    def notify(self, specs: list[JobSpec], kind: ProgressKind, stage: Stage, **fields) -> None:
+        """Publish an event for each job from the compute thread (through the event loop)."""
+        assert self._loop is not None, "worker is not running"
+        for spec in specs:
+            self._loop.call_soon_threadsafe(
+                lambda j=spec.job_id: asyncio.ensure_future(self.publish_event(j, kind, stage=stage, **fields))
+            )
+
     async def _compute_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if self._stopping.is_set():  # taken while draining: not started, so not ours to run
@@ -425,19 +455,11 @@ class StageWorker:
             specs = [job.spec for job in batch]
             for job in batch:
                 self.in_flight.started(job.msg)
-
-            def on_step(step: int, total: int, job_ids: list[str] = [s.job_id for s in specs]) -> None:
-                for job_id in job_ids:
-                    loop.call_soon_threadsafe(
-                        lambda j=job_id: asyncio.ensure_future(self.publish_event(j, "step", step=step, total=total))
-                    )
-
             started = time.perf_counter()
             self._running = (sum(map(self._estimate, specs)), started)
             self._progress.set()
             try:
-                model = self.models[specs[0].model]
-                outputs = await asyncio.to_thread(model.run, specs, [job.inputs for job in batch], on_step)
+                outputs, stage_seconds = await asyncio.to_thread(self.run_batch, batch)
             except Exception as exc:
                 for job in batch:
                     await self._failed(job.msg, job.task, exc, f"stage {self.stage} failed")
@@ -448,11 +470,16 @@ class StageWorker:
             seconds = time.perf_counter() - started
             for spec in specs:
                 self._job_s[cost_key(self.stage, spec)] = seconds / len(specs)
-            await self._publish_timing(specs, seconds)
+            for stage, stage_s in stage_seconds.items():
+                await self._publish_timing(stage, specs, stage_s)
+            *earlier, last_s = stage_seconds.values()
             for job, output in zip(batch, outputs, strict=True):
-                job.outputs, job.compute_s, job.batch_size = output, seconds / len(batch), len(batch)
+                # Stages run here before the last are handed on in-process: no tensors to store.
+                for stage_s in earlier:
+                    job.task = job.task.handed_on({}, stage_s / len(batch), len(batch))
+                job.outputs, job.compute_s, job.batch_size = output, last_s / len(batch), len(batch)
                 # Before the output is published, so a client never sees the result first.
-                await self.publish_event(job.spec.job_id, "stage_done")
+                await self.publish_event(job.spec.job_id, "stage_done", stage=Stage(job.task.stage))
                 await self._to_send.put(job)
 
     def _unstarted(self) -> list[Job]:
@@ -518,11 +545,39 @@ class StageWorker:
     # ----------------------------------------------------------------- outputs
 
     async def emit(self, job: Job) -> None:
-        """Ship a finished job downstream. The decoder overrides this to publish the result."""
+        """Ship a finished job downstream, or publish its result after the last stage."""
+        if Stage(job.task.stage).is_last:
+            await self._publish_output(job)
+            return
         refs = await asyncio.to_thread(self._store_outputs, job)
         task = job.task.handed_on(refs, job.compute_s, job.batch_size)
         await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task),
                           task_msg_id(task.job.job_id, task.stage, task.replay))
+
+    async def _publish_output(self, job: Job) -> None:
+        """The job's result: its pixels encoded as the job asks (``disagfusion.media``), inline
+        or, when large, in ``DF_OUTPUTS``."""
+        spec = job.spec
+        # A video job's decoder hands on every frame; an image is a video of one frame here.
+        frames = job.outputs["video" if "video" in job.outputs else "image"].numpy().reshape(
+            -1, *job.outputs["image"].shape
+        )
+        fps = spec.fps or self.models[spec.model].fps
+        encoded = await asyncio.to_thread(media.encode, frames, spec.output_encoding, fps)
+        if len(encoded.data) <= self.settings.result_inline_max_bytes:
+            where = {"data": encoded.data}
+        else:
+            if self._outputs is None:
+                self._outputs = await bus.outputs_bucket(self.js, self.settings.stream_replicas)
+            name = output_object_name(spec.job_id, encoded.extension)
+            await self._outputs.put(name, encoded.data)
+            where = {"object_name": name}
+        count = frames.shape[0]
+        video = {"frames": count, "fps": fps, "duration_s": count / fps} if count > 1 else {}
+        result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
+                           height=frames.shape[1], width=frames.shape[2], **video, **where)
+        await self.publish_event(spec.job_id, "done", stage=Stage(job.task.stage))
+        await self.publish_result(result, job.task.replay)
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -562,20 +617,21 @@ class StageWorker:
 
     # ----------------------------------------------------------------- side channels
 
-    async def publish_event(self, job_id: str, kind: ProgressKind, **fields) -> None:
-        """Best effort, like progress events themselves: a lost event must not fail a job."""
-        event = ProgressEvent(job_id=job_id, kind=kind, stage=self.stage, **fields)
+    async def publish_event(self, job_id: str, kind: ProgressKind, stage: Stage | None = None, **fields) -> None:
+        """Best effort, like progress events themselves: a lost event must not fail a job.
+        ``stage`` defaults to this worker's."""
+        event = ProgressEvent(job_id=job_id, kind=kind, stage=stage or self.stage, **fields)
         try:
             await self._bus.nc.publish(events_subject(job_id), pack(event))
         except Exception as exc:
             log.debug("event %s of job %s not sent: %s", kind, job_id, exc)
 
-    async def _publish_timing(self, specs: list[JobSpec], seconds: float) -> None:
+    async def _publish_timing(self, stage: Stage, specs: list[JobSpec], seconds: float) -> None:
         sample = TimingSample(
-            stage=self.stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
+            stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
         )
         try:
-            await self._bus.nc.publish(metrics_subject(self.stage), pack(sample))
+            await self._bus.nc.publish(metrics_subject(stage), pack(sample))
         except Exception as exc:  # the scheduler misses one sample
             log.debug("timing sample not sent: %s", exc)
 

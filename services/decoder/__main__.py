@@ -1,4 +1,3 @@
 from disagfusion.worker.stage_worker import main
-from services.decoder.worker import DecoderWorker
 
-main("decode", DecoderWorker)
+main("decode")

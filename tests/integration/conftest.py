@@ -16,8 +16,9 @@ StackStarter = Callable[..., Launcher]
 
 
 @contextmanager
-def running_stack(data_dir: Path, models_dir: Path, scales: dict[str, int] | None = None) -> Iterator[Launcher]:
-    launcher = Launcher(data_dir, models_dir=models_dir)
+def running_stack(data_dir: Path, models_dir: Path, scales: dict[str, int] | None = None,
+                  monolithic: bool = False) -> Iterator[Launcher]:
+    launcher = Launcher(data_dir, models_dir=models_dir, monolithic=monolithic)
     try:
         launcher.up(scales)
         yield launcher

@@ -176,8 +176,7 @@ def test_a_worker_fetching_ahead_shows_as_a_waiting_pull(profiles: list[CostProf
 
 
 def test_the_simulation_batches_by_the_rules_the_stage_services_supply() -> None:
-    from disagfusion.worker.stage_worker import StageWorker  # the dit runs it as it is
-    from services.decoder.worker import DecoderWorker
+    from disagfusion.worker.stage_worker import StageWorker  # the dit and the decoder run it as it is
     from services.encoder.worker import EncoderWorker
 
-    assert BATCH_KEYS == {"encode": EncoderWorker.batch_key, "denoise": StageWorker.batch_key, "decode": DecoderWorker.batch_key}
+    assert BATCH_KEYS == {"encode": EncoderWorker.batch_key, "denoise": StageWorker.batch_key, "decode": StageWorker.batch_key}

@@ -1,4 +1,4 @@
-"""The decoder's output encodings: the lossless ones give every pixel back, the MP4 decodes to
+"""The output encodings of a result (disagfusion.media): the lossless ones give every pixel back, the MP4 decodes to
 the right frames, size and rate, and stays close to them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.decoder.media import encode
+from disagfusion.media import encode
 
 
 def moving_gradient(frames: int, height: int, width: int) -> np.ndarray:
