@@ -81,12 +81,14 @@ def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
 def test_the_default_stack_runs_the_stages_and_the_monolithic_one_the_pipeline_instead(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("COMPOSE_PROFILES", raising=False)
-    assert set(load_services()) == {"encoder", "dit", "decoder"}
-    assert set(load_services(monolithic=True)) == {"pipeline"}
+    assert set(load_services()) == {"encoder", "dit", "decoder", "gateway"}
+    assert set(load_services(monolithic=True)) == {"pipeline", "gateway"}  # the gateway fronts either
     # The compose profile alone swaps them too: the pipeline never shares the encoder's queue.
     monkeypatch.setenv("COMPOSE_PROFILES", "monolithic,scheduler")
-    assert set(load_services()) == {"pipeline", "scheduler"}
+    assert set(load_services()) == {"pipeline", "scheduler", "gateway"}

@@ -30,9 +30,9 @@ def mono_stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) 
 
 
 def test_the_pipeline_service_runs_instead_of_the_stages(mono_stack: Launcher) -> None:
-    assert mono_stack.running() == {"pipeline": 1}
+    assert mono_stack.running() == {"pipeline": 1, "gateway": 1}  # the gateway fronts either stack
     # A launcher opened on the running stack (down, scale) knows it is monolithic.
-    assert Launcher(mono_stack.data_dir).services.keys() == {"pipeline"}
+    assert Launcher(mono_stack.data_dir).services.keys() == {"pipeline", "gateway"}
 
 
 async def test_images_are_the_stock_pipelines_bit_for_bit(mono_stack: Launcher, stock_image) -> None:
