@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bench clean
+.PHONY: install demo test test-bench test-chaos clean
 
 install: $(STAMP)
 
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos
 
 # The benchmarks' quick runs (each script end to end, about 4 minutes): CI runs them after `test`.
 test-bench: $(STAMP)
 	$(BIN)/python -m pytest -q tests/bench
+
+# Killing processes and servers under load (supervision, a Redis restart, a NATS node dying; about
+# 3 minutes): CI runs it after `test-bench`.
+test-chaos: $(STAMP)
+	$(BIN)/python -m pytest -q tests/chaos
 
 demo: $(STAMP)
 	bash examples/demo.sh
