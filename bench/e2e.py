@@ -112,13 +112,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def open_loop(launcher: Launcher, specs: list[JobSpec], rate: float, seed: int, timeout: float) -> dict:
-    """Submit ``specs`` at Poisson arrivals of ``rate`` jobs/s; wait for every result."""
+def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which ``count`` jobs arrive, a seeded Poisson process."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
-    for _ in specs:
+    for _ in range(count):
         t += rng.expovariate(rate)
         arrivals.append(t)
+    return arrivals
+
+
+async def open_loop(launcher: Launcher, specs: list[JobSpec], rate: float, seed: int, timeout: float) -> dict:
+    """Submit ``specs`` at Poisson arrivals of ``rate`` jobs/s; wait for every result."""
+    arrivals = poisson_arrivals(len(specs), rate, seed)
     submitted: dict[str, float] = {}
     received: dict[str, float] = {}
     results: dict[str, Result] = {}

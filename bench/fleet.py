@@ -14,9 +14,15 @@ fit, at the cost LightX2V published. Both see the same trace on the same pool, a
 This is what ``disagfusion plan --baseline monolithic`` computes; ``--export DIR`` writes each
 scenario's profile and trace so the command reproduces a row.
 
-Reproduce: PYTHONPATH=. python bench/fleet.py [--quick] [--export DIR]
-Ends with one JSON line: {"bench": "fleet-emulated", "rows": [{"scenario", "mode", "load", "rate",
-"throughput", "p50_s", "p95_s", ...}], "ratios": [...]}.
+``--live`` also runs LIVE_SCENARIOS on the emulated accelerator (bench/fleet_live.py: real
+services, one process per slot, 12 slots per mode, emulated stage times); ``--quick`` runs a
+short live run of the first. Their rows carry ``source`` "emulated-live" (the simulation's
+"emulated-simulated") and ``live_sim_ratio`` against the simulation of the very trace submitted live
+(``simulated_same_trace``: the same jobs at the same seeded Poisson arrivals).
+
+Reproduce: PYTHONPATH=. python bench/fleet.py [--quick] [--live] [--export DIR]
+Ends with one JSON line: {"bench": "fleet-emulated", "rows": [{"scenario", "mode", "source", "load",
+"rate", "throughput", "p50_s", "p95_s", ...}], "ratios": [...]}.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from services.scheduler.pool import Pool, parse_pool
 from services.scheduler.predictor import Predictor
 from services.scheduler.simulation import deployed_workers
 from services.scheduler.trace import TraceEntry, write_trace
+
+from e2e import poisson_arrivals  # noqa: E402  (bench/ is the script's directory)
+from fleet_live import LIVE_SEED, LiveRun, run_live, stage_seconds  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 
@@ -185,6 +194,10 @@ SCENARIOS = [
     Scenario("sd3.5-large-turbo-12x24gb", "sd3_5-large-turbo", "12x24gb", Offload()),
 ]
 
+LIVE_SCENARIOS = ["sd3.5-large-turbo-12x24gb", "wan1.3b-12x24gb"]
+"""Run live with --live: one where the monolithic fleet offloads, one where nothing is offloaded."""
+LIVE_SLOTS = 12
+
 
 def capacities(model: Model, pool: Pool, offload: Offload) -> tuple[float, float]:
     """Jobs per second each fleet can sustain, estimated: the monolithic one exactly (devices
@@ -207,6 +220,17 @@ def trace_of(model: Model, rate: float, jobs: int) -> list[TraceEntry]:
             for k in range(jobs)]
 
 
+def simulate(scenario: Scenario, model: Model, trace: list[TraceEntry]):
+    """The hybrid plan of ``trace`` with the monolithic baseline beside it (a ``PlanReport``)."""
+    settings = Settings(models_dir=Path("/nonexistent"))  # plan from the profiles, no checkpoint
+    needs = fleet_memory([model.name], [model.profile], settings)
+    report = plan(trace, parse_pool(POOLS[scenario.pool]), [model.profile], SchedulerSettings(),
+                  pool_text=POOLS[scenario.pool], memory=needs, baseline="monolithic", offload=scenario.offload,
+                  workers=deployed_workers(WORKERS))
+    assert report.baseline is not None
+    return report
+
+
 def run(scenario: Scenario, model: Model, jobs: int, min_span_s: float, console: Console,
         export: Path | None) -> tuple[list[dict], dict]:
     pool = parse_pool(POOLS[scenario.pool])
@@ -219,12 +243,11 @@ def run(scenario: Scenario, model: Model, jobs: int, min_span_s: float, console:
         # decide the result for short image jobs.
         trace = trace_of(model, rate, max(jobs, math.ceil(rate * min_span_s)))
         started = time.perf_counter()
-        report = plan(trace, pool, [model.profile], SchedulerSettings(), pool_text=POOLS[scenario.pool], memory=needs,
-                      baseline="monolithic", offload=scenario.offload, workers=deployed_workers(WORKERS))
+        report = simulate(scenario, model, trace)
         base = report.baseline
-        assert base is not None
         placed = {d.stage: d.peak for d in report.deployment}
-        common = {"scenario": scenario.label, "model": model.name, "pool": POOLS[scenario.pool], "load": load,
+        common = {"scenario": scenario.label, "source": "emulated-simulated", "model": model.name,
+                  "pool": POOLS[scenario.pool], "load": load,
                   "rate": round(rate, 6), "jobs": len(trace)}
         rows.append({**common, "mode": "disaggregated", "throughput": round(report.overall.throughput, 6),
                      "p50_s": round(report.overall.p50_s, 2), "p95_s": round(report.overall.p95_s, 2),
@@ -243,7 +266,44 @@ def run(scenario: Scenario, model: Model, jobs: int, min_span_s: float, console:
     if export is not None:
         model.profile.save(export / "profiles" / f"{model.name}.yaml")
     ratio["needs_gb"] = {s: round(n.total_bytes / GB, 1) for s, n in needs.items()}
+    ratio["capacity"] = {"monolithic": mono_cap, "disaggregated": disagg_cap}
     return rows, ratio
+
+
+def live(scenario: Scenario, model: Model, sim_rows: list[dict], ratio: dict, jobs: int, span_s: float,
+         loads: list[str], console: Console) -> list[dict]:
+    """``scenario`` live on LIVE_SLOTS emulated slots per mode, at the simulated rows' rates; time
+    compressed so the monolithic run's ``jobs`` take about ``span_s`` at its capacity."""
+    pool = parse_pool(POOLS[scenario.pool])
+    seconds = stage_seconds(model.profile, model.job, PROMPT, pool, scenario.offload)
+    speed = round(max(1.0, jobs / (span_s * ratio["capacity"]["monolithic"])), 2)
+    offloaded = next(r for r in sim_rows if r["mode"] == "monolithic")["offloaded"]
+    rows = []
+    for load in loads:
+        rate = next(r["rate"] for r in sim_rows if r["load"] == load)
+        live_rows = run_live(LiveRun(scenario.label, LIVE_SLOTS, speed, jobs, rate, load), seconds,
+                             sorted({s for stages in offloaded.values() for s in stages}), console)
+        # The simulation of the very trace the live run submitted (its seeded Poisson arrivals, in
+        # simulated seconds, the scenario's job): at saturation p95 grows with the trace's length,
+        # so only the same trace compares.
+        arrivals = poisson_arrivals(jobs, rate * speed, LIVE_SEED)
+        same = simulate(scenario, model, [TraceEntry(t=t * speed, spec=JobSpec(job_id=f"{model.name}-{k}", model=model.name,
+                                                                                prompt=PROMPT, **model.job))
+                                          for k, t in enumerate(arrivals)])
+        for row in live_rows:
+            sim = same.overall if row["mode"] == "disaggregated" else same.baseline.overall
+            row["simulated_same_trace"] = {"throughput": round(sim.throughput, 6), "p95_s": round(sim.p95_s, 2)}
+            if row["mode"] == "disaggregated":  # the simulated fleet scales up from fewer, paying start-ups
+                row["simulated_same_trace"]["mean_instances"] = {d.stage: round(d.mean, 2) for d in same.deployment}
+            row["live_sim_ratio"] = {"throughput": round(row["throughput"] / sim.throughput, 3),
+                                     "p95": round(row["p95_s"] / sim.p95_s, 3)}
+        d, m = (next(r for r in live_rows if r["mode"] == mode) for mode in ("disaggregated", "monolithic"))
+        ratio[f"live_{load}_throughput_ratio"] = round(d["throughput"] / m["throughput"], 3)
+        ratio[f"live_{load}_p95_ratio"] = round(m["p95_s"] / d["p95_s"], 3)
+        ratio[f"same_trace_{load}_throughput_ratio"] = round(same.baseline.throughput_ratio, 3)
+        ratio[f"same_trace_{load}_p95_ratio"] = round(same.baseline.p95_ratio, 3)
+        rows += live_rows
+    return rows
 
 
 def main() -> None:
@@ -251,6 +311,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer jobs per run (a smoke run)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="jobs per trace at least (default 240, quick 36); arrivals span at least 900 s (quick 120 s)")
+    parser.add_argument("--live", action="store_true",
+                        help="also run LIVE_SCENARIOS on the emulated accelerator, 12 slots per mode (a few minutes)")
+    parser.add_argument("--live-jobs", type=int, default=None, help="jobs per live run (default 60, quick 16)")
+    parser.add_argument("--live-loads", default="saturated", help="loads run live, comma-separated: saturated,half")
     parser.add_argument("--export", type=Path, default=None,
                         help="write each scenario's profile and traces here, for disagfusion plan --baseline monolithic")
     args = parser.parse_args()
@@ -265,6 +329,13 @@ def main() -> None:
         scenario_rows, ratio = run(scenario, known[scenario.model], jobs, 120.0 if args.quick else 900.0, console, args.export)
         rows += scenario_rows
         ratios.append(ratio)
+    live_names = LIVE_SCENARIOS if args.live else LIVE_SCENARIOS[:1] if args.quick else []
+    live_jobs = args.live_jobs or (16 if args.quick and not args.live else 60)
+    for scenario in (s for s in SCENARIOS if s.name in live_names):
+        ratio = next(r for r in ratios if r["scenario"] == scenario.label)
+        sim_rows = [r for r in rows if r["scenario"] == scenario.label]
+        rows += live(scenario, known[scenario.model], sim_rows, ratio, live_jobs, 15.0 if args.quick and not args.live
+                     else 60.0, args.live_loads.split(","), console)
     table = Table("scenario (EMULATED, simulated)", "pool", "load", "disagg jobs/s", "mono jobs/s", "throughput x",
                   "disagg p95 s", "mono p95 s", "p95 x lower", title="Disaggregated vs monolithic, emulated fleet")
     for r in ratios:
@@ -275,17 +346,40 @@ def main() -> None:
                           f"{r[f'{load}_throughput_ratio']:.2f}", f"{d['p95_s']:.4g}", f"{m['p95_s']:.4g}",
                           f"{r[f'{load}_p95_ratio']:.2f}")
     console.print(table)
+    live_rows = [r for r in rows if r["source"] == "emulated-live"]
+    if live_rows:
+        table = Table("scenario (EMULATED, live)", "load", "mode", "processes", "speed", "jobs ok", "live jobs/s",
+                      "sim jobs/s", "live/sim", "live p95 s", "sim p95 s", "live/sim",
+                      caption="sim: the simulation of the same trace (same jobs, same Poisson arrivals)",
+                      title="Live on the emulated accelerator (figures in simulated-time units: live x speed)")
+        for r in live_rows:
+            table.add_row(r["scenario"], r["load"], r["mode"], str(r["scales"]), f"{r['speed']:g}",
+                          f"{r['completed']}/{r['jobs']}", f"{r['throughput']:.4g}",
+                          f"{r['simulated_same_trace']['throughput']:.4g}", f"{r['live_sim_ratio']['throughput']:.2f}",
+                          f"{r['p95_s']:.4g}", f"{r['simulated_same_trace']['p95_s']:.4g}", f"{r['live_sim_ratio']['p95']:.2f}")
+        console.print(table)
+        for r in ratios:
+            for load in ("saturated", "half"):
+                if f"live_{load}_throughput_ratio" in r:
+                    console.print(f"{r['scenario']} {load}, emulated live: disaggregated/monolithic throughput "
+                                  f"{r[f'live_{load}_throughput_ratio']:.2f}x (simulated, same trace "
+                                  f"{r[f'same_trace_{load}_throughput_ratio']:.2f}x; long trace {r[f'{load}_throughput_ratio']:.2f}x), "
+                                  f"p95 {r[f'live_{load}_p95_ratio']:.2f}x lower (simulated, same trace "
+                                  f"{r[f'same_trace_{load}_p95_ratio']:.2f}x; long trace {r[f'{load}_p95_ratio']:.2f}x)")
+        console.print("Live: the monolithic pipelines' emulated model includes the offload seconds the monolithic plan "
+                      "computes (data only, no service change); stage times are emulated sleeps, tensors small.")
     load = os.getloadavg()
-    command = "PYTHONPATH=. python bench/fleet.py" + (" --quick" if args.quick else "")
+    command = " ".join(["PYTHONPATH=. python bench/fleet.py", *sys.argv[1:]])
     machine = subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip()
     console.print(f"EMULATED device classes, SIMULATED time: nothing ran on a GPU. Paper: {PAPER['throughput'][0]}-"
                   f"{PAPER['throughput'][1]}x throughput, {PAPER['latency']}x lower latency. Sources: the script's SOURCES.")
     console.print(f"reproduce: {command}  (machine {machine}, load average {load[0]:.2f}, "
                   f"{time.perf_counter() - started:.1f} s wall)", soft_wrap=True)
     print(json.dumps({
-        "bench": "fleet-emulated", "simulated": True, "quick": args.quick, "jobs_per_run": jobs,
+        "bench": "fleet-emulated", "simulated": True, "live": bool(live_rows), "quick": args.quick, "jobs_per_run": jobs,
         "wall_s": round(time.perf_counter() - started, 1), "paper": PAPER, "sources": SOURCES,
-        "command": command, "machine": machine, "loadavg": [round(x, 2) for x in load], "rows": rows, "ratios": ratios,
+        "command": command, "machine": machine, "loadavg": [round(x, 2) for x in load],
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), "rows": rows, "ratios": ratios,
     }))
 
 

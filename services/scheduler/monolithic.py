@@ -65,20 +65,26 @@ class MonolithicDevice:
     offloaded: tuple[str, ...]
 
     def seconds(self, spec: JobSpec, truth: Predictor, needs: Mapping[str, StageMemory], offload: Offload) -> float:
-        total = 0.0
+        return sum(self.stage_seconds(spec, truth, needs, offload).values())
+
+    def stage_seconds(self, spec: JobSpec, truth: Predictor, needs: Mapping[str, StageMemory],
+                      offload: Offload) -> dict[str, float]:
+        """Each stage's seconds of ``spec`` on this device, offload included (bench/fleet.py's
+        live run writes them into the emulated model its pipelines run)."""
+        seconds = {}
         for stage, cost in zip(STAGES, truth.job_costs(spec)):
             compute = cost / self.device.speed
             if stage not in self.offloaded:
-                total += compute
+                seconds[stage] = compute
                 continue
             moved_s = (needs[stage].weight_bytes / GB) / offload.transfer_gbps
             if stage != "denoise":
-                total += compute + moved_s
+                seconds[stage] = compute + moved_s
             elif offload.dit_streamed:
-                total += compute + moved_s * spec.steps * (2 if spec.guided else 1)
+                seconds[stage] = compute + moved_s * spec.steps * (2 if spec.guided else 1)
             else:
-                total += compute * offload.dit_slowdown
-        return total
+                seconds[stage] = compute * offload.dit_slowdown
+        return seconds
 
 
 def monolithic_devices(pool: Pool, needs: Mapping[str, StageMemory]) -> list[MonolithicDevice]:
