@@ -104,30 +104,20 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             num_replicas=settings.stream_replicas,
         ),
     )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=RESULTS_STREAM,
-            subjects=["df.results.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=float(settings.results_max_age_s),
-            duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=settings.stream_replicas,
-        ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=DLQ_STREAM,
-            subjects=["df.dlq.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=float(settings.dlq_max_age_s),
-            duplicate_window=DUPLICATE_WINDOW_S,
-            num_replicas=settings.stream_replicas,
-        ),
-    )
+    for name, subjects, max_age_s in ((RESULTS_STREAM, "df.results.>", settings.results_max_age_s),
+                                      (DLQ_STREAM, "df.dlq.>", settings.dlq_max_age_s)):
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=name,
+                subjects=[subjects],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=float(max_age_s),
+                duplicate_window=DUPLICATE_WINDOW_S,
+                num_replicas=settings.stream_replicas,
+            ),
+        )
 
 
 async def outputs_bucket(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
@@ -147,24 +137,23 @@ HANDBACK_TTL_S = 24 * 3600.0
 async def handbacks_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """How often a draining worker handed each task back (key ``<job_id>.<stage>``). Those
     redeliveries are not failures, so they do not count against ``max_deliver``."""
-    try:
-        return await js.key_value(HANDBACKS_BUCKET)
-    except BucketNotFoundError:
-        try:
-            return await js.create_key_value(bucket=HANDBACKS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
-        except BadRequestError:
-            return await js.key_value(HANDBACKS_BUCKET)
+    return await _task_bucket(js, HANDBACKS_BUCKET, replicas)
 
 
 async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Which worker took the latest delivery of each task (key ``<job_id>.<stage>``)."""
+    return await _task_bucket(js, ATTEMPTS_BUCKET, replicas)
+
+
+async def _task_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
+    """A key-value bucket of one entry per task, kept ``HANDBACK_TTL_S``; created by whoever comes first."""
     try:
-        return await js.key_value(ATTEMPTS_BUCKET)
+        return await js.key_value(name)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=ATTEMPTS_BUCKET, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
+            return await js.create_key_value(bucket=name, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
         except BadRequestError:
-            return await js.key_value(ATTEMPTS_BUCKET)
+            return await js.key_value(name)
 
 
 async def ensure_consumer(js: JetStreamContext, stage: str, model: str, ack_wait_s: float) -> str:
