@@ -171,7 +171,20 @@ class WorkerSettings(BaseSettings):
         return 1 if self.pipeline == "sync" else max(self.max_in_flight, 2 * self.max_batch)
 
 
-class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings):
+class MetricsSettings(BaseSettings):
+    """Where a service serves its Prometheus metrics (``disagfusion.metrics``, docs/metrics.md)."""
+
+    model_config = _ENV
+
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics endpoint binds: 0.0.0.0 in a container, for a scraper outside it."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """The first port the endpoint tries; 0: no endpoint."""
+    metrics_port_span: int = Field(default=100, ge=1)
+    """Ports tried from ``metrics_port`` up: replicas sharing a host each take the first free one."""
+
+
+class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings, MetricsSettings):
     """Everything a stage service reads (``python -m services.encoder`` and its peers)."""
 
     model_config = _ENV

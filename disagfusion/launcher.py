@@ -67,6 +67,8 @@ class Proc(BaseModel):
     health_file: Path | None = None
     url: str | None = None
     """Where a service that serves HTTP (the gateway) answers."""
+    metrics_url: str | None = None
+    """Where its Prometheus metrics are scraped (docs/metrics.md)."""
     command: list[str] = []
     """What started it (nats and redis: the supervisor restarts them with it)."""
     restarts: int = 0
@@ -93,6 +95,12 @@ class StackState(BaseModel):
     def gateway_url(self) -> str | None:
         """The URL of the first gateway process, if the stack runs one."""
         return next((p.url for p in self.services.get("gateway", []) if p.url), None)
+
+    @property
+    def metrics_urls(self) -> dict[str, list[str]]:
+        """The metrics endpoint of every service process that has one, by service."""
+        urls = {name: [p.metrics_url for p in procs if p.metrics_url] for name, procs in self.services.items()}
+        return {name: found for name, found in urls.items() if found}
 
 
 class LauncherError(DisagFusionError, RuntimeError):
@@ -399,8 +407,13 @@ class Launcher:
             port = port_or_free(self.gateway_port)
             env["DF_GATEWAY_HOST"], env["DF_GATEWAY_PORT"] = "127.0.0.1", str(port)
             url = f"http://127.0.0.1:{port}"
+        metrics_url = f"{url}/metrics" if url else None
+        if int(env.get("DF_METRICS_PORT") or 0):  # a port of its own: replicas share this host
+            port = free_port()
+            env["DF_METRICS_HOST"], env["DF_METRICS_PORT"] = "127.0.0.1", str(port)
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
         proc, _ = self._spawn(f"{service}-{index}", command, env)
-        return proc.model_copy(update={"health_file": health, "url": url})
+        return proc.model_copy(update={"health_file": health, "url": url, "metrics_url": metrics_url})
 
     def _spawn(self, label: str, command: list[str], env: dict[str, str] | None = None) -> tuple[Proc, subprocess.Popen]:
         log = self.logs / f"{label}.log"

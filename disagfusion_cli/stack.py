@@ -15,7 +15,7 @@ from rich.table import Table
 
 from disagfusion import bus
 from disagfusion.config import Settings
-from disagfusion.deployment import Deployment, DeploymentError, detect
+from disagfusion.deployment import Deployment, DeploymentError, LocalDeployment, detect
 from disagfusion.launcher import Launcher, LauncherError
 from disagfusion.protocol import STAGE_SERVICES, SchedulerStatus
 from disagfusion.scheduler_state import read_status, update_pins
@@ -43,6 +43,12 @@ def up(
         console.print(f"  {name}: {len(procs)} process(es)")
     if state.gateway_url:
         console.print(f"gateway (OpenAI API): {state.gateway_url}/v1")
+    _print_metrics(state.metrics_urls)
+
+
+def _print_metrics(urls: dict[str, list[str]]) -> None:
+    for name, found in urls.items():
+        console.print(f"  {name} metrics: {' '.join(found)}")
 
 
 def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
@@ -133,6 +139,8 @@ class StatusReport(BaseModel):
     running: dict[str, int]
     stages: list[StageStatus]
     scheduler: SchedulerStatus | None = None
+    metrics: dict[str, list[str]] = {}
+    """Each service process's metrics endpoint (the embedded stack's; compose's are in docs/metrics.md)."""
 
 
 def _status_report(deployment: Deployment) -> StatusReport:
@@ -145,8 +153,9 @@ def _status_report(deployment: Deployment) -> StatusReport:
         rows, scheduler = asyncio.run(read())
     except Exception as exc:
         fail(f"cannot read queue state from {settings.nats_url}: {exc}")
+    state = deployment.launcher.state() if isinstance(deployment, LocalDeployment) else None
     return StatusReport(deployment=deployment.kind, nats_url=settings.nats_url, running=deployment.running(),
-                        stages=rows, scheduler=scheduler)
+                        stages=rows, scheduler=scheduler, metrics=state.metrics_urls if state else {})
 
 
 def _seconds(value: float | None) -> str:
@@ -198,7 +207,9 @@ def status(
         typer.echo(_status_report(deployment).model_dump_json(indent=2))
         return
     if watch is None:
-        console.print(_status_table(_status_report(deployment)))
+        report = _status_report(deployment)
+        console.print(_status_table(report))
+        _print_metrics(report.metrics)
         return
     with Live(_status_table(_status_report(deployment)), console=console, auto_refresh=False) as live:
         try:

@@ -5,10 +5,12 @@ from any producer whatever its own ``DF_TRANSPORT``."""
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
+from disagfusion import metrics
 from disagfusion.config import Settings
 from disagfusion.protocol import TensorRef, TransportName
 from disagfusion.transport.base import Transport
@@ -75,10 +77,16 @@ class Transports:
         return torch.empty(shape, dtype=dtype)
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
-        return self._for(tensor).put(key, tensor)
+        started = time.perf_counter()
+        ref = self._for(tensor).put(key, tensor)
+        metrics.handoff(ref.transport, "put", ref.nbytes, time.perf_counter() - started)
+        return ref
 
     def get(self, ref: TensorRef) -> torch.Tensor:
-        return self._backend(ref.transport).get(ref)
+        started = time.perf_counter()
+        tensor = self._backend(ref.transport).get(ref)
+        metrics.handoff(ref.transport, "get", ref.nbytes, time.perf_counter() - started)
+        return tensor
 
     def get_all(self, refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
         """One handoff: every tensor of a stage output."""

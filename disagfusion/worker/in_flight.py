@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from disagfusion import metrics
 from disagfusion.protocol import JobSpec, handback_key
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class InFlight:
         has a pull loop per model, and one that has just given slots back must not take them
         again before the loops already waiting, or a model can wait forever."""
         self._closed = False
+        metrics.IN_FLIGHT.labels(stage).set_function(self.__len__)  # read at scrape time
 
     @property
     def free(self) -> int:
@@ -109,6 +111,7 @@ class InFlight:
             handed = await self.handbacks_of(spec)
             await self._handbacks.put(handback_key(spec.job_id, self.stage), str(handed + 1).encode())
             await msg.nak(delay=delay_s)
+            metrics.HANDBACKS.labels(self.stage).inc()
         except Exception as exc:  # not lost: JetStream redelivers it after AckWait
             log.warning("could not hand back job %s: %s", spec.job_id, exc)
         self.release(msg)

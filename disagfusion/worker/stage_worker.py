@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from disagfusion import bus, media
+from disagfusion import bus, media, metrics
 from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.errors import DisagFusionError
@@ -363,10 +363,13 @@ class StageWorker:
         try:
             task = unpack(StageTask, msg.data)
             spec = task.job
+            metrics.task_taken(self.stage, msg.metadata.num_delivered)
             if msg.metadata.num_delivered > self.settings.max_deliver:
                 failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
                 if failed > self.settings.max_deliver:
                     cause = await self._dead_letters.last_unanswered(spec)
+                    metrics.failed(self.stage, "gave_up")
+                    metrics.job_left(self.stage, spec.model, "error")
                     await self._fail(msg, spec.job_id, f"stage {self.stage} gave up after {self.settings.max_deliver} "
                                      f"delivery attempts; the last: {cause}", dead_letter=True)
                     return None
@@ -386,6 +389,9 @@ class StageWorker:
         """Answer a task whose handling raised ``exc``: reject it, dead-letter it or retry it
         later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result."""
         outcome = failures.classify(exc)
+        metrics.failed(self.stage, outcome)
+        if outcome is not failures.Outcome.RETRY or task is None:
+            metrics.job_left(self.stage, task.job.model if task else "unknown", "error")
         if outcome is failures.Outcome.RETRY and task is not None:
             delay = failures.retry_delay(
                 msg.metadata.num_delivered, self.settings.retry_delay_s, self.settings.retry_max_delay_s
@@ -513,6 +519,7 @@ class StageWorker:
                     await self._failed(job.msg, job.task, exc, doing)
                 continue
             self.in_flight.release(job.msg)
+            metrics.job_left(job.task.stage, job.spec.model, "done")
             try:
                 await asyncio.to_thread(self._delete_inputs, job.task)
             except Exception as exc:  # the janitor (or Redis's TTL) frees them later
@@ -627,6 +634,7 @@ class StageWorker:
             log.debug("event %s of job %s not sent: %s", kind, job_id, exc)
 
     async def _publish_timing(self, stage: Stage, specs: list[JobSpec], seconds: float) -> None:
+        metrics.batch_computed(stage, specs[0].model, len(specs), seconds)
         sample = TimingSample(
             stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
         )
@@ -690,6 +698,7 @@ def main(stage: str, worker_class: type[StageWorker] = StageWorker) -> None:
         level=os.environ.get("DF_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings()
+    metrics.serve(settings, stage)
     if settings.torch_threads:
         import torch
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from disagfusion.config import BusSettings
+from disagfusion.config import BusSettings, MetricsSettings
 from disagfusion.engram.spec import EngramArenaSpec
 
 
-class EngramStoreSettings(BusSettings):
+class EngramStoreSettings(BusSettings, MetricsSettings):
     engram_arenas: str = ""
     """Comma-separated arenas engram_store serves: a location (a file on tmpfs/hugetlbfs/fsdax/
     famfs, /dev/daxX.Y) holding a built arena, or ``LOCATION<=SOURCE`` to build LOCATION (also

@@ -14,6 +14,7 @@ import mmap
 import os
 import signal
 import socket
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 
+from disagfusion import metrics
 from disagfusion.bus import connect
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, Location, numpy_dtype
@@ -130,23 +132,29 @@ class EngramStore:
         for name, descriptor in self.descriptors().items():
             await kv.put(name, pack(descriptor))
         for name, arena in self.arenas.items():
-            await nc.subscribe(engram_lookup_subject(name), queue=ENGRAM_QUEUE_GROUP, cb=functools.partial(self.handle, arena))
+            await nc.subscribe(engram_lookup_subject(name), queue=ENGRAM_QUEUE_GROUP, cb=functools.partial(self.handle, arena, name=name))
             log.info("serving arena %s (tables %s) on %s", name, [t.name for t in arena.directory.tables], engram_lookup_subject(name))
         await nc.flush()  # the server knows the subscriptions before anyone is told we serve
 
-    async def handle(self, arena: Arena, msg: Msg) -> None:
+    async def handle(self, arena: Arena, msg: Msg, *, name: str) -> None:
         if not msg.reply:
             log.warning("dropped a lookup without a reply subject")
             return
+        started, outcome = time.perf_counter(), "error"
         try:
-            await self._answer(arena, msg)
+            metrics.ENGRAM_ROWS.labels(name).inc(await self._answer(arena, msg))
+            outcome = "ok"
         except (DecodeError, LookupRequestError) as exc:
             await self._error(msg.reply, str(exc))
         except Exception as exc:  # a reply beats a client waiting out its timeout
             log.exception("lookup failed")
             await self._error(msg.reply, f"engram_store failed: {type(exc).__name__}: {exc}")
+        finally:
+            metrics.ENGRAM_LOOKUPS.labels(name, outcome).inc()
+            metrics.ENGRAM_LOOKUP_SECONDS.labels(name).observe(time.perf_counter() - started)
 
-    async def _answer(self, arena: Arena, msg: Msg) -> None:
+    async def _answer(self, arena: Arena, msg: Msg) -> int:
+        """Reply to one lookup; the rows it gathered."""
         assert self.nc is not None
         request = unpack(wire.LookupRequest, msg.data)
         info = arena.info(request.table)  # an unknown table is refused before the ids are read
@@ -162,7 +170,7 @@ class EngramStore:
             out = self.scratch.rows(request.shm_path, numpy_dtype(info.dtype), ids.size, info.dim)
             arena.gather(request.table, ids, out=out)
             await self.nc.publish(msg.reply, b"", headers={wire.STATUS: "ok", **shape})
-            return
+            return ids.size
         rows = arena.gather(request.table, ids)
         payload = memoryview(rows.reshape(-1).view(np.uint8))
         rows_per_chunk = max(1, (self.nc.max_payload - _HEADER_ROOM) // info.row_bytes)
@@ -171,6 +179,7 @@ class EngramStore:
         for index in range(count):
             headers = {wire.STATUS: "ok", wire.CHUNK: f"{index}/{count}", wire.CHUNK_ROWS: str(rows_per_chunk), **shape}
             await self.nc.publish(msg.reply, bytes(payload[index * step : (index + 1) * step]), headers=headers)
+        return ids.size
 
     async def _error(self, reply: str, text: str) -> None:
         assert self.nc is not None
@@ -196,6 +205,7 @@ class EngramStore:
 async def serve(settings: EngramStoreSettings, entries: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engram_store %(levelname)s %(message)s")
     store = EngramStore(settings, entries)
+    metrics.serve(settings, "engram_store")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

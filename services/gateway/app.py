@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from services.gateway import images, jobs, videos
+from services.gateway import images, jobs, metrics, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
@@ -57,12 +57,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="DisagFusion gateway", lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.jobs = settings, backend, jobs.Jobs()
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(metrics.RequestMetrics)  # added last: outermost, so it sees every answer
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(nats.errors.Error, nats_error_handler)
     for router in (images.router, videos.router, jobs.router):
         app.include_router(router, dependencies=[Depends(require_key)])
+    app.include_router(metrics.router)  # no key: scrapers carry none, and it holds no job data
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models() -> dict:

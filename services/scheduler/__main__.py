@@ -5,6 +5,8 @@ import asyncio
 import logging
 import signal
 
+from disagfusion import metrics
+from disagfusion.config import MetricsSettings
 from services.scheduler.live import build
 
 
@@ -18,4 +20,5 @@ async def _main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    metrics.serve(MetricsSettings(), "scheduler")
     asyncio.run(_main())

@@ -20,7 +20,7 @@ from nats.js.errors import NotFoundError
 from pydantic import AliasChoices, BeforeValidator, Field
 from pydantic_settings import NoDecode
 
-from disagfusion import bus
+from disagfusion import bus, metrics
 from disagfusion.config import Settings, comma_list
 from disagfusion.cost import CostProfile, load_profiles
 from disagfusion.memory import fleet_memory
@@ -216,6 +216,7 @@ class LiveScheduler:
         desired = workload_names(allocation, self.pool, self.template)
         self.start_changes(desired, running)
         status = self.status(now, obs, allocation, running, pins)
+        metrics.scheduler_view(status.stages)
         await write_status(kv, status)
         return status
 
@@ -227,6 +228,7 @@ class LiveScheduler:
         for name, n in desired.items():
             busy = self._applying.get(name)
             if n != running.get(name, 0) and (busy is None or busy.done()):
+                metrics.SCHEDULER_CHANGES.labels(name, "up" if n > running.get(name, 0) else "down").inc()
                 self._applying[name] = asyncio.create_task(self._apply({name: n}))
 
     async def settle(self) -> None:
@@ -299,8 +301,10 @@ class LiveScheduler:
                 write_health(health, "scheduling")
                 try:
                     await self.tick(stack.js, kv)
+                    metrics.SCHEDULER_TICKS.labels("ok").inc()
                 except Exception:  # a NATS hiccup must not end the service; the next tick retries
                     log.exception("scheduler tick failed")
+                    metrics.SCHEDULER_TICKS.labels("error").inc()
                 try:
                     await asyncio.wait_for(stop.wait(), self.settings.tick_s)
                 except TimeoutError:
