@@ -76,6 +76,23 @@ def test_gateway_is_published_on_loopback_and_checks_its_health() -> None:
     assert hostnet["environment"]["DF_NATS_URL"].startswith("nats://127.0.0.1:")
 
 
+def test_each_service_scans_for_its_metrics_port_in_a_range_of_its_own() -> None:
+    """docs/metrics.md: a replica takes the first free port of its service's range
+    (DF_METRICS_PORT and the DF_METRICS_PORT_SPAN = 100 above it), so the ranges must not
+    overlap; on the host network the endpoints bind loopback only."""
+    profiles = ["monolithic", "engram", "scheduler"]
+    services = compose_client(profiles=profiles).compose.config(return_json=True)["services"]
+    ports = {name: int(s["environment"]["DF_METRICS_PORT"]) for name, s in services.items()
+             if "DF_METRICS_PORT" in (s.get("environment") or {})}
+    assert set(ports) == STAGES | {"pipeline", "engram_store", "scheduler"}
+    starts = sorted(ports.values())
+    assert all(b - a >= 100 for a, b in zip(starts, starts[1:])), ports
+    assert {services[name]["environment"]["DF_METRICS_HOST"] for name in ports} == {"0.0.0.0"}
+    hostnet = compose_client(HOSTNET_OVERRIDE, profiles=profiles).compose.config(return_json=True)["services"]
+    for name in ports.keys() - {"pipeline"}:  # the override leaves the monolithic baseline as it is
+        assert hostnet[name]["environment"]["DF_METRICS_HOST"] == "127.0.0.1", name
+
+
 def test_gpu_reserves_devices_per_stage(tmp_path: Path) -> None:
     env_file = tmp_path / "gpus.env"
     env_file.write_text("DF_DIT_GPUS=1,2,3\nDF_ENCODER_GPUS=0\nDF_DECODER_GPUS=0\n")

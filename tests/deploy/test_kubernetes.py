@@ -119,6 +119,24 @@ def test_the_gateway_serves_on_its_compose_port(rendered) -> None:
     assert find(objects, "Service", "gateway")["spec"]["ports"][0]["port"] == port
 
 
+def test_every_pod_is_scraped_on_its_compose_metrics_port(rendered) -> None:
+    overlay, objects = rendered
+    assert find(objects, "ConfigMap", "disagfusion-env")["data"]["DF_METRICS_HOST"] == "0.0.0.0"
+    for name, service in APPLICATION.items():
+        if overlay == "keda" and name == "scheduler":
+            continue
+        template = find(objects, "Deployment", name)["spec"]["template"]
+        [container] = template["spec"]["containers"]
+        compose_env = service["environment"]
+        # The gateway serves /metrics on its HTTP port; every other service on its own.
+        port = str(defaults(compose_env.get("DF_METRICS_PORT") or compose_env["DF_GATEWAY_PORT"]))
+        if name != "gateway":
+            assert {"name": "DF_METRICS_PORT", "value": port} in container["env"], name
+        assert int(port) in [p["containerPort"] for p in container["ports"]], name
+        assert template["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"}, name
+
+
 def test_stage_pods_drain_within_their_grace_and_have_memory_shm(rendered) -> None:
     overlay, objects = rendered
     drain = float(find(objects, "ConfigMap", "disagfusion-env")["data"]["DF_DRAIN_TIMEOUT_S"])
