@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import nats
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from disagfusion.engram import wire
 from disagfusion.engram.arena import Arena, LookupRequestError, TableSpec
@@ -19,6 +21,7 @@ from disagfusion.engram.build import build, random_filler
 from disagfusion.engram.client import EngramClient, EngramServiceError
 from disagfusion.engram.spec import EngramArenaSpec
 from disagfusion.health import health_age
+from disagfusion.launcher import free_port
 from disagfusion.protocol import ENGRAM_ARENAS_BUCKET, engram_lookup_subject, unpack
 from tests.engram.conftest import new_arena_path, start_engram_store, stop_engram_store
 from tests.engram.test_client import engram_arena, expected_embeddings
@@ -27,12 +30,18 @@ WIDE = TableSpec(name="wide", dtype="float16", rows=200_000, dim=32)
 
 
 @pytest.fixture(scope="module")
-def served(nats_server: str, scratch_dir: str) -> Iterator[tuple[str, str]]:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def served(nats_server: str, scratch_dir: str, metrics_port: int) -> Iterator[tuple[str, str]]:
     """One service for the module: starting one costs seconds."""
     engram_path, wide_path = str(new_arena_path()), str(new_arena_path())
     engram_arena(engram_path)
     build(wide_path, [WIDE], random_filler([WIDE], seed=9))
-    proc = start_engram_store(nats_server, [engram_path, wide_path], scratch_dir)
+    proc = start_engram_store(nats_server, [engram_path, wide_path], scratch_dir,
+                              {"DF_METRICS_PORT": str(metrics_port)})
     try:
         yield engram_path, wide_path
     finally:
@@ -176,3 +185,24 @@ def test_a_missing_arena_is_built_from_the_spec_and_health_is_reported(
         assert torch.equal(got[0], want[0]) and got[0].shape == (1, 4, 4, 4)
     finally:
         stop_engram_store(proc)
+
+
+def test_lookups_are_counted_on_its_metrics_endpoint(nats_server: str, served: tuple[str, str],
+                                                   metrics_port: int) -> None:
+    name = Path(served[1]).stem
+
+    def scrape() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+            families = text_string_to_metric_families(answer.read().decode())
+        return {(s.name, s.labels.get("outcome", "")): s.value for f in families for s in f.samples
+                if s.labels.get("arena") == name}
+
+    before = scrape()
+    with EngramClient.remote(nats_server, arena=name) as client:
+        client.lookup("wide", [1, 2, 3])
+        with pytest.raises(LookupRequestError):
+            client.lookup("wide", [WIDE.rows])
+    after = scrape()
+    for key, moved in {("disagfusion_engram_lookups_total", "ok"): 1, ("disagfusion_engram_lookups_total", "error"): 1,
+                       ("disagfusion_engram_rows_total", ""): 3, ("disagfusion_engram_lookup_seconds_count", ""): 2}.items():
+        assert after.get(key, 0) - before.get(key, 0) == moved, key

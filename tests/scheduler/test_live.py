@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from disagfusion_cli import app
@@ -141,6 +143,13 @@ def test_a_pin_wins_until_released_and_status_shows_desired_vs_running(stack: La
     view = dit_view()
     assert (view["desired"], view["running"], view["pinned"]) == (3, 3, True)
     assert stack.running()["dit"] == 3
+    [scheduler_metrics] = stack.state().metrics_urls["scheduler"]
+    with urllib.request.urlopen(scheduler_metrics, timeout=10) as answer:
+        samples = {(s.name, s.labels.get("stage") or s.labels.get("outcome")): s.value
+                   for f in text_string_to_metric_families(answer.read().decode()) for s in f.samples}
+    assert samples[("disagfusion_scheduler_desired_instances", "denoise")] == 3
+    assert samples[("disagfusion_scheduler_running_instances", "denoise")] == 3
+    assert samples[("disagfusion_scheduler_ticks_total", "ok")] > 0
     assert status_json()["scheduler"]["pins"] == {"dit": 3}
 
     released = runner.invoke(app, ["scale", "--release", "dit", *data_dir])
