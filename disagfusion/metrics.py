@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -22,8 +23,9 @@ from disagfusion.protocol import StageState
 
 log = logging.getLogger(__name__)
 
-JobStatus = str
-"""How a job left a stage: ``done``, ``error`` (and ``cancelled`` once jobs can be cancelled)."""
+JobStatus = Literal["done", "error", "cancelled"]
+"""How a job left a stage: its output handed on (or its result published), an error result, or
+cancelled (for the stages that drop cancelled jobs)."""
 
 # Compute of one batch: from a 10 ms encode to a minutes-long video denoise.
 _SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
