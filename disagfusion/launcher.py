@@ -402,13 +402,14 @@ class Launcher:
         health = self.data_dir / "health" / f"{service}-{time.time_ns()}"
         health.parent.mkdir(parents=True, exist_ok=True)
         env["DF_HEALTH_FILE"] = str(health)
-        url = None
-        if "DF_GATEWAY_PORT" in env:  # serves HTTP: on loopback only, at a port free here
+        url = metrics_url = None
+        declared = self.services[service].environment  # compose's, not a DF_* the shell exported
+        if "DF_GATEWAY_PORT" in declared:  # serves HTTP: on loopback only, at a port free here
             port = port_or_free(self.gateway_port)
             env["DF_GATEWAY_HOST"], env["DF_GATEWAY_PORT"] = "127.0.0.1", str(port)
             url = f"http://127.0.0.1:{port}"
-        metrics_url = f"{url}/metrics" if url else None
-        if int(env.get("DF_METRICS_PORT") or 0):  # a port of its own: replicas share this host
+            metrics_url = f"{url}/metrics"  # on its own HTTP port
+        elif int(declared.get("DF_METRICS_PORT") or 0):  # a port of its own: replicas share this host
             port = free_port()
             env["DF_METRICS_HOST"], env["DF_METRICS_PORT"] = "127.0.0.1", str(port)
             metrics_url = f"http://127.0.0.1:{port}/metrics"
