@@ -71,7 +71,7 @@ def test_every_endpoint_parses_and_moves_as_jobs_run(gateway_stack: Launcher) ->
     for service, stage in zip(("encoder", "dit", "decoder"), STAGES):
         assert moved(service, "disagfusion_stage_seconds_count", stage=stage, model="tiny")
         assert moved(service, "disagfusion_batch_size_sum", 2, stage=stage, model="tiny")
-        assert get(after[service], "disagfusion_in_flight_tasks", stage=stage) == 0
+        assert after[service][("disagfusion_in_flight_tasks", frozenset({("stage", stage)}))] == 0  # all acked
 
     def handed(service: str, direction: str) -> dict[str, float]:
         """Bytes ``service`` put or got during the jobs, per transport that moved."""
