@@ -75,7 +75,7 @@ class Observer:
             self._forget_oldest()
         if job.result is not None:  # a result published again (a replayed publish): count it once
             return
-        job.result = result
+        job.result = result.model_copy(update={"data": None})  # up to 512 KiB inline: not kept for a thousand jobs
         if result.status == "ok":
             self.completed += 1
         else:

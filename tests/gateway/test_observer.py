@@ -34,7 +34,7 @@ def test_results_are_counted_once_with_their_latency() -> None:
     observer = Observer()
     observer.submitted(task("a", now - 10))
     observer.submitted(task("a", now - 5))  # a redelivery: the first sighting counts
-    observer.finished_job(result("a", now - 4))
+    observer.finished_job(result("a", now - 4).model_copy(update={"data": b"png bytes"}))
     observer.finished_job(result("a", now - 4))  # a replayed publish
     observer.finished_job(result("b", now - 1, status="error", submitted_at=now - 3))  # submitted before we listened
     assert (observer.completed, observer.failed) == (1, 1)
@@ -42,6 +42,7 @@ def test_results_are_counted_once_with_their_latency() -> None:
     recent = observer.recent(10)
     assert [job.job_id for job in recent] == ["b", "a"]  # newest first
     assert recent[0].model is None and recent[1].model == "tiny"
+    assert recent[1].result.data is None  # inline output bytes are not kept
 
 
 def test_the_window_drops_old_results_and_buckets_the_rest() -> None:
