@@ -41,7 +41,8 @@ class Series(BaseModel):
     """The chart, column by column (as uPlot takes it): one point per bucket of the window."""
 
     t: list[float]
-    throughput_per_min: list[float]
+    throughput_per_min: list[float | None]
+    """None for the buckets before the gateway started listening."""
     p95_s: list[float | None]
 
 

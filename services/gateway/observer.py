@@ -110,8 +110,9 @@ class Observer:
         span = min(RATE_S, max(now - self.started_at, 1.0))
         return sum(1 for f in self.window(now) if now - f.at <= span) * 60.0 / span
 
-    def series(self, now: float) -> tuple[list[float], list[float], list[float | None]]:
-        """The chart: for each BUCKET_S bucket of the window, its start, results per minute and p95 latency."""
+    def series(self, now: float) -> tuple[list[float], list[float | None], list[float | None]]:
+        """The chart: for each BUCKET_S bucket of the window, its start, results per minute (None
+        before the gateway listened: not seen is not zero) and p95 latency."""
         last = math.floor(now / BUCKET_S) * BUCKET_S
         starts = [last - BUCKET_S * i for i in reversed(range(int(WINDOW_S / BUCKET_S)))]
         latencies: dict[float, list[float]] = {start: [] for start in starts}
@@ -119,7 +120,8 @@ class Observer:
             start = math.floor(f.at / BUCKET_S) * BUCKET_S
             if start in latencies:
                 latencies[start].append(f.latency_s)
-        rates = [len(latencies[start]) * 60.0 / BUCKET_S for start in starts]
+        rates = [len(latencies[start]) * 60.0 / BUCKET_S if start + BUCKET_S > self.started_at else None
+                 for start in starts]
         return starts, rates, [p95(latencies[start]) for start in starts]
 
     def recent(self, count: int) -> list[SeenJob]:

@@ -58,6 +58,9 @@ def test_the_window_drops_old_results_and_buckets_the_rest() -> None:
     assert len(starts) == WINDOW_S / BUCKET_S and starts == sorted(starts) and starts[-1] <= now < starts[-1] + BUCKET_S
     assert sum(rates) * BUCKET_S / 60 == 4
     assert [value for value in latencies if value is not None] == [2.0] * sum(1 for r in rates if r)
+    observer.started_at = now - 25.0  # buckets before the gateway listened are unknown, not 0
+    _, rates, _ = observer.series(now)
+    assert rates[:-4] == [None] * (len(rates) - 4) and None not in rates[-3:]
 
 
 def test_workers_not_heard_from_are_gone() -> None:
