@@ -29,7 +29,7 @@ test-bench: $(STAMP)
 test-chaos: $(STAMP)
 	$(BIN)/python -m pytest -q tests/chaos
 
-# The gateway's dashboard in Debian's headless Chromium, driven by selenium (about 1 minute);
+# The gateway's dashboard in Debian's headless Chromium, driven by selenium (1.5-3 minutes on a loaded 2-core machine);
 # installs the chromium and chromium-driver packages first when /usr/bin/chromedriver is missing.
 # CI runs it after `test-chaos`.
 test-browser: $(STAMP)
