@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bench test-chaos clean
+.PHONY: install demo test test-bench test-chaos test-browser clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos --ignore=tests/browser
 
 # The benchmarks' quick runs (each script end to end, about 4 minutes): CI runs them after `test`.
 test-bench: $(STAMP)
@@ -28,6 +28,14 @@ test-bench: $(STAMP)
 # 3 minutes): CI runs it after `test-bench`.
 test-chaos: $(STAMP)
 	$(BIN)/python -m pytest -q tests/chaos
+
+# The gateway's dashboard in Debian's headless Chromium, driven by selenium (1.5-3 minutes on a loaded 2-core machine);
+# installs the chromium and chromium-driver packages first when /usr/bin/chromedriver is missing.
+# CI runs it after `test-chaos`.
+test-browser: $(STAMP)
+	test -x /usr/bin/chromedriver || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	$(BIN)/python -m pytest -q tests/browser
 
 demo: $(STAMP)
 	bash examples/demo.sh

@@ -25,6 +25,7 @@ from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_path, write_health, write_unhealthy
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors, UnloadableModel
+from disagfusion.presence import announce
 from disagfusion.protocol import (
     DecodeError,
     JobSpec,
@@ -656,6 +657,7 @@ class StageWorker:
                     await asyncio.to_thread(write_unhealthy, health, stalled)
                 else:
                     await asyncio.to_thread(write_health, health, f"{self.name} serving {self.stage}")
+                    await announce(self._bus.nc, self.name, self.stage, self.model_names)
             for msg in self.in_flight.messages():
                 try:
                     await msg.in_progress()

@@ -3,6 +3,7 @@ OpenAI's shape, ``GET /v1/models`` and ``GET /healthz``."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -12,13 +13,15 @@ import nats.errors
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from services.gateway import images, jobs, metrics, videos
+from services.gateway import dashboard, images, jobs, metrics, thumbnails, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
 from services.gateway.limits import BodyLimit
+from services.gateway.observer import Observer
 
 
 def require_key(request: Request) -> None:
@@ -45,26 +48,32 @@ def model_object(name: str) -> dict:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     backend = Backend(settings)
+    observer = Observer()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await backend.start()
+        observing = asyncio.create_task(dashboard.observe(backend, observer))
         try:
             yield
         finally:
+            observing.cancel()
             await backend.stop()
 
     app = FastAPI(title="DisagFusion gateway", lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.jobs = settings, backend, jobs.Jobs()
+    app.state.observer = observer
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
     app.add_middleware(metrics.RequestMetrics)  # added last: outermost, so it sees every answer
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(nats.errors.Error, nats_error_handler)
-    for router in (images.router, videos.router, jobs.router):
+    for router in (images.router, videos.router, jobs.router, dashboard.router, thumbnails.router):
         app.include_router(router, dependencies=[Depends(require_key)])
     app.include_router(metrics.router)  # no key: scrapers carry none, and it holds no job data
+    app.include_router(dashboard.page)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models() -> dict:
