@@ -1,4 +1,4 @@
-"""The job commands: ``generate`` one image, ``submit`` a batch from a JSONL file."""
+"""The job commands: ``generate`` one image, ``submit`` a batch from a JSONL file, ``cancel`` a job."""
 
 from __future__ import annotations
 
@@ -93,6 +93,24 @@ def _write_output(data: bytes, content_type: str, output: Path) -> Path:
         return output
     output.write_bytes(data)
     return output
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id (as submitted, or as the gateway answered it).")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Cancel a queued or running job: stages drop it, and it gets a `cancelled` result."""
+
+    async def run() -> Result | None:
+        async with Client(client_settings(data_dir), "cli") as client:
+            return await client.cancel(job_id)
+
+    result = asyncio.run(run())
+    if result is None:
+        fail(f"no job {job_id!r}: it has no state and no result")
+    if result.status != "cancelled":
+        fail(f"job {job_id} finished ({result.status}) before it could be cancelled")
+    console.print(f"cancelled job {job_id}")
 
 
 def load_jobs(path: Path) -> list[JobSpec]:

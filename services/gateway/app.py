@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from services.gateway import images, jobs, videos
+from services.gateway import events, images, jobs, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
@@ -61,7 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(nats.errors.Error, nats_error_handler)
-    for router in (images.router, videos.router, jobs.router):
+    for router in (images.router, videos.router, jobs.router, events.router):
         app.include_router(router, dependencies=[Depends(require_key)])
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
