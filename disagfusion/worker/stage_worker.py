@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -23,7 +24,7 @@ from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_path, write_health, write_unhealthy
-from disagfusion.job_state import JobsCancelled, JobStates, publish_cancelled
+from disagfusion.job_state import JobsCancelled, JobStates, find_result, publish_cancelled
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors, UnloadableModel
 from disagfusion.protocol import (
@@ -631,7 +632,10 @@ class StageWorker:
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
                            height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done", stage=Stage(job.task.stage))
-        await self.publish_result(result, job.task.replay)
+        if (await self.publish_result(result, job.task.replay)).duplicate and "object_name" in where:
+            stored = await find_result(self.js, spec.job_id)
+            if stored is not None and stored.status == "cancelled":  # the cancel's result came first: unread
+                await self._outputs.delete(where["object_name"])
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -639,11 +643,13 @@ class StageWorker:
             for name, tensor in job.outputs.items()
         }
 
-    async def publish_result(self, result: Result, replay: int = 0) -> None:
-        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``)."""
+    async def publish_result(self, result: Result, replay: int = 0) -> PubAck:
+        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``). The ack says
+        ``duplicate`` when the job had a result already (a cancel's, or this one's before a crash)."""
         ack = await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id, replay))
-        if not ack.duplicate:  # a duplicate: the job had its result (a cancel's) and its state
+        if not ack.duplicate:  # a duplicate's state was written with the first
             self._job_states.on_result(result)
+        return ack
 
     async def reject(self, job_id: str, error: str, field: str | None = None, replay: int = 0) -> None:
         """Answer a job that cannot be done: an ``error`` event, then its error result."""
