@@ -75,6 +75,8 @@ def generate(
                 return result, (await client.output(result) if result.status == "ok" else None)
 
     result, data = asyncio.run(run())
+    if result.status == "cancelled":
+        fail(f"job {result.job_id} was {result.error}")
     if result.status != "ok":
         fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
     written = _write_output(data, result.content_type or "", output or Path(f"out.{spec.output_encoding}"))
