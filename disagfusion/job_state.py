@@ -71,13 +71,17 @@ class JobsCancelled(DisagFusionError):
 
 async def read_state(kv: KeyValue, job_id: str) -> JobState | None:
     """A job's latest state, or None (never written, expired, or no job id)."""
+    entry = await _state_entry(kv, job_id)
+    return unpack(JobState, entry.value) if entry is not None and entry.value else None
+
+
+async def _state_entry(kv: KeyValue, job_id: str) -> KeyValue.Entry | None:
     if not is_token(job_id):
         return None
     try:
-        entry = await kv.get(job_state_key(job_id))
+        return await kv.get(job_state_key(job_id))
     except KeyNotFoundError:
         return None
-    return unpack(JobState, entry.value) if entry.value else None
 
 
 async def find_result(js: JetStreamContext, job_id: str) -> Result | None:
@@ -123,13 +127,17 @@ async def cancel(js: JetStreamContext, settings: BusSettings, job_id: str, by: s
     if result is not None:
         return result
     kv = await bus.jobs_bucket(js, settings)
-    if not known and await read_state(kv, job_id) is None:
+    seen = await _state_entry(kv, job_id)
+    if seen is None and not known:
         return None
     cancelled = JobState(job_id=job_id, state="cancelled", by=by)
     await kv.put(cancel_key(job_id), pack(cancelled))
     result = await publish_cancelled(js, job_id, None, by)
     if result.status == "cancelled":
-        await kv.put(job_state_key(job_id), pack(cancelled))
+        try:  # unless a stage wrote since: it holds the job, and its state will say where it dropped it
+            await kv.update(job_state_key(job_id), pack(cancelled), last=seen.revision if seen else 0)
+        except KeyWrongLastSequenceError:
+            pass
     return result
 
 

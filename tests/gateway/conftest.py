@@ -21,23 +21,24 @@ MODELS = "tiny,emulated-video"
 GatewayStarter = Callable[..., str]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def gateway_stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Launcher]:
-    """One fp32 stack serving the tiny image model and the emulated video model, gateway included."""
+    """One fp32 stack serving the tiny image model and the emulated video model, gateway included,
+    shared by the modules of tests/gateway (a stack takes tens of seconds to start)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DF_MODELS", MODELS)
         with running_stack(tmp_path_factory.mktemp("stack"), tiny_models_dir) as launcher:
             yield launcher
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def gateway_url(gateway_stack: Launcher) -> str:
     url = gateway_stack.state().gateway_url
     assert url is not None, "the launcher started no gateway from compose.yaml"
     return url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def sdk(gateway_url: str) -> openai.OpenAI:
     """The official OpenAI SDK against the stack's gateway; no retries, so each error is seen once."""
     return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
