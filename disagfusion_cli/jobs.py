@@ -70,7 +70,7 @@ def generate(
                 elif event.kind == "stage_started":
                     bars.update(bar, description=event.stage)
 
-            async with Client(client_settings(data_dir)) as client:
+            async with Client(client_settings(data_dir), "cli") as client:
                 result = await client.generate(spec, on_event, timeout)
                 return result, (await client.output(result) if result.status == "ok" else None)
 
@@ -144,7 +144,7 @@ def submit(
 
     async def run() -> float:
         started = time.time()
-        async with Client(client_settings(data_dir)) as client:
+        async with Client(client_settings(data_dir), "cli") as client:
             with progress() as bars:
                 bar = bars.add_task("generating", total=len(specs))
                 async for result in client.run_many(specs, timeout):
