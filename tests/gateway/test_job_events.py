@@ -80,6 +80,9 @@ async def test_a_jobs_events_stream_ends_with_its_result(gateway_url: str, gatew
     spec = JobSpec(prompt="a stream", width=64, height=64, steps=40)
     async with Client(gateway_stack.client_settings(), "batch-pipeline") as client:
         await client.submit(spec)
+        # Not submitted through the gateway, and no result yet: its state in DF_JOBS answers.
+        job = (await asyncio.to_thread(httpx2.get, f"{gateway_url}/v1/jobs/{spec.job_id}")).json()
+        assert job["status"] in ("queued", "in_progress"), job
         events = await asyncio.to_thread(read_events, f"{gateway_url}/v1/jobs/{spec.job_id}/events")
         assert (await client.result(spec.job_id)).status == "ok"
     names = [name for name, _ in events]
