@@ -77,7 +77,9 @@ STAGES_DONE = [("running", "encode"), ("running", "denoise"), ("running", "decod
 async def test_a_jobs_events_stream_ends_with_its_result(gateway_url: str, gateway_stack: Launcher) -> None:
     """A job published straight to NATS (as a batch pipeline does) streams too: its state first,
     then the progress of every stage, last its result."""
-    spec = JobSpec(prompt="a stream", width=64, height=64, steps=40)
+    # 40 steps of about 50 ms (emulated Wan2.1 on an H200: simulated time), so the stream opens
+    # well before the job ends however quiet the machine.
+    spec = JobSpec(model="emulated-video", prompt="a stream", width=128, height=128, frames=17, steps=40, guidance=1.0)
     async with Client(gateway_stack.client_settings(), "batch-pipeline") as client:
         await client.submit(spec)
         # Not submitted through the gateway, and no result yet: its state in DF_JOBS answers.
