@@ -13,7 +13,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -23,6 +23,7 @@ from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
     DLQ_STREAM,
     HANDBACKS_BUCKET,
+    JOBS_BUCKET,
     OUTPUTS_BUCKET,
     RESULTS_STREAM,
     WORK_STREAM,
@@ -145,13 +146,18 @@ async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     return await _task_bucket(js, ATTEMPTS_BUCKET, replicas)
 
 
-async def _task_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
-    """A key-value bucket of one entry per task, kept ``HANDBACK_TTL_S``; created by whoever comes first."""
+async def jobs_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
+    """Each job's state and cancel mark (``disagfusion.job_state``), kept as long as results."""
+    return await _task_bucket(js, JOBS_BUCKET, settings.stream_replicas, float(settings.results_max_age_s))
+
+
+async def _task_bucket(js: JetStreamContext, name: str, replicas: int, ttl_s: float = HANDBACK_TTL_S) -> KeyValue:
+    """A key-value bucket of one entry per task or job, kept ``ttl_s``; created by whoever comes first."""
     try:
         return await js.key_value(name)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=name, history=1, ttl=HANDBACK_TTL_S, replicas=replicas)
+            return await js.create_key_value(bucket=name, history=1, ttl=ttl_s, replicas=replicas)
         except BadRequestError:
             return await js.key_value(name)
 
@@ -175,6 +181,7 @@ async def ensure_consumer(js: JetStreamContext, stage: str, model: str, ack_wait
     return durable
 
 
-async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
-    """Publish and wait for the stream's ack; ``msg_id`` deduplicates retries."""
-    await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> PubAck:
+    """Publish and wait for the stream's ack; ``msg_id`` deduplicates retries (the ack's
+    ``duplicate`` says the stream already held a message with that id)."""
+    return await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})

@@ -11,17 +11,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
-from disagfusion import bus
+from disagfusion import bus, job_state
 from disagfusion.config import BusSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
-    RESULTS_STREAM,
     JobSpec,
+    JobState,
     ProgressEvent,
     Result,
     Stage,
@@ -35,6 +36,8 @@ from disagfusion.protocol import (
 )
 
 
+log = logging.getLogger(__name__)
+
 MAX_FILTERED_JOBS = 256
 """``run_many`` of up to this many jobs filters its consumer to their result subjects (the
 consumer's config must fit in one NATS message); a larger batch reads every new result."""
@@ -45,9 +48,12 @@ class JobTimeout(DisagFusionError, TimeoutError):
 
 
 class Client:
-    def __init__(self, settings: BusSettings | None = None):
+    def __init__(self, settings: BusSettings | None = None, name: str = "client"):
         self.settings = settings or BusSettings()
+        self.name = name
+        """Who this client is in the job states it writes (``JobState.by``)."""
         self._bus: bus.Bus | None = None
+        self._jobs: KeyValue | None = None
 
     async def __aenter__(self) -> Client:
         self._bus = await bus.connect(self.settings, "disagfusion-client")
@@ -67,11 +73,31 @@ class Client:
     def _js(self):
         return self.bus.js
 
+    async def jobs_bucket(self) -> KeyValue:
+        """``DF_JOBS``, the job states (``disagfusion.job_state``)."""
+        if self._jobs is None:
+            self._jobs = await bus.jobs_bucket(self._js, self.settings)
+        return self._jobs
+
     async def submit(self, spec: JobSpec) -> str:
         """Queue a job; returns its id. Submitting the same job id twice queues it once."""
         task = StageTask(job=spec, stage=Stage.ENCODE)
         await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task), task_msg_id(spec.job_id, Stage.ENCODE))
+        try:
+            await job_state.mark_queued(await self.jobs_bucket(), spec.job_id, self.name)
+        except Exception as exc:  # the state is best effort; the job is queued
+            log.debug("job %s: no queued state: %s", spec.job_id, exc)
         return spec.job_id
+
+    async def state(self, job_id: str) -> JobState | None:
+        """A job's latest state in ``DF_JOBS`` (None if it has none)."""
+        return await job_state.read_state(await self.jobs_bucket(), job_id)
+
+    async def cancel(self, job_id: str, known: bool = False) -> Result | None:
+        """Cancel a job (``job_state.cancel``): its one result after the cancel (``cancelled``,
+        or the result it finished with first), None for a job nobody knows (``known``: the
+        caller submitted it, so it exists even without a state)."""
+        return await job_state.cancel(self._js, self.settings, job_id, self.name, known)
 
     async def result(self, job_id: str, timeout: float = 600.0) -> Result:
         """Wait for a job's result (also one that was published before this call). JetStream
@@ -96,11 +122,7 @@ class Client:
 
     async def lookup(self, job_id: str) -> Result | None:
         """A job's result if it has one now; None while the job runs (or for a job nobody submitted)."""
-        try:
-            msg = await self._js.get_last_msg(RESULTS_STREAM, results_subject(job_id))
-        except NotFoundError:
-            return None
-        return unpack(Result, msg.data)
+        return await job_state.find_result(self._js, job_id)
 
     async def generate(
         self, spec: JobSpec, on_event: Callable[[ProgressEvent], None] | None = None, timeout: float = 600.0

@@ -75,6 +75,7 @@ SCHEDULER_STATUS_KEY = "status"
 SCHEDULER_PINS_KEY = "pins"
 ENGRAM_ARENAS_BUCKET = "DF_ENGRAM_ARENAS"
 ENGRAM_QUEUE_GROUP = "engram_store"
+JOBS_BUCKET = "DF_JOBS"
 
 # Model names and job ids become one NATS subject token, so they may not contain dots, spaces or wildcards.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -159,6 +160,17 @@ def handback_key(job_id: str, stage: str) -> str:
     """Key in ``DF_HANDBACKS``: how often a worker handed this task back without failing it (a
     drain, or a retry after Redis or NATS was briefly away)."""
     return f"{job_id}.{stage}"
+
+
+def job_state_key(job_id: str) -> str:
+    """Key in ``DF_JOBS`` of a job's ``JobState``. A job id is one subject token (letters,
+    digits, ``_``, ``-``), all of them legal in a KV key, so it is the key's second token as is."""
+    return f"state.{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Key in ``DF_JOBS`` whose presence cancels the job (its value: the ``JobState`` the canceller wrote)."""
+    return f"cancel.{job_id}"
 
 
 def tensor_key(job_id: str, stage: str, name: str) -> str:
@@ -334,7 +346,7 @@ class Result(Message):
     """The one answer a job gets, on ``df.results.<job_id>``; failures are results too."""
 
     job_id: str
-    status: Literal["ok", "error"]
+    status: Literal["ok", "error", "cancelled"]
     error: str | None = None
     field: str | None = None
     """For a rejected spec: the offending field, so a client can point at it."""
@@ -370,6 +382,11 @@ class Result(Message):
         """A job that cannot be done: ``error`` says why in words a person can act on."""
         return cls(job_id=job_id, status="error", error=error, field=field, stage=stage)
 
+    @classmethod
+    def cancelled(cls, job_id: str, stage: str | None, by: str) -> Result:
+        """A job dropped because it was cancelled (``stage``: where, None if no stage had it)."""
+        return cls(job_id=job_id, status="cancelled", error=f"cancelled by {by}", stage=stage)
+
 
 ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error"]
 
@@ -382,6 +399,25 @@ class ProgressEvent(Message):
     stage: str | None = None
     step: int | None = None
     total: int | None = None
+    t: float = Field(default_factory=time.time)
+
+
+JobStatus = Literal["queued", "running", "done", "error", "cancelled"]
+
+
+class JobState(Message):
+    """A job's state under ``job_state_key`` in ``DF_JOBS`` (and a cancel mark under
+    ``cancel_key``), so a client that comes late can ask. Best effort: the result is the truth."""
+
+    job_id: str
+    state: JobStatus
+    stage: str | None = None
+    """The stage running it (``running``), or where it ended (``error``, ``cancelled``)."""
+    step: int | None = None
+    total: int | None = None
+    """Denoising steps done and to do, while denoising."""
+    by: str | None = None
+    """Who wrote it: a worker's name, or a client (``gateway``, ``cli``)."""
     t: float = Field(default_factory=time.time)
 
 

@@ -2,7 +2,7 @@
 
 An application above the services: it may import ``disagfusion`` and ``services`` (the
 scheduler's planner), and nothing imports it. One module per group of commands: ``stack``
-(up, down, scale, status), ``jobs`` (generate, submit) and ``tools`` (profile, plan,
+(up, down, scale, status), ``jobs`` (generate, submit, cancel) and ``tools`` (profile, plan,
 init-model; ``engram`` and ``dlq`` are groups of their own).
 """
 
@@ -20,6 +20,7 @@ app.command("scale")(stack.scale_services)
 app.command()(stack.status)
 app.command()(jobs.generate)
 app.command()(jobs.submit)
+app.command()(jobs.cancel)
 app.command()(tools.profile)
 app.command()(tools.plan)
 app.command("init-model")(tools.init_model)

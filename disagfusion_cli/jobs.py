@@ -1,4 +1,4 @@
-"""The job commands: ``generate`` one image, ``submit`` a batch from a JSONL file."""
+"""The job commands: ``generate`` one image, ``submit`` a batch from a JSONL file, ``cancel`` a job."""
 
 from __future__ import annotations
 
@@ -70,11 +70,13 @@ def generate(
                 elif event.kind == "stage_started":
                     bars.update(bar, description=event.stage)
 
-            async with Client(client_settings(data_dir)) as client:
+            async with Client(client_settings(data_dir), "cli") as client:
                 result = await client.generate(spec, on_event, timeout)
                 return result, (await client.output(result) if result.status == "ok" else None)
 
     result, data = asyncio.run(run())
+    if result.status == "cancelled":
+        fail(f"job {result.job_id} was {result.error}")
     if result.status != "ok":
         fail(f"job {result.job_id} failed at {result.stage}: {result.error}")
     written = _write_output(data, result.content_type or "", output or Path(f"out.{spec.output_encoding}"))
@@ -93,6 +95,24 @@ def _write_output(data: bytes, content_type: str, output: Path) -> Path:
         return output
     output.write_bytes(data)
     return output
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id (as submitted, or as the gateway answered it).")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Cancel a queued or running job: stages drop it, and it gets a `cancelled` result."""
+
+    async def run() -> Result | None:
+        async with Client(client_settings(data_dir), "cli") as client:
+            return await client.cancel(job_id)
+
+    result = asyncio.run(run())
+    if result is None:
+        fail(f"no job {job_id!r}: it has no state and no result")
+    if result.status != "cancelled":
+        fail(f"job {job_id} finished ({result.status}) before it could be cancelled")
+    console.print(f"cancelled job {job_id}")
 
 
 def load_jobs(path: Path) -> list[JobSpec]:
@@ -124,7 +144,7 @@ def submit(
 
     async def run() -> float:
         started = time.time()
-        async with Client(client_settings(data_dir)) as client:
+        async with Client(client_settings(data_dir), "cli") as client:
             with progress() as bars:
                 bar = bars.add_task("generating", total=len(specs))
                 async for result in client.run_many(specs, timeout):

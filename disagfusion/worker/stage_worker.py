@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -23,6 +24,7 @@ from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_path, write_health, write_unhealthy
+from disagfusion.job_state import JobsCancelled, JobStates, find_result, publish_cancelled
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import SpecError, StageModel, Tensors, UnloadableModel
 from disagfusion.presence import announce
@@ -146,6 +148,7 @@ class StageWorker:
         self._stopping = asyncio.Event()
         self._in_flight: InFlight | None = None
         self._dead_letters: DeadLetters | None = None
+        self._job_states: JobStates | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         """Jobs taken for compute that did not fit the batch they came with, in order."""
@@ -200,6 +203,7 @@ class StageWorker:
         replicas = self.settings.stream_replicas
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
         self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
+        self._job_states = await JobStates.open(self.js, self.settings, self.name)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
@@ -226,6 +230,7 @@ class StageWorker:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        await self._job_states.close()
         await self._bus.close()
         self.transports.close()
 
@@ -365,6 +370,9 @@ class StageWorker:
             task = unpack(StageTask, msg.data)
             spec = task.job
             metrics.task_taken(self.stage, msg.metadata.num_delivered)
+            if self._job_states.cancelled(spec.job_id):
+                await self._drop_cancelled(msg, task)
+                return None
             if msg.metadata.num_delivered > self.settings.max_deliver:
                 failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
                 if failed > self.settings.max_deliver:
@@ -440,8 +448,11 @@ class StageWorker:
     def step_events(self, specs: list[JobSpec], stage: Stage) -> Callable[[int, int], None]:
         """A model's step callback that publishes ``step`` events of ``stage`` for ``specs``."""
 
+        job_ids = [spec.job_id for spec in specs]
+
         def on_step(step: int, total: int) -> None:
             self.notify(specs, "step", stage, step=step, total=total)
+            self._job_states.stop_if_cancelled(job_ids, step, total)
 
         return on_step
 
@@ -459,6 +470,9 @@ class StageWorker:
             if self._stopping.is_set():  # taken while draining: not started, so not ours to run
                 await self._hand_back(batch)
                 continue
+            batch = await self._without_cancelled(batch)
+            if not batch:
+                continue
             specs = [job.spec for job in batch]
             for job in batch:
                 self.in_flight.started(job.msg)
@@ -467,6 +481,10 @@ class StageWorker:
             self._progress.set()
             try:
                 outputs, stage_seconds = await asyncio.to_thread(self.run_batch, batch)
+            except JobsCancelled as stopped:  # every job of the batch: the loop stopped after a step
+                for job in batch:
+                    await self._drop_cancelled(job.msg, job.task, stopped.step, stopped.total)
+                continue
             except Exception as exc:
                 for job in batch:
                     await self._failed(job.msg, job.task, exc, f"stage {self.stage} failed")
@@ -481,6 +499,9 @@ class StageWorker:
                 await self._publish_timing(stage, specs, stage_s)
             *earlier, last_s = stage_seconds.values()
             for job, output in zip(batch, outputs, strict=True):
+                if self._job_states.cancelled(job.spec.job_id):  # its batch ran on for the others
+                    await self._drop_cancelled(job.msg, job.task)
+                    continue
                 # Stages run here before the last are handed on in-process: no tensors to store.
                 for stage_s in earlier:
                     job.task = job.task.handed_on({}, stage_s / len(batch), len(batch))
@@ -488,6 +509,38 @@ class StageWorker:
                 # Before the output is published, so a client never sees the result first.
                 await self.publish_event(job.spec.job_id, "stage_done", stage=Stage(job.task.stage))
                 await self._to_send.put(job)
+
+    async def _without_cancelled(self, batch: list[Job]) -> list[Job]:
+        """Drop the jobs cancelled while they waited for compute; the rest of the batch."""
+        for job in batch:
+            if self._job_states.cancelled(job.spec.job_id):
+                await self._drop_cancelled(job.msg, job.task)
+        return [job for job in batch if not self._job_states.cancelled(job.spec.job_id)]
+
+    async def _drop_cancelled(self, msg: Msg, task: StageTask, step: int | None = None,
+                              total: int | None = None) -> None:
+        """Drop a cancelled job: its one result is ``cancelled`` (the canceller's, or published
+        here), its task is terminated, and its input tensors deleted. If NATS cannot take that,
+        the task is let go unterminated, and dropped again when it is redelivered after AckWait."""
+        job_id = task.job.job_id
+        where = f" after step {step} of {total}" if step is not None else ""
+        log.info("%s: job %s is cancelled: dropped at %s%s", self.name, job_id, self.stage, where)
+        try:
+            result = await publish_cancelled(self.js, job_id, self.stage, self.name, task.replay)
+            await msg.term()
+        except Exception as exc:
+            log.warning("%s: could not drop cancelled job %s (%s); it is redelivered after AckWait", self.name,
+                        job_id, failures.describe(exc))
+            return
+        finally:
+            self.in_flight.release(msg)
+        metrics.job_left(self.stage, task.job.model, "cancelled")
+        if result.status == "cancelled":
+            self._job_states.dropped(job_id, self.stage, step, total)
+        try:
+            await asyncio.to_thread(self._delete_inputs, task)
+        except Exception as exc:  # the janitor (or Redis's TTL) frees them later
+            log.warning("%s: could not free the inputs of cancelled job %s: %s", self.name, job_id, exc)
 
     def _unstarted(self) -> list[Job]:
         """Take the jobs waiting for the compute loop out of its reach."""
@@ -505,6 +558,9 @@ class StageWorker:
     async def _send_loop(self) -> None:
         while True:
             job = await self._to_send.get()
+            if self._job_states.cancelled(job.spec.job_id):  # not shipped: it would only be dropped
+                await self._drop_cancelled(job.msg, job.task)
+                continue
             try:
                 await self._send(job)
             except Exception as exc:
@@ -585,7 +641,10 @@ class StageWorker:
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
                            height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done", stage=Stage(job.task.stage))
-        await self.publish_result(result, job.task.replay)
+        if (await self.publish_result(result, job.task.replay)).duplicate and "object_name" in where:
+            stored = await find_result(self.js, spec.job_id)
+            if stored is not None and stored.status == "cancelled":  # the cancel's result came first: unread
+                await self._outputs.delete(where["object_name"])
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -593,9 +652,13 @@ class StageWorker:
             for name, tensor in job.outputs.items()
         }
 
-    async def publish_result(self, result: Result, replay: int = 0) -> None:
-        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``)."""
-        await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id, replay))
+    async def publish_result(self, result: Result, replay: int = 0) -> PubAck:
+        """Publish a job's one result; ``replay``: the task's (``StageTask.replay``). The ack says
+        ``duplicate`` when the job had a result already (a cancel's, or this one's before a crash)."""
+        ack = await bus.publish(self.js, results_subject(result.job_id), pack(result), result_msg_id(result.job_id, replay))
+        if not ack.duplicate:  # a duplicate's state was written with the first
+            self._job_states.on_result(result)
+        return ack
 
     async def reject(self, job_id: str, error: str, field: str | None = None, replay: int = 0) -> None:
         """Answer a job that cannot be done: an ``error`` event, then its error result."""
@@ -629,6 +692,7 @@ class StageWorker:
         """Best effort, like progress events themselves: a lost event must not fail a job.
         ``stage`` defaults to this worker's."""
         event = ProgressEvent(job_id=job_id, kind=kind, stage=stage or self.stage, **fields)
+        self._job_states.on_event(event)
         try:
             await self._bus.nc.publish(events_subject(job_id), pack(event))
         except Exception as exc:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from services.gateway import dashboard, images, jobs, metrics, thumbnails, videos
+from services.gateway import dashboard, events, images, jobs, metrics, thumbnails, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
@@ -69,7 +69,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(nats.errors.Error, nats_error_handler)
-    for router in (images.router, videos.router, jobs.router, dashboard.router, thumbnails.router):
+    for router in (images.router, videos.router, jobs.router, events.router, dashboard.router, thumbnails.router):
         app.include_router(router, dependencies=[Depends(require_key)])
     app.include_router(metrics.router)  # no key: scrapers carry none, and it holds no job data
     app.include_router(dashboard.page)

@@ -38,7 +38,7 @@ class Backend:
     async def _run(self) -> None:
         while self._client is None:
             try:
-                self._client = await self._exits.enter_async_context(Client(self.settings))
+                self._client = await self._exits.enter_async_context(Client(self.settings, "gateway"))
             except Exception as exc:  # refused, timed out, no servers: all mean "not yet"
                 log.warning("cannot reach NATS at %s (%s); retrying", self.settings.nats_url, exc)
                 await asyncio.sleep(RECONNECT_S)

@@ -72,7 +72,10 @@ async def http_error_handler(_: Request, exc: HTTPException) -> JSONResponse:
 
 def failed_job(result: Result) -> ApiError:
     """A job's error result as the answer to its request: a spec a stage refused is the
-    request's fault (400, naming its parameter); anything else is ours (500)."""
+    request's fault (400, naming its parameter); a cancelled job, a conflict (409); anything
+    else is ours (500)."""
+    if result.status == "cancelled":
+        return ApiError(409, f"job {result.job_id} was {result.error}", code="cancelled")
     if result.field:
         return ApiError(400, result.error or "invalid request", spec_param(result.field), "invalid_value")
     return ApiError(500, f"job {result.job_id} failed at {result.stage}: {result.error}", code="job_failed")

@@ -39,7 +39,7 @@ def gateway_url(gateway_stack: Launcher) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def sdk(gateway_url: str) -> openai.OpenAI:
     """The official OpenAI SDK against the stack's gateway; no retries, so each error is seen once."""
     return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
