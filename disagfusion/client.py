@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from disagfusion import bus
-from disagfusion.config import BusSettings
+from disagfusion import bus, limits
+from disagfusion.config import BusSettings, LimitSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
     RESULTS_STREAM,
@@ -45,8 +45,10 @@ class JobTimeout(DisagFusionError, TimeoutError):
 
 
 class Client:
-    def __init__(self, settings: BusSettings | None = None):
+    def __init__(self, settings: BusSettings | None = None, limits: LimitSettings | None = None):
         self.settings = settings or BusSettings()
+        self.limits = limits or (self.settings if isinstance(self.settings, LimitSettings) else LimitSettings())
+        """What a job may ask for: checked here before it is queued (``disagfusion.limits``)."""
         self._bus: bus.Bus | None = None
 
     async def __aenter__(self) -> Client:
@@ -68,10 +70,27 @@ class Client:
         return self.bus.js
 
     async def submit(self, spec: JobSpec) -> str:
-        """Queue a job; returns its id. Submitting the same job id twice queues it once."""
-        task = StageTask(job=spec, stage=Stage.ENCODE)
-        await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task), task_msg_id(spec.job_id, Stage.ENCODE))
+        """Queue a job; returns its id. Submitting the same job id twice queues it once.
+        Raises ``LimitError`` for a job over a limit and ``QueueFull`` while the queue is full."""
+        await self._admit([spec])
+        await self._publish(spec)
         return spec.job_id
+
+    async def _admit(self, specs: list[JobSpec]) -> None:
+        for spec in specs:
+            limits.check_job(spec, self.limits)
+        await limits.check_queue_depth(self._js, self.settings, len(specs))
+
+    async def _publish(self, spec: JobSpec) -> None:
+        task = StageTask(job=spec, stage=Stage.ENCODE)
+        try:
+            await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task),
+                              task_msg_id(spec.job_id, Stage.ENCODE))
+        except Exception as exc:
+            if limits.stream_full(exc):
+                raise limits.QueueFull(f"the work stream is full ({exc.description}; DF_WORK_MAX_MSGS, "
+                                       "DF_WORK_MAX_BYTES): retry later") from exc
+            raise
 
     async def result(self, job_id: str, timeout: float = 600.0) -> Result:
         """Wait for a job's result (also one that was published before this call). JetStream
@@ -134,7 +153,8 @@ class Client:
             config=own if len(pending) <= MAX_FILTERED_JOBS else None,
         )
         try:
-            await asyncio.gather(*(self.submit(spec) for spec in specs))
+            await self._admit(specs)
+            await asyncio.gather(*(self._publish(spec) for spec in specs))
             while pending:
                 try:
                     msg = await sub.next_msg(timeout=timeout)
@@ -153,5 +173,5 @@ class Client:
             raise ValueError(f"job {result.job_id} failed: {result.error}")
         if result.data is not None:
             return result.data
-        bucket = await bus.outputs_bucket(self._js, self.settings.stream_replicas)
+        bucket = await bus.outputs_bucket(self._js, self.settings)
         return (await bucket.get(result.object_name)).data

@@ -25,6 +25,7 @@ import nats.errors
 import nats.js.errors
 import redis.exceptions
 
+from disagfusion.limits import LimitError
 from disagfusion.models.base import SpecError
 from disagfusion.protocol import DecodeError
 
@@ -60,7 +61,7 @@ _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EMFILE, err
 
 
 def classify(exc: BaseException) -> Outcome:
-    if isinstance(exc, SpecError):
+    if isinstance(exc, (SpecError, LimitError)):
         return Outcome.REJECT
     if isinstance(exc, DecodeError):
         # A spec field the user set is the user's to fix; anything else (a lying tensor ref,
