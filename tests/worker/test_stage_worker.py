@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from disagfusion import bus, health
@@ -394,3 +395,29 @@ async def test_a_deleted_consumer_is_recreated_and_the_stage_serves_on(run_worke
     [(_, output)] = await collect_outputs(stack, 1, timeout=20)
     await stack.close()
     assert output.job.job_id == second.job_id
+
+
+async def test_redis_out_of_memory_while_storing_an_output_is_retried_later_then_served(
+    run_worker: Worker, nats_server: str, restartable_redis
+) -> None:
+    """A real redis-server at its ``maxmemory`` refuses the output's write: the task goes back
+    with a delay (not a crash, not an error result, not a failed delivery: max_deliver is 1),
+    and once Redis has room the job is served."""
+    [job] = specs(1)
+    store = redis.Redis.from_url(restartable_redis.url)
+    store.config_set("maxmemory-policy", "noeviction")
+    store.config_set("maxmemory", 1)  # below what an empty server uses: every write is refused
+    stack = await bus.connect(Settings(nats_url=nats_server), "test")
+    await publish_task(stack, job, {"embeds": inline_ref(job)})
+    model = await run_worker(SlowModel(0.01), redis_url=restartable_redis.url, transport="redis", inline_max_bytes=0,
+                             ack_wait_s=1.0, heartbeat_s=0.2, retry_delay_s=0.2, retry_max_delay_s=0.5, max_deliver=1)
+    async with Client(Settings(nats_url=nats_server)) as client:
+        with pytest.raises(JobTimeout):  # retried all along, never failed
+            await client.result(job.job_id, timeout=4)
+    assert len(model.batches) >= 2, "the task was not handed back and taken again"
+    store.config_set("maxmemory", 0)
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    store.close()
+    assert output.job.job_id == job.job_id
+    assert output.tensors["latents"].transport == "redis"
