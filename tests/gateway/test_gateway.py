@@ -152,6 +152,8 @@ def test_a_video_job_a_stage_refuses_fails_with_the_param(sdk: openai.OpenAI) ->
         ({"extra_body": {"guidance_scale": -1}}, "guidance_scale"),
         ({"extra_body": {"seed": "x"}}, "seed"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
+        ({"prompt": "x" * 100_000}, "prompt"),  # over DF_MAX_PROMPT_BYTES: refused before it is queued
+        ({"prompt": "x" * 400}, "prompt"),  # over the tiny model's 300 tokens: refused by the encoder
     ],
 )
 def test_a_bad_request_is_a_400_naming_its_param(sdk: openai.OpenAI, arguments: dict, param: str) -> None:
