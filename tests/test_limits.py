@@ -165,3 +165,14 @@ async def test_changed_stream_limits_update_the_existing_streams_but_never_drop_
     assert (await stack.js.stream_info(WORK_STREAM)).config.max_msgs == Settings().work_max_msgs
     assert (await stack.js.stream_info("DF_RESULTS")).config.max_bytes == -1
     await stack.close()
+
+
+async def test_large_outputs_are_kept_as_long_as_results_and_within_their_byte_limit(nats_server: str) -> None:
+    stack = await bus.connect(Settings(nats_url=nats_server), "test")
+    await bus.outputs_bucket(stack.js, Settings(results_max_age_s=600))
+    info = await stack.js.stream_info("OBJ_DF_OUTPUTS")
+    assert (info.config.max_age, info.config.max_bytes) == (600, -1)
+    await bus.outputs_bucket(stack.js, Settings(results_max_age_s=900, outputs_max_bytes=10_000_000))
+    info = await stack.js.stream_info("OBJ_DF_OUTPUTS")
+    assert (info.config.max_age, info.config.max_bytes) == (900, 10_000_000)
+    await stack.close()

@@ -497,6 +497,7 @@ class StageWorker:
             limits.check_deadline(job.task, self.settings, where)
         except limits.LimitError as exc:
             await self._failed(job.msg, job.task, exc, f"stage {self.stage}")
+            self._progress.set()  # the work in hand changed: a fetcher may wait on it
             return True
         return False
 

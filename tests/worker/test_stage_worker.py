@@ -421,3 +421,64 @@ async def test_redis_out_of_memory_while_storing_an_output_is_retried_later_then
     store.close()
     assert output.job.job_id == job.job_id
     assert output.tensors["latents"].transport == "redis"
+
+
+class SteppingModel(SlowModel):
+    """A denoise stage of ``steps`` steps of ``seconds`` each, reporting every step."""
+
+    def __init__(self, seconds: float, steps: int):
+        super().__init__(seconds)
+        self.steps = steps
+
+    def run(self, specs, inputs, on_step=None) -> list[Tensors]:
+        for step in range(1, self.steps + 1):
+            time.sleep(self.seconds)
+            on_step(step, self.steps)
+        self.job_ids.append([spec.job_id for spec in specs])
+        return [{"latents": x["embeds"] * 2} for x in inputs]
+
+
+async def test_a_late_job_in_a_batch_with_time_left_is_answered_and_the_other_served(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """The loop runs on for the job that has time; the late one gets its error result when the
+    batch ends, the other its output. Alone, a late job stops the loop between steps."""
+    model = await run_worker(SteppingModel(0.2, 15), max_batch=2, max_batch_wait_ms=500, fetch_ahead_s=math.inf)
+    await asyncio.sleep(1.0)  # connected and pulling: the deadlines are about the compute
+    late, timely = (JobSpec(prompt="p", model="m", seed=i, deadline_s=d) for i, d in enumerate((2.0, 60.0)))
+    stack = await submit_denoise_tasks(nats_server, [late, timely])
+    async with Client(Settings(nats_url=nats_server)) as client:
+        result = await client.result(late.job_id, timeout=20)
+        [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+        assert model.job_ids == [[late.job_id, timely.job_id]]
+        assert output.job.job_id == timely.job_id
+        assert (result.status, result.field) == ("error", "deadline_s")
+        assert "passed its deadline of 2 s" in result.error and "when stage denoise finished it" in result.error
+        await stack.close()
+
+        alone = JobSpec(prompt="p", model="m", seed=2, deadline_s=1.0)
+        submitted = time.time()
+        stack = await submit_denoise_tasks(nats_server, [alone])
+        result = await client.result(alone.job_id, timeout=20)
+        assert "stopped at step" in result.error, result.error
+        assert result.finished_at - submitted < 1.0 + 0.5
+    await stack.close()
+
+
+async def test_a_job_late_before_its_batch_starts_is_answered_and_the_worker_serves_on(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """Admitted in time, late once its batch stops waiting for more jobs: answered without
+    running, and the worker (which waited for it to be timed before fetching more) fetches on."""
+    model = await run_worker(SlowModel(0.01), max_batch=2, max_batch_wait_ms=1000)
+    await asyncio.sleep(1.0)
+    late, after = JobSpec(prompt="p", model="m", seed=0, deadline_s=0.5), JobSpec(prompt="p", model="m", seed=1)
+    stack = await submit_denoise_tasks(nats_server, [late])
+    async with Client(Settings(nats_url=nats_server)) as client:
+        result = await client.result(late.job_id, timeout=20)
+    assert "before stage denoise started it" in result.error, result.error
+    await stack.close()
+    stack = await submit_denoise_tasks(nats_server, [after])
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    assert output.job.job_id == after.job_id and model.job_ids == [[after.job_id]]
