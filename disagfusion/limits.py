@@ -125,11 +125,13 @@ def stop_when_late(tasks: Sequence[StageTask], limits: LimitSettings,
     if any(d is None for d in deadlines):
         return on_step
     ends = [task.submitted_at + d for task, d in zip(tasks, deadlines)]
+    distinct = sorted(set(deadlines))
+    which = f"{distinct[0]:g} s" if len(distinct) == 1 else f"one of {', '.join(f'{d:g}' for d in distinct)} s, as every job of its batch"
 
     def checked(step: int, total: int) -> None:
         on_step(step, total)
         if step < total and time.time() > max(ends):
-            raise LimitError("deadline_s", f"the job passed its deadline of {max(deadlines):g} s after submission "
+            raise LimitError("deadline_s", f"the job passed its deadline of {which} after submission "
                                            f"(stopped at step {step} of {total})")
 
     return checked

@@ -73,7 +73,10 @@ async def http_error_handler(_: Request, exc: HTTPException) -> JSONResponse:
 
 def failed_job(result: Result) -> ApiError:
     """A job's error result as the answer to its request: a spec a stage refused is the
-    request's fault (400, naming its parameter); anything else is ours (500)."""
+    request's fault (400, naming its parameter), a missed deadline a timeout (504); anything
+    else is ours (500)."""
+    if result.field == "deadline_s":
+        return ApiError(504, f"job {result.job_id}: {result.error}", "deadline_s", "deadline_exceeded")
     if result.field:
         return ApiError(400, result.error or "invalid request", spec_param(result.field), "invalid_value")
     return ApiError(500, f"job {result.job_id} failed at {result.stage}: {result.error}", code="job_failed")

@@ -413,7 +413,7 @@ async def test_redis_out_of_memory_while_storing_an_output_is_retried_later_then
                              ack_wait_s=1.0, heartbeat_s=0.2, retry_delay_s=0.2, retry_max_delay_s=0.5, max_deliver=1)
     async with Client(Settings(nats_url=nats_server)) as client:
         with pytest.raises(JobTimeout):  # retried all along, never failed
-            await client.result(job.job_id, timeout=4)
+            await client.result(job.job_id, timeout=3)
     assert len(model.batches) >= 2, "the task was not handed back and taken again"
     store.config_set("maxmemory", 0)
     [(_, output)] = await collect_outputs(stack, 1, timeout=20)
