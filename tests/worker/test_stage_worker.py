@@ -482,3 +482,28 @@ async def test_a_job_late_before_its_batch_starts_is_answered_and_the_worker_ser
     [(_, output)] = await collect_outputs(stack, 1, timeout=20)
     await stack.close()
     assert output.job.job_id == after.job_id and model.job_ids == [[after.job_id]]
+
+
+class BigOutputModel(SlowModel):
+    """A denoise stage whose output is larger than NATS's 1 MiB max payload."""
+
+    def run(self, specs, inputs, on_step=None) -> list[Tensors]:
+        self.job_ids.append([spec.job_id for spec in specs])
+        return [{"latents": torch.zeros(300_000)} for _ in inputs]
+
+
+async def test_an_output_over_the_max_payload_is_an_error_result_not_a_retry_loop(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """Its next task cannot be published as it is, now or later: one run, then an error result."""
+    [job] = specs(1)
+    stack = await submit_denoise_tasks(nats_server, [job])
+    model = await run_worker(BigOutputModel(0), inline_max_bytes=10 * 2**20)  # the 1.2 MB tensor travels inline
+    async with Client(Settings(nats_url=nats_server)) as client:
+        started = time.monotonic()
+        result = await client.result(job.job_id, timeout=20)
+    await stack.close()
+    assert time.monotonic() - started < 5
+    assert (result.status, result.stage) == ("error", "denoise")
+    assert "could not hand on its output: MaxPayloadError: nats: maximum payload exceeded" in result.error
+    assert model.job_ids == [[job.job_id]]
