@@ -444,7 +444,7 @@ async def test_a_late_job_in_a_batch_with_time_left_is_answered_and_the_other_se
     """The loop runs on for the job that has time; the late one gets its error result when the
     batch ends, the other its output. Alone, a late job stops the loop between steps."""
     model = await run_worker(SteppingModel(0.2, 15), max_batch=2, max_batch_wait_ms=500, fetch_ahead_s=math.inf)
-    await asyncio.sleep(1.0)  # connected and pulling: the deadlines are about the compute
+    await asyncio.sleep(0.5)  # connected and pulling: the deadlines are about the compute
     late, timely = (JobSpec(prompt="p", model="m", seed=i, deadline_s=d) for i, d in enumerate((2.0, 60.0)))
     stack = await submit_denoise_tasks(nats_server, [late, timely])
     async with Client(Settings(nats_url=nats_server)) as client:
@@ -471,7 +471,7 @@ async def test_a_job_late_before_its_batch_starts_is_answered_and_the_worker_ser
     """Admitted in time, late once its batch stops waiting for more jobs: answered without
     running, and the worker (which waited for it to be timed before fetching more) fetches on."""
     model = await run_worker(SlowModel(0.01), max_batch=2, max_batch_wait_ms=1000)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
     late, after = JobSpec(prompt="p", model="m", seed=0, deadline_s=0.5), JobSpec(prompt="p", model="m", seed=1)
     stack = await submit_denoise_tasks(nats_server, [late])
     async with Client(Settings(nats_url=nats_server)) as client:
