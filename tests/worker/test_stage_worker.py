@@ -507,3 +507,27 @@ async def test_an_output_over_the_max_payload_is_an_error_result_not_a_retry_loo
     assert (result.status, result.stage) == ("error", "denoise")
     assert "could not hand on its output: MaxPayloadError: nats: maximum payload exceeded" in result.error
     assert model.job_ids == [[job.job_id]]
+
+
+async def test_a_stage_handing_on_into_a_full_work_stream_retries_until_there_is_room(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """DF_WORK at its DF_WORK_MAX_MSGS refuses the next stage's task: the job is retried later,
+    neither failed nor dropped, and served once the stream has room."""
+    jobs = specs(2)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    limited = await bus.connect(Settings(nats_url=nats_server, work_max_msgs=2), "test")  # full now
+    try:
+        model = await run_worker(SlowModel(0.01), ack_wait_s=1.0, heartbeat_s=0.2, retry_delay_s=0.2,
+                                 retry_max_delay_s=0.5, max_deliver=1)
+        async with Client(Settings(nats_url=nats_server)) as client:
+            with pytest.raises(JobTimeout):  # retried all along, never failed
+                await client.result(jobs[0].job_id, timeout=3)
+        assert model.job_ids, "the worker never ran the job it could not hand on"
+    finally:
+        await limited.close()
+        defaults = await bus.connect(Settings(nats_url=nats_server, work_max_msgs=Settings().work_max_msgs), "test")
+        await defaults.close()
+    outputs = await collect_outputs(stack, 2, timeout=20)
+    await stack.close()
+    assert sorted(task.job.job_id for _, task in outputs) == sorted(job.job_id for job in jobs)
