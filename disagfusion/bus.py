@@ -7,6 +7,7 @@ idempotent, so any process that starts first creates them and the rest find them
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import nats
@@ -18,6 +19,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, 
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from disagfusion import stream_limits
 from disagfusion.config import BusSettings, comma_list
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
@@ -83,14 +85,16 @@ def servers(nats_url: str) -> list[str]:
     return comma_list(nats_url)
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, settings: BusSettings) -> None:
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.stream_info(config.name)  # created by a racing process in between
+        return
+    await stream_limits.apply(js, info.config, info.state, config, settings)
 
 
 async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
@@ -103,10 +107,14 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=settings.stream_replicas,
+            **stream_limits.work(settings),
         ),
+        settings,
     )
-    for name, subjects, max_age_s in ((RESULTS_STREAM, "df.results.>", settings.results_max_age_s),
-                                      (DLQ_STREAM, "df.dlq.>", settings.dlq_max_age_s)):
+    for name, subjects, max_age_s, limits in (
+        (RESULTS_STREAM, "df.results.>", settings.results_max_age_s, stream_limits.results(settings)),
+        (DLQ_STREAM, "df.dlq.>", settings.dlq_max_age_s, {}),
+    ):
         await _ensure_stream(
             js,
             StreamConfig(
@@ -117,18 +125,27 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
                 max_age=float(max_age_s),
                 duplicate_window=DUPLICATE_WINDOW_S,
                 num_replicas=settings.stream_replicas,
+                **limits,
             ),
+            settings,
         )
 
 
-async def outputs_bucket(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
+async def outputs_bucket(js: JetStreamContext, settings: BusSettings) -> ObjectStore:
+    """The large outputs, kept ``results_max_age_s`` (``disagfusion.stream_limits``)."""
+    limits = stream_limits.outputs(settings)
     try:
-        return await js.object_store(OUTPUTS_BUCKET)
+        bucket = await js.object_store(OUTPUTS_BUCKET)
     except NotFoundError:
         try:
-            return await js.create_object_store(OUTPUTS_BUCKET, config=ObjectStoreConfig(replicas=replicas))
+            return await js.create_object_store(
+                OUTPUTS_BUCKET, config=ObjectStoreConfig(replicas=settings.stream_replicas, **limits))
         except BadRequestError:
             return await js.object_store(OUTPUTS_BUCKET)
+    info = await js.stream_info(f"OBJ_{OUTPUTS_BUCKET}")  # an object store is the stream OBJ_<bucket>
+    await stream_limits.apply(js, info.config, info.state, dataclasses.replace(
+        info.config, max_age=limits["ttl"], max_bytes=limits["max_bytes"]), settings)
+    return bucket
 
 
 HANDBACK_TTL_S = 24 * 3600.0

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
-from disagfusion import bus, job_state
-from disagfusion.config import BusSettings
+from disagfusion import bus, job_state, limits
+from disagfusion.config import BusSettings, LimitSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
     JobSpec,
@@ -48,10 +48,12 @@ class JobTimeout(DisagFusionError, TimeoutError):
 
 
 class Client:
-    def __init__(self, settings: BusSettings | None = None, name: str = "client"):
+    def __init__(self, settings: BusSettings | None = None, name: str = "client", limits: LimitSettings | None = None):
         self.settings = settings or BusSettings()
         self.name = name
         """Who this client is in the job states it writes (``JobState.by``)."""
+        self.limits = limits or (self.settings if isinstance(self.settings, LimitSettings) else LimitSettings())
+        """What a job may ask for: checked here before it is queued (``disagfusion.limits``)."""
         self._bus: bus.Bus | None = None
         self._jobs: KeyValue | None = None
 
@@ -80,13 +82,10 @@ class Client:
         return self._jobs
 
     async def submit(self, spec: JobSpec) -> str:
-        """Queue a job; returns its id. Submitting the same job id twice queues it once."""
-        task = StageTask(job=spec, stage=Stage.ENCODE)
-        await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task), task_msg_id(spec.job_id, Stage.ENCODE))
-        try:
-            await job_state.mark_queued(await self.jobs_bucket(), spec.job_id, self.name)
-        except Exception as exc:  # the state is best effort; the job is queued
-            log.debug("job %s: no queued state: %s", spec.job_id, exc)
+        """Queue a job; returns its id. Submitting the same job id twice queues it once.
+        Raises ``LimitError`` for a job over a limit and ``QueueFull`` while the queue is full."""
+        await self._admit([spec])
+        await self._publish(spec)
         return spec.job_id
 
     async def state(self, job_id: str) -> JobState | None:
@@ -98,6 +97,26 @@ class Client:
         or the result it finished with first), None for a job nobody knows (``known``: the
         caller submitted it, so it exists even without a state)."""
         return await job_state.cancel(self._js, self.settings, job_id, self.name, known)
+
+    async def _admit(self, specs: list[JobSpec]) -> None:
+        for spec in specs:
+            limits.check_job(spec, self.limits)
+        await limits.check_queue_depth(self._js, self.settings, len(specs))
+
+    async def _publish(self, spec: JobSpec) -> None:
+        task = StageTask(job=spec, stage=Stage.ENCODE)
+        try:
+            await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task),
+                              task_msg_id(spec.job_id, Stage.ENCODE))
+        except Exception as exc:
+            if limits.stream_full(exc):
+                raise limits.QueueFull(f"the work stream is full ({exc.description}; DF_WORK_MAX_MSGS, "
+                                       "DF_WORK_MAX_BYTES): retry later") from exc
+            raise
+        try:
+            await job_state.mark_queued(await self.jobs_bucket(), spec.job_id, self.name)
+        except Exception as exc:  # the state is best effort; the job is queued
+            log.debug("job %s: no queued state: %s", spec.job_id, exc)
 
     async def result(self, job_id: str, timeout: float = 600.0) -> Result:
         """Wait for a job's result (also one that was published before this call). JetStream
@@ -156,7 +175,8 @@ class Client:
             config=own if len(pending) <= MAX_FILTERED_JOBS else None,
         )
         try:
-            await asyncio.gather(*(self.submit(spec) for spec in specs))
+            await self._admit(specs)
+            await asyncio.gather(*(self._publish(spec) for spec in specs))
             while pending:
                 try:
                     msg = await sub.next_msg(timeout=timeout)
@@ -175,5 +195,5 @@ class Client:
             raise ValueError(f"job {result.job_id} failed: {result.error}")
         if result.data is not None:
             return result.data
-        bucket = await bus.outputs_bucket(self._js, self.settings.stream_replicas)
+        bucket = await bus.outputs_bucket(self._js, self.settings)
         return (await bucket.get(result.object_name)).data

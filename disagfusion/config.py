@@ -46,6 +46,25 @@ class BusSettings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     """How often a service tells JetStream it still works on what it holds, and the container
     runtime that it is alive (at most every 5 s)."""
+    max_queue_depth: int = Field(default=10_000, ge=0)
+    """A submission (``disagfusion submit``, the Python client, the gateway) is refused while
+    this many tasks wait in DF_WORK for the entry stage (queued or being encoded); 0: no limit.
+    Keep it well below ``work_max_msgs``: the room between is what accepted jobs need to move
+    from stage to stage."""
+    work_max_msgs: int = Field(default=100_000, ge=0)
+    work_max_bytes: int = Field(default=0, ge=0)
+    """At most this many tasks (bytes of tasks) in DF_WORK; 0: no limit. A full DF_WORK refuses
+    new publishes (discard policy ``new``): a submission gets a clear error and a stage hands its
+    output on later; a task already accepted is never dropped. DF_WORK has no age limit, for the
+    same reason. JetStream reserves ``*_max_bytes`` of its storage when the stream is made."""
+    results_max_msgs: int = Field(default=1_000_000, ge=0)
+    results_max_bytes: int = Field(default=0, ge=0)
+    """At most this many results (bytes of results) in DF_RESULTS, besides ``results_max_age_s``;
+    0: no limit. When full, the oldest results are dropped first (discard policy ``old``)."""
+    outputs_max_bytes: int = Field(default=0, ge=0)
+    """At most this many bytes of large outputs in DF_OUTPUTS (kept ``results_max_age_s``); 0:
+    no limit. When full, a decoder's output waits and is retried (``retry_delay_s``) until
+    older outputs expire: no job's output is dropped."""
 
 
 class TransportSettings(BaseSettings):
@@ -184,7 +203,32 @@ class MetricsSettings(BaseSettings):
     """Ports tried from ``metrics_port`` up: replicas sharing a host each take the first free one."""
 
 
-class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings, MetricsSettings):
+class LimitSettings(BaseSettings):
+    """What one job may ask for and how long it may take (``disagfusion.limits``). A job over a
+    limit ends with an error result naming the limit; the client and the gateway refuse it
+    before it is queued, and the entry stage again at admission."""
+
+    model_config = _ENV
+
+    max_prompt_bytes: int = Field(default=64 * 1024, ge=1)
+    """UTF-8 bytes of the prompt (and, separately, of the negative prompt)."""
+    max_prompt_tokens: int = Field(default=0, ge=0)
+    """Tokens of the prompt (and of the negative prompt), counted by the model's own tokenizer at
+    the encoder. 0: the model's own text length (what its stock pipeline would keep), so a
+    prompt that the pipeline would silently truncate is an error instead. Set above the model's
+    length, prompts between the two are truncated as the stock pipeline truncates them."""
+    max_job_mpx_steps: float = Field(default=20_000.0, gt=0)
+    """Megapixel-frames times steps per job (``height * width * frames * steps / 1e6``): 20 000
+    admits 1280x720, 129 frames, 50 steps; ``inf``: no limit."""
+    max_job_seconds: float = Field(default=math.inf, gt=0)
+    """Predicted seconds of a job, every stage, on the reference device of its model's cost
+    profile (``<model>.yaml`` in ``profiles_dir``); checked where a profile for the model exists."""
+    job_deadline_s: float = Field(default=0.0, ge=0)
+    """A job's deadline in seconds after submission when it sets none (``JobSpec.deadline_s``),
+    and the longest one it may set; 0: none. Past it, the job ends with an error result."""
+
+
+class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings, LimitSettings, MetricsSettings):
     """Everything a stage service reads (``python -m services.encoder`` and its peers)."""
 
     model_config = _ENV

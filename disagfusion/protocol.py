@@ -235,6 +235,9 @@ class JobSpec(Message):
     output_format: OutputFormat | None = None
     """The result's encoding: ``png`` (a video: a zip of PNG frames), ``webp`` (lossless;
     animated for a video) or ``mp4`` (H.264). None: png for an image, mp4 for a video."""
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds after submission by which the job must be done, else it ends with an error
+    result; None: the deployment's default (``DF_JOB_DEADLINE_S``, also the longest allowed)."""
 
     @field_validator("job_id", "model")
     @classmethod

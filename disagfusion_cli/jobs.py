@@ -9,13 +9,15 @@ import mimetypes
 import statistics
 import time
 import zipfile
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
 from disagfusion.client import Client
+from disagfusion.limits import LimitError, QueueFull
 from disagfusion.protocol import STAGES, JobSpec, OutputFormat, ProgressEvent, Result
 from disagfusion_cli.common import (
     DEFAULT_DATA_DIR,
@@ -27,6 +29,8 @@ from disagfusion_cli.common import (
     progress,
     validation_message,
 )
+
+T = TypeVar("T")
 
 
 def generate(
@@ -46,6 +50,8 @@ def generate(
     embedded_guidance: Annotated[float, typer.Option(help="Guidance fed to a guidance-distilled DiT "
                                                           "(FLUX.1-dev); others ignore it.")] = 3.5,
     negative_prompt: str = "",
+    deadline: Annotated[float | None, typer.Option(help="Seconds after submission by which the job must be "
+                                                        "done, else it fails; default DF_JOB_DEADLINE_S.")] = None,
     timeout: float = 600.0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
@@ -55,7 +61,7 @@ def generate(
         spec = JobSpec(
             prompt=prompt, negative_prompt=negative_prompt, model=model, seed=seed, steps=steps,
             width=width, height=height, frames=frames, fps=fps, output_format=output_format,
-            guidance=guidance, embedded_guidance=embedded_guidance,
+            guidance=guidance, embedded_guidance=embedded_guidance, deadline_s=deadline,
         )
     except ValidationError as exc:
         fail(validation_message(exc))
@@ -74,7 +80,7 @@ def generate(
                 result = await client.generate(spec, on_event, timeout)
                 return result, (await client.output(result) if result.status == "ok" else None)
 
-    result, data = asyncio.run(run())
+    result, data = _refused_or(run())
     if result.status == "cancelled":
         fail(f"job {result.job_id} was {result.error}")
     if result.status != "ok":
@@ -83,6 +89,14 @@ def generate(
     what = f"{result.width}x{result.height}" + (f", {result.frames} frames at {result.fps:g} fps" if result.frames else "")
     stages = ", ".join(f"{k} {v:.2f}s{_batched(result.batch_sizes.get(k, 1))}" for k, v in result.timings.items())
     console.print(f"wrote {written} ({what}); {stages}", soft_wrap=True)
+
+
+def _refused_or(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; a job over a limit or a full queue ends the command with the reason."""
+    try:
+        return asyncio.run(work)
+    except (LimitError, QueueFull) as exc:
+        fail(f"refused: {exc}")
 
 
 def _write_output(data: bytes, content_type: str, output: Path) -> Path:
@@ -162,7 +176,7 @@ def submit(
                     bars.advance(bar)
         return time.time() - started
 
-    elapsed = asyncio.run(run())
+    elapsed = _refused_or(run())
     (out / "manifest.json").write_text(json.dumps({"elapsed_s": elapsed, "jobs": manifest}, indent=2))
     _print_summary(manifest, elapsed, out)
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from disagfusion import limits
 from disagfusion.config import Settings
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
 from disagfusion.protocol import STAGES, JobSpec
@@ -112,6 +113,10 @@ class DiffusersFamily(Family):
     """Stage -> the ``model_index.json`` components it loads (the others are left out)."""
     handoff: ClassVar[dict[str, tuple[str, ...]]]
     """Stage -> the tensors it hands on per job (those that only some jobs carry included)."""
+    prompt_tokenizer: ClassVar[str] = "tokenizer"
+    """The tokenizer component whose text length is ``max_sequence_length``: it counts a prompt's
+    tokens against DF_MAX_PROMPT_TOKENS (a CLIP beside it always truncates at 77, in the stock
+    pipeline too, and is not counted)."""
 
     @abstractmethod
     def geometry(self, directory: Path) -> ImageGeometry:
@@ -247,6 +252,7 @@ class DiffusersStage(StageModel):
         self.stage = stage
         self.directory = directory
         self.geometry = family.read_geometry(directory)
+        self.max_prompt_tokens = settings.max_prompt_tokens or self.geometry.max_sequence_length
         self.pipe = family.load_pipeline(directory, stage, settings, self.geometry)
         if isinstance(self.geometry, VideoGeometry):
             self.fps = self.geometry.fps
@@ -254,6 +260,18 @@ class DiffusersStage(StageModel):
 
     def check(self, spec: JobSpec) -> None:
         self.geometry.check(spec)
+        if self.stage == "encode":
+            self._check_prompt_tokens(spec)
+
+    def _check_prompt_tokens(self, spec: JobSpec) -> None:
+        """A prompt longer than the limit is an error naming it, not silently truncated (the
+        prompt's bytes were checked before, so tokenizing it is cheap)."""
+        tokenizer = getattr(self.pipe, self.family.prompt_tokenizer, None)
+        if tokenizer is None:
+            return
+        for field in ("prompt", "negative_prompt") if spec.guided else ("prompt",):
+            count = len(tokenizer(getattr(spec, field), add_special_tokens=True, verbose=False).input_ids)
+            limits.check_tokens(field, count, self.max_prompt_tokens)
 
     @torch.no_grad()
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:

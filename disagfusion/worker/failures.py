@@ -3,14 +3,15 @@
 Every failure ends in exactly one of three ways, chosen here from the exception alone:
 
 - ``REJECT``: the user asked for something that cannot be done (an invalid spec, a size the
-  model refuses). The job gets an error result naming the field and the task is terminated.
+  model refuses, a job over a limit or past its deadline: ``disagfusion.limits``). The job
+  gets an error result naming the field and the task is terminated.
 - ``DEAD``: the task cannot be done for another reason (a corrupted or lying tensor ref, a
   missing input, a model that crashed, an output too big for NATS, a bug). The job gets an
   error result saying the cause, the task is terminated and copied to the dead-letter stream,
   from where an operator can replay it.
-- ``RETRY``: the world is briefly broken (Redis or NATS unreachable, out of memory or disk):
-  the task goes back to the queue with a growing delay, and the retry does not count as a
-  failed delivery.
+- ``RETRY``: the world is briefly broken (Redis or NATS unreachable, out of memory or disk, a
+  stream at its limit): the task goes back to the queue with a growing delay, and the retry
+  does not count as a failed delivery.
 
 Anything the worker's own loops raise outside these answers is a bug: the worker crashes, and
 its supervisor sees it (``StageWorker.run``).
@@ -25,6 +26,7 @@ import nats.errors
 import nats.js.errors
 import redis.exceptions
 
+from disagfusion.limits import LimitError, stream_full
 from disagfusion.models.base import SpecError
 from disagfusion.protocol import DecodeError
 
@@ -60,13 +62,15 @@ _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EMFILE, err
 
 
 def classify(exc: BaseException) -> Outcome:
-    if isinstance(exc, SpecError):
+    if isinstance(exc, (SpecError, LimitError)):
         return Outcome.REJECT
     if isinstance(exc, DecodeError):
         # A spec field the user set is the user's to fix; anything else (a lying tensor ref,
         # an unknown dtype, garbage) came from a broken producer and is worth a dead letter.
         return Outcome.REJECT if exc.field and exc.field.startswith("job.") else Outcome.DEAD
     if isinstance(exc, TRANSIENT) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS):
+        return Outcome.RETRY
+    if stream_full(exc):  # DF_WORK or DF_OUTPUTS at its limit: room comes as other jobs finish
         return Outcome.RETRY
     return Outcome.DEAD
 

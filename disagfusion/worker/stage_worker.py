@@ -19,7 +19,7 @@ from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from disagfusion import bus, media, metrics
+from disagfusion import bus, limits, media, metrics
 from disagfusion.config import Settings
 from disagfusion.cost import cost_key
 from disagfusion.errors import DisagFusionError
@@ -136,6 +136,7 @@ class StageWorker:
         self.stage = Stage(stage)
         self.settings = settings
         self.limits = policy.WorkerLimits.of(settings)
+        self.admission = limits.Admission(self.stage, settings)
         # The random tail keeps names unique where host and pid are not: replicas of one
         # container image with host networking all run as the same pid on the same host name.
         self.name = settings.worker_name or (
@@ -383,6 +384,7 @@ class StageWorker:
                                      f"delivery attempts; the last: {cause}", dead_letter=True)
                     return None
             await self._dead_letters.taken(msg, spec)
+            self.admission.check(task)
             model = self.models.get(spec.model)
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
@@ -415,10 +417,11 @@ class StageWorker:
             field = exc.field.removeprefix("job.") if exc.field and exc.field.startswith("job.") else None
             await self._fail(msg, exc.job_id, str(exc), field, dead_letter=dead)
             return
-        field = exc.field if isinstance(exc, SpecError) else None
+        user_error = isinstance(exc, (SpecError, limits.LimitError))
+        field = exc.field if user_error else None
         if dead:
             log.error("%s: job %s: %s", self.name, task.job.job_id if task else None, doing, exc_info=exc)
-        error = str(exc) if isinstance(exc, SpecError) else f"{doing}: {failures.describe(exc)}"
+        error = str(exc) if user_error else f"{doing}: {failures.describe(exc)}"
         await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
                          replay=task.replay if task else 0)
 
@@ -442,7 +445,8 @@ class StageWorker:
         seconds the batch took. A service that runs several stages in one go overrides it."""
         specs = [job.spec for job in batch]
         started = time.perf_counter()
-        outputs = self.models[specs[0].model].run(specs, [job.inputs for job in batch], self.step_events(specs, self.stage))
+        on_step = limits.stop_when_late([job.task for job in batch], self.settings, self.step_events(specs, self.stage))
+        outputs = self.models[specs[0].model].run(specs, [job.inputs for job in batch], on_step)
         return outputs, {self.stage: time.perf_counter() - started}
 
     def step_events(self, specs: list[JobSpec], stage: Stage) -> Callable[[int, int], None]:
@@ -471,6 +475,7 @@ class StageWorker:
                 await self._hand_back(batch)
                 continue
             batch = await self._without_cancelled(batch)
+            batch = [job for job in batch if not await self._late(job, f"before stage {self.stage} started it")]
             if not batch:
                 continue
             specs = [job.spec for job in batch]
@@ -501,6 +506,8 @@ class StageWorker:
             for job, output in zip(batch, outputs, strict=True):
                 if self._job_states.cancelled(job.spec.job_id):  # its batch ran on for the others
                     await self._drop_cancelled(job.msg, job.task)
+                    continue
+                if await self._late(job, f"when stage {self.stage} finished it"):  # ran on in a batch with time left
                     continue
                 # Stages run here before the last are handed on in-process: no tensors to store.
                 for stage_s in earlier:
@@ -541,6 +548,16 @@ class StageWorker:
             await asyncio.to_thread(self._delete_inputs, task)
         except Exception as exc:  # the janitor (or Redis's TTL) frees them later
             log.warning("%s: could not free the inputs of cancelled job %s: %s", self.name, job_id, exc)
+
+    async def _late(self, job: Job, where: str) -> bool:
+        """Answer ``job`` with its error result if it is past its deadline."""
+        try:
+            limits.check_deadline(job.task, self.settings, where)
+        except limits.LimitError as exc:
+            await self._failed(job.msg, job.task, exc, f"stage {self.stage}")
+            self._progress.set()  # the work in hand changed: a fetcher may wait on it
+            return True
+        return False
 
     def _unstarted(self) -> list[Job]:
         """Take the jobs waiting for the compute loop out of its reach."""
@@ -632,7 +649,7 @@ class StageWorker:
             where = {"data": encoded.data}
         else:
             if self._outputs is None:
-                self._outputs = await bus.outputs_bucket(self.js, self.settings.stream_replicas)
+                self._outputs = await bus.outputs_bucket(self.js, self.settings)
             name = output_object_name(spec.job_id, encoded.extension)
             await self._outputs.put(name, encoded.data)
             where = {"object_name": name}

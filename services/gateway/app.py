@@ -16,10 +16,19 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from disagfusion.limits import LimitError, QueueFull
 from services.gateway import dashboard, events, images, jobs, metrics, thumbnails, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
-from services.gateway.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
+from services.gateway.errors import (
+    ApiError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    limit_error_handler,
+    queue_full_handler,
+    validation_error_handler,
+)
 from services.gateway.limits import BodyLimit
 from services.gateway.observer import Observer
 
@@ -69,6 +78,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(nats.errors.Error, nats_error_handler)
+    app.add_exception_handler(LimitError, limit_error_handler)
+    app.add_exception_handler(QueueFull, queue_full_handler)
     for router in (images.router, videos.router, jobs.router, events.router, dashboard.router, thumbnails.router):
         app.include_router(router, dependencies=[Depends(require_key)])
     app.include_router(metrics.router)  # no key: scrapers carry none, and it holds no job data

@@ -8,7 +8,9 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 
+from disagfusion import limits
 from disagfusion.client import Client
+from disagfusion.config import LimitSettings
 from disagfusion.health import health_path, write_health
 from disagfusion.protocol import WORK_STREAM, JobSpec
 from disagfusion.status import read_stage_status, served_models
@@ -23,6 +25,7 @@ RECONNECT_S = 1.0
 class Backend:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
+        self.limits = LimitSettings()
         self._client: Client | None = None
         self._exits = AsyncExitStack()
         self._task: asyncio.Task | None = None
@@ -38,7 +41,7 @@ class Backend:
     async def _run(self) -> None:
         while self._client is None:
             try:
-                self._client = await self._exits.enter_async_context(Client(self.settings, "gateway"))
+                self._client = await self._exits.enter_async_context(Client(self.settings, "gateway", self.limits))
             except Exception as exc:  # refused, timed out, no servers: all mean "not yet"
                 log.warning("cannot reach NATS at %s (%s); retrying", self.settings.nats_url, exc)
                 await asyncio.sleep(RECONNECT_S)
@@ -69,14 +72,17 @@ class Backend:
         return (await self.client().bus.js.stream_info(WORK_STREAM)).state.messages
 
     async def admit(self, specs: list[JobSpec]) -> Client:
-        """The client to submit ``specs`` with, once their model is served (else 404) and the
-        queue has room for them (else 429)."""
+        """The client to submit ``specs`` with, once their model is served (else 404), they are
+        within the job limits (else 400) and the queue has room for them (else 429)."""
         client = self.client()
         model = specs[0].model
         served = await self.models()
         if model not in served:
             raise ApiError(404, f"the model {model!r} is not served here (served: {', '.join(served) or 'none'})",
                            param="model", code="model_not_found")
+        for spec in specs:
+            limits.check_job(spec, self.limits)  # LimitError: 400 (``errors.limit_exceeded``)
+        await limits.check_queue_depth(client.bus.js, self.settings, len(specs))  # QueueFull: 429
         limit = self.settings.gateway_max_backlog
         if limit:
             backlog = await self.backlog()

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from disagfusion.limits import LimitError, QueueFull
 from disagfusion.protocol import Result
 
 SPEC_PARAMS = {
@@ -72,10 +73,21 @@ async def http_error_handler(_: Request, exc: HTTPException) -> JSONResponse:
 
 def failed_job(result: Result) -> ApiError:
     """A job's error result as the answer to its request: a spec a stage refused is the
-    request's fault (400, naming its parameter); a cancelled job, a conflict (409); anything
-    else is ours (500)."""
+    request's fault (400, naming its parameter); a cancelled job, a conflict (409); a missed
+    deadline, a timeout (504); anything else is ours (500)."""
     if result.status == "cancelled":
         return ApiError(409, f"job {result.job_id} was {result.error}", code="cancelled")
+    if result.field == "deadline_s":
+        return ApiError(504, f"job {result.job_id}: {result.error}", "deadline_s", "deadline_exceeded")
     if result.field:
         return ApiError(400, result.error or "invalid request", spec_param(result.field), "invalid_value")
     return ApiError(500, f"job {result.job_id} failed at {result.stage}: {result.error}", code="job_failed")
+
+
+async def limit_error_handler(_: Request, exc: LimitError) -> JSONResponse:
+    """A job over a limit (``disagfusion.limits``): the request's fault, naming its parameter."""
+    return error_response(400, str(exc), spec_param(exc.field), "limit_exceeded")
+
+
+async def queue_full_handler(_: Request, exc: QueueFull) -> JSONResponse:
+    return error_response(429, str(exc), code="queue_full")

@@ -46,6 +46,8 @@ class JobRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    deadline_s: float | None = None
+    """Seconds after submission by which each job must be done (``JobSpec.deadline_s``)."""
 
     @field_validator("size")
     @classmethod
@@ -60,7 +62,7 @@ class JobRequest(BaseModel):
         if self.size is not None:
             fields["width"], fields["height"] = parse_size(self.size)
         named = {"negative_prompt": self.negative_prompt, "steps": self.num_inference_steps,
-                 "guidance": self.guidance_scale, "seed": self.seed}
+                 "guidance": self.guidance_scale, "seed": self.seed, "deadline_s": self.deadline_s}
         return {**fields, **{key: value for key, value in named.items() if value is not None}}
 
 

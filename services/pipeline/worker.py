@@ -10,6 +10,7 @@ bad input answered with an error result, as are jobs for models nobody serves (`
 
 from __future__ import annotations
 
+from disagfusion import limits
 from disagfusion.config import Settings
 from disagfusion.models.base import Tensors
 from disagfusion.protocol import Stage
@@ -38,5 +39,6 @@ class PipelineWorker(EntryWorker):
                 self.notify(specs, "stage_started", stage.next)
 
         model = self.models[specs[0].model]
-        outputs = model.run(specs, [job.inputs for job in batch], self.step_events(specs, Stage.DENOISE), stage_done)
+        on_step = limits.stop_when_late([job.task for job in batch], self.settings, self.step_events(specs, Stage.DENOISE))
+        outputs = model.run(specs, [job.inputs for job in batch], on_step, stage_done)
         return outputs, seconds

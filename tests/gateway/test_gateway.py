@@ -152,6 +152,8 @@ def test_a_video_job_a_stage_refuses_fails_with_the_param(sdk: openai.OpenAI) ->
         ({"extra_body": {"guidance_scale": -1}}, "guidance_scale"),
         ({"extra_body": {"seed": "x"}}, "seed"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
+        ({"prompt": "x" * 100_000}, "prompt"),  # over DF_MAX_PROMPT_BYTES: refused before it is queued
+        ({"prompt": "x" * 400}, "prompt"),  # over the tiny model's 300 tokens: refused by the encoder
     ],
 )
 def test_a_bad_request_is_a_400_naming_its_param(sdk: openai.OpenAI, arguments: dict, param: str) -> None:
@@ -159,6 +161,15 @@ def test_a_bad_request_is_a_400_naming_its_param(sdk: openai.OpenAI, arguments: 
         sdk.images.generate(**{"model": "tiny", "prompt": "x", "size": "64x64", **arguments})
     error = raised.value
     assert error.status_code == 400 and error.param == param and error.type == "invalid_request_error", error.body
+
+
+def test_a_job_past_its_deadline_is_a_504_naming_it(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.images.generate(model="tiny", prompt="x", size="256x256",
+                            extra_body={"num_inference_steps": 1000, "deadline_s": 1.0})
+    error = raised.value
+    assert (error.status_code, error.code, error.param) == (504, "deadline_exceeded", "deadline_s"), error.body
+    assert "passed its deadline of 1 s" in error.message
 
 
 def test_not_found_cases_are_404(sdk: openai.OpenAI, gateway_url: str) -> None:

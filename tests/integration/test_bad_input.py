@@ -66,3 +66,35 @@ async def _assert_nothing_left(client: Client, model: str) -> None:
     if model == "tiny":
         consumer = await client._js.consumer_info(WORK_STREAM, consumer_name("encode", model))
         assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0
+
+
+# ------------------------------------------------------------------ limits (disagfusion.limits)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"prompt": "x" * 1_000_000}, "prompt", "1000000 bytes is longer than the limit of 65536 bytes (DF_MAX_PROMPT_BYTES)"),
+        # The tiny model's ByT5 tokenizer: a token per byte, and an end token; its text length is 300.
+        ({"prompt": "x" * 400}, "prompt", "401 tokens is longer than the limit of 300 tokens (DF_MAX_PROMPT_TOKENS"),
+        ({"height": 8192, "width": 8192, "steps": 1000}, None, "over the limit of 20000 (DF_MAX_JOB_MPX_STEPS)"),
+    ],
+    ids=["1 MB prompt", "token limit", "over-budget size and steps"],
+)
+async def test_a_job_over_a_limit_ends_within_5_s_with_an_error_naming_it(stack, changes, field, words) -> None:
+    """Published as a client in another language would, past the Python client's own checks:
+    the encoder refuses it at admission, before any work."""
+    await test_invalid_spec_gets_error_result_naming_the_field(stack, changes, field, words)
+
+
+async def test_a_job_past_its_deadline_ends_with_an_error_within_its_value(stack) -> None:
+    """1000 denoising steps take the tiny DiT far longer than the 2 s the job allows: the loop
+    stops between steps and the job's error result comes within its deadline (plus a step)."""
+    spec = JobSpec(prompt="late", steps=1000, width=256, height=256, deadline_s=2.0)
+    async with Client(stack.client_settings()) as client:
+        started = time.time()
+        result = await client.generate(spec, timeout=30)
+    took = result.finished_at - started
+    assert (result.status, result.field, result.stage) == ("error", "deadline_s", "denoise"), result.error
+    assert "passed its deadline of 2 s after submission" in result.error
+    assert took < 2.0 + 1.0, f"the error came {took:.1f} s after submission"

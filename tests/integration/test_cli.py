@@ -39,6 +39,16 @@ def test_generate_reports_the_service_error(stack, tmp_path: Path) -> None:
     assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_and_submit_refuse_a_job_over_a_limit_before_queueing_it(stack, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "x" * 100_000, "--data-dir", str(stack.data_dir)])
+    assert result.exit_code == 1 and "refused: prompt: 100000 bytes" in said(result), said(result)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "fine", "steps": 2, "width": 64, "height": 64}\n'
+                    '{"prompt": "huge", "steps": 1000, "width": 8192, "height": 8192}\n')
+    result = runner.invoke(app, ["submit", str(jobs), "--out", str(tmp_path / "out"), "--data-dir", str(stack.data_dir)])
+    assert result.exit_code == 1 and "DF_MAX_JOB_MPX_STEPS" in said(result), said(result)
+
+
 def test_submit_writes_images_and_a_manifest(stack, tmp_path: Path) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(

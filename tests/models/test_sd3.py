@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from disagfusion.config import Settings
+from disagfusion.limits import LimitError
 from disagfusion.models import check_spec, model_directory
 from disagfusion.models.base import SpecError
 from disagfusion.models.sd3 import FAMILY
@@ -79,3 +80,14 @@ def test_geometry_comes_from_the_configs(directory: Path) -> None:
     assert (geometry.vae_scale_factor, geometry.size_multiple, geometry.max_size) == (8, 16, 256)
     assert (geometry.max_sequence_length, geometry.guidance) == (256, "cfg")
     geometry.check(JobSpec(prompt="p", height=256, width=16))
+
+
+def test_a_prompt_longer_than_its_t5_reads_is_refused_by_the_encoder_naming_the_count(stages) -> None:
+    """The T5 reads 256 tokens (the CLIPs always truncate at 77, in the stock pipeline too): a
+    prompt the T5 would truncate is refused at the encoder's check, with its count."""
+    encoder = stages(MODEL)["encode"]
+    encoder.check(job(prompt="a longer prompt " * 10))
+    with pytest.raises(LimitError, match=r"prompt: \d+ tokens is longer than the limit of 256 tokens") as error:
+        encoder.check(job(prompt="a longer prompt " * 100))
+    assert error.value.field == "prompt"
+    stages(MODEL)["denoise"].check(job(prompt="a longer prompt " * 100))  # the encoder's to say

@@ -9,6 +9,7 @@ import nats.js.errors
 import pytest
 import redis.exceptions
 
+from disagfusion.limits import LimitError
 from disagfusion.models.base import SpecError
 from disagfusion.protocol import DecodeError
 from disagfusion.worker.failures import Outcome, classify, describe, retry_delay
@@ -18,6 +19,8 @@ from disagfusion.worker.failures import Outcome, classify, describe, retry_delay
     ("exc", "outcome"),
     [
         (SpecError("steps", "too many"), Outcome.REJECT),
+        (LimitError("deadline_s", "passed its deadline"), Outcome.REJECT),
+        (nats.js.errors.APIError(code=400, err_code=10077, description="maximum messages exceeded"), Outcome.RETRY),
         (DecodeError("bad steps", job_id="j", field="job.steps"), Outcome.REJECT),
         (DecodeError("lying shape", job_id="j", field="tensors.embeds"), Outcome.DEAD),
         (DecodeError("garbage"), Outcome.DEAD),

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from disagfusion import bus, health
@@ -394,3 +395,139 @@ async def test_a_deleted_consumer_is_recreated_and_the_stage_serves_on(run_worke
     [(_, output)] = await collect_outputs(stack, 1, timeout=20)
     await stack.close()
     assert output.job.job_id == second.job_id
+
+
+async def test_redis_out_of_memory_while_storing_an_output_is_retried_later_then_served(
+    run_worker: Worker, nats_server: str, restartable_redis
+) -> None:
+    """A real redis-server at its ``maxmemory`` refuses the output's write: the task goes back
+    with a delay (not a crash, not an error result, not a failed delivery: max_deliver is 1),
+    and once Redis has room the job is served."""
+    [job] = specs(1)
+    store = redis.Redis.from_url(restartable_redis.url)
+    store.config_set("maxmemory-policy", "noeviction")
+    store.config_set("maxmemory", 1)  # below what an empty server uses: every write is refused
+    stack = await bus.connect(Settings(nats_url=nats_server), "test")
+    await publish_task(stack, job, {"embeds": inline_ref(job)})
+    model = await run_worker(SlowModel(0.01), redis_url=restartable_redis.url, transport="redis", inline_max_bytes=0,
+                             ack_wait_s=1.0, heartbeat_s=0.2, retry_delay_s=0.2, retry_max_delay_s=0.5, max_deliver=1)
+    async with Client(Settings(nats_url=nats_server)) as client:
+        with pytest.raises(JobTimeout):  # retried all along, never failed
+            await client.result(job.job_id, timeout=3)
+    assert len(model.batches) >= 2, "the task was not handed back and taken again"
+    store.config_set("maxmemory", 0)
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    store.close()
+    assert output.job.job_id == job.job_id
+    assert output.tensors["latents"].transport == "redis"
+
+
+class SteppingModel(SlowModel):
+    """A denoise stage of ``steps`` steps of ``seconds`` each, reporting every step."""
+
+    def __init__(self, seconds: float, steps: int):
+        super().__init__(seconds)
+        self.steps = steps
+
+    def run(self, specs, inputs, on_step=None) -> list[Tensors]:
+        for step in range(1, self.steps + 1):
+            time.sleep(self.seconds)
+            on_step(step, self.steps)
+        self.job_ids.append([spec.job_id for spec in specs])
+        return [{"latents": x["embeds"] * 2} for x in inputs]
+
+
+async def test_a_late_job_in_a_batch_with_time_left_is_answered_and_the_other_served(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """The loop runs on for the job that has time; the late one gets its error result when the
+    batch ends, the other its output. Alone, a late job stops the loop between steps."""
+    model = await run_worker(SteppingModel(0.2, 15), max_batch=2, max_batch_wait_ms=500, fetch_ahead_s=math.inf)
+    await asyncio.sleep(0.5)  # connected and pulling: the deadlines are about the compute
+    late, timely = (JobSpec(prompt="p", model="m", seed=i, deadline_s=d) for i, d in enumerate((2.0, 60.0)))
+    stack = await submit_denoise_tasks(nats_server, [late, timely])
+    async with Client(Settings(nats_url=nats_server)) as client:
+        result = await client.result(late.job_id, timeout=20)
+        [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+        assert model.job_ids == [[late.job_id, timely.job_id]]
+        assert output.job.job_id == timely.job_id
+        assert (result.status, result.field) == ("error", "deadline_s")
+        assert "passed its deadline of 2 s" in result.error and "when stage denoise finished it" in result.error
+        await stack.close()
+
+        alone = JobSpec(prompt="p", model="m", seed=2, deadline_s=1.0)
+        submitted = time.time()
+        stack = await submit_denoise_tasks(nats_server, [alone])
+        result = await client.result(alone.job_id, timeout=20)
+        assert "stopped at step" in result.error, result.error
+        assert result.finished_at - submitted < 1.0 + 0.5
+    await stack.close()
+
+
+async def test_a_job_late_before_its_batch_starts_is_answered_and_the_worker_serves_on(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """Admitted in time, late once its batch stops waiting for more jobs: answered without
+    running, and the worker (which waited for it to be timed before fetching more) fetches on."""
+    model = await run_worker(SlowModel(0.01), max_batch=2, max_batch_wait_ms=1000)
+    await asyncio.sleep(0.5)
+    late, after = JobSpec(prompt="p", model="m", seed=0, deadline_s=0.5), JobSpec(prompt="p", model="m", seed=1)
+    stack = await submit_denoise_tasks(nats_server, [late])
+    async with Client(Settings(nats_url=nats_server)) as client:
+        result = await client.result(late.job_id, timeout=20)
+    assert "before stage denoise started it" in result.error, result.error
+    await stack.close()
+    stack = await submit_denoise_tasks(nats_server, [after])
+    [(_, output)] = await collect_outputs(stack, 1, timeout=20)
+    await stack.close()
+    assert output.job.job_id == after.job_id and model.job_ids == [[after.job_id]]
+
+
+class BigOutputModel(SlowModel):
+    """A denoise stage whose output is larger than NATS's 1 MiB max payload."""
+
+    def run(self, specs, inputs, on_step=None) -> list[Tensors]:
+        self.job_ids.append([spec.job_id for spec in specs])
+        return [{"latents": torch.zeros(300_000)} for _ in inputs]
+
+
+async def test_an_output_over_the_max_payload_is_an_error_result_not_a_retry_loop(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """Its next task cannot be published as it is, now or later: one run, then an error result."""
+    [job] = specs(1)
+    stack = await submit_denoise_tasks(nats_server, [job])
+    model = await run_worker(BigOutputModel(0), inline_max_bytes=10 * 2**20)  # the 1.2 MB tensor travels inline
+    async with Client(Settings(nats_url=nats_server)) as client:
+        started = time.monotonic()
+        result = await client.result(job.job_id, timeout=20)
+    await stack.close()
+    assert time.monotonic() - started < 5
+    assert (result.status, result.stage) == ("error", "denoise")
+    assert "could not hand on its output: MaxPayloadError: nats: maximum payload exceeded" in result.error
+    assert model.job_ids == [[job.job_id]]
+
+
+async def test_a_stage_handing_on_into_a_full_work_stream_retries_until_there_is_room(
+    run_worker: Worker, nats_server: str
+) -> None:
+    """DF_WORK at its DF_WORK_MAX_MSGS refuses the next stage's task: the job is retried later,
+    neither failed nor dropped, and served once the stream has room."""
+    jobs = specs(2)
+    stack = await submit_denoise_tasks(nats_server, jobs)
+    limited = await bus.connect(Settings(nats_url=nats_server, work_max_msgs=2), "test")  # full now
+    try:
+        model = await run_worker(SlowModel(0.01), ack_wait_s=1.0, heartbeat_s=0.2, retry_delay_s=0.2,
+                                 retry_max_delay_s=0.5, max_deliver=1)
+        async with Client(Settings(nats_url=nats_server)) as client:
+            with pytest.raises(JobTimeout):  # retried all along, never failed
+                await client.result(jobs[0].job_id, timeout=3)
+        assert model.job_ids, "the worker never ran the job it could not hand on"
+    finally:
+        await limited.close()
+        defaults = await bus.connect(Settings(nats_url=nats_server, work_max_msgs=Settings().work_max_msgs), "test")
+        await defaults.close()
+    outputs = await collect_outputs(stack, 2, timeout=20)
+    await stack.close()
+    assert sorted(task.job.job_id for _, task in outputs) == sorted(job.job_id for job in jobs)
