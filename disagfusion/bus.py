@@ -21,6 +21,7 @@ from nats.js.object_store import ObjectStore
 from disagfusion.config import BusSettings, comma_list
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
+    CHECKPOINTS_BUCKET,
     DLQ_STREAM,
     HANDBACKS_BUCKET,
     OUTPUTS_BUCKET,
@@ -143,6 +144,11 @@ async def handbacks_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
 async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Which worker took the latest delivery of each task (key ``<job_id>.<stage>``)."""
     return await _task_bucket(js, ATTEMPTS_BUCKET, replicas)
+
+
+async def checkpoints_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """The latest checkpoint of each running denoising job (key ``<job_id>.<replay>``)."""
+    return await _task_bucket(js, CHECKPOINTS_BUCKET, replicas)
 
 
 async def _task_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:

@@ -41,6 +41,7 @@ MAX_SEQUENCE_LENGTH = 512
 class FluxFamily(DiffusersFamily):
     name = "flux"
     pipeline_class = FluxPipeline.__name__
+    resumable = True
     stage_components = {
         "encode": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
         "denoise": ("transformer", "scheduler"),

@@ -60,6 +60,7 @@ class SD3Geometry(ImageGeometry):
 class SD3Family(DiffusersFamily):
     name = "sd3"
     pipeline_class = StableDiffusion3Pipeline.__name__
+    resumable = True
     stage_components = {
         "encode": ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
         "denoise": ("transformer", "scheduler"),

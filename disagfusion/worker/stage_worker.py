@@ -48,6 +48,7 @@ from disagfusion.protocol import (
 )
 from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy
+from disagfusion.worker.checkpoints import Preempted
 from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.in_flight import InFlight
 
@@ -460,6 +461,10 @@ class StageWorker:
             self._progress.set()
             try:
                 outputs, stage_seconds = await asyncio.to_thread(self.run_batch, batch)
+            except Preempted as exc:  # checkpointed: the instance that takes them resumes there
+                log.info("%s: %s; handing back its %d job(s)", self.name, exc, len(batch))
+                await self._hand_back(batch)
+                continue
             except Exception as exc:
                 for job in batch:
                     await self._failed(job.msg, job.task, exc, f"stage {self.stage} failed")
