@@ -2,7 +2,7 @@
 checkpoints its running job and hands it back instead of finishing it, and the instance that
 takes the job resumes it there, bitwise equal to an uninterrupted run, with a ``resumed`` event;
 the checkpoint (record and tensors) is gone once the latents are handed on. The process-kill
-case is tests/chaos/test_resume.py."""
+case is tests/chaos/test_killed_dit_resumes.py."""
 
 from __future__ import annotations
 
