@@ -16,7 +16,7 @@ watches both for the length of one call, by wrapping the scheduler's ``set_times
   run: the result is bitwise equal to it (for the same batch composition: a batch rounds
   differently from each of its jobs alone, within 1/255 of a pixel).
 
-Only deterministic schedulers are resumable (``SUPPORTED``): one that draws noise each step
+Only deterministic schedulers are resumable (``supported``): one that draws noise each step
 (an SDE solver, stochastic sampling) would need its generators' states too.
 """
 
