@@ -23,6 +23,7 @@ from disagfusion import stream_limits
 from disagfusion.config import BusSettings, comma_list
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
+    CHECKPOINTS_BUCKET,
     DLQ_STREAM,
     HANDBACKS_BUCKET,
     JOBS_BUCKET,
@@ -166,6 +167,11 @@ async def attempts_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
 async def jobs_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
     """Each job's state and cancel mark (``disagfusion.job_state``), kept as long as results."""
     return await _task_bucket(js, JOBS_BUCKET, settings.stream_replicas, float(settings.results_max_age_s))
+
+
+async def checkpoints_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """The latest checkpoint of each running denoising job (key ``<job_id>.<replay>``)."""
+    return await _task_bucket(js, CHECKPOINTS_BUCKET, replicas)
 
 
 async def _task_bucket(js: JetStreamContext, name: str, replicas: int, ttl_s: float = HANDBACK_TTL_S) -> KeyValue:

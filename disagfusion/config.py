@@ -228,7 +228,24 @@ class LimitSettings(BaseSettings):
     and the longest one it may set; 0: none. Past it, the job ends with an error result."""
 
 
-class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings, LimitSettings, MetricsSettings):
+class CheckpointSettings(BaseSettings):
+    """When a DiT checkpoints a denoising run, and when a draining one preempts it
+    (``disagfusion.worker.checkpoints``; docs/operations.md, "Resumable denoising")."""
+
+    model_config = _ENV
+
+    checkpoint_every: int = Field(default=10, ge=0)
+    """Checkpoint a run's latents and scheduler state every this many steps, so that a killed
+    DiT's job resumes there on another instance; 0: never."""
+    checkpoint_min_steps: int = Field(default=30, ge=0)
+    """Jobs of fewer steps are never checkpointed: redoing them costs less than saving them."""
+    preempt_min_steps: int = Field(default=10, ge=0)
+    """A draining DiT checkpoints a running batch at its next step and hands it back when at
+    least this many steps are left (fewer: it finishes the batch); 0: it never preempts."""
+
+
+class Settings(BusSettings, TransportSettings, ModelSettings, WorkerSettings, LimitSettings, MetricsSettings,
+               CheckpointSettings):
     """Everything a stage service reads (``python -m services.encoder`` and its peers)."""
 
     model_config = _ENV

@@ -74,6 +74,7 @@ SCHEDULER_BUCKET = "DF_SCHEDULER"
 SCHEDULER_STATUS_KEY = "status"
 SCHEDULER_PINS_KEY = "pins"
 ENGRAM_ARENAS_BUCKET = "DF_ENGRAM_ARENAS"
+CHECKPOINTS_BUCKET = "DF_CHECKPOINTS"
 ENGRAM_QUEUE_GROUP = "engram_store"
 JOBS_BUCKET = "DF_JOBS"
 
@@ -171,6 +172,12 @@ def job_state_key(job_id: str) -> str:
 def cancel_key(job_id: str) -> str:
     """Key in ``DF_JOBS`` whose presence cancels the job (its value: the ``JobState`` the canceller wrote)."""
     return f"cancel.{job_id}"
+
+
+def checkpoint_key(job_id: str, replay: int = 0) -> str:
+    """Key in ``DF_CHECKPOINTS``: the latest checkpoint of a job's denoising run (per replay:
+    a job replayed from the dead-letter stream starts afresh)."""
+    return f"{job_id}.{replay}"
 
 
 def tensor_key(job_id: str, stage: str, name: str) -> str:
@@ -391,7 +398,9 @@ class Result(Message):
         return cls(job_id=job_id, status="cancelled", error=f"cancelled by {by}", stage=stage)
 
 
-ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error"]
+ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error", "resumed"]
+"""``resumed``: a denoising run continues from a checkpoint (``step`` of ``total``) after the
+instance that ran it was killed or drained."""
 
 
 class ProgressEvent(Message):
@@ -451,6 +460,24 @@ class DeadLetter(Message):
     worker: str
     task: bytes
     """The task message's bytes, as delivered."""
+    t: float = Field(default_factory=time.time)
+
+
+class Checkpoint(Message):
+    """Where a job's denoising run stood after ``step`` of its ``total`` steps, under
+    ``checkpoint_key`` in ``DF_CHECKPOINTS``: the latents and scheduler state
+    (``disagfusion.models.resume``), stored through the tensor transport. Deleted, with its
+    tensors, once the job's latents are handed on."""
+
+    job: JobSpec
+    """The job as checkpointed: a task whose spec differs does not resume from it."""
+    step: int = Field(ge=1)
+    total: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    """The jobs its batch held: a run resumes bitwise equal to an uninterrupted one when it
+    resumes in a batch of the same jobs (one, in particular)."""
+    tensors: dict[str, TensorRef]
+    worker: str
     t: float = Field(default_factory=time.time)
 
 

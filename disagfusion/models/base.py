@@ -40,6 +40,8 @@ class StageModel(ABC):
     stage: str
     fps: float = 16.0
     """The frame rate of this model's videos, unless a job asks for another (Wan's 16 by default)."""
+    resumable: bool = False
+    """Whether this (denoise) stage checkpoints and resumes runs: ``disagfusion.models.resume``."""
 
     @abstractmethod
     def check(self, spec: JobSpec) -> None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from disagfusion import limits
 from disagfusion.config import Settings
+from disagfusion.models import resume
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
 from disagfusion.protocol import STAGES, JobSpec
 from disagfusion.transport.ref import DTYPES
@@ -117,6 +118,10 @@ class DiffusersFamily(Family):
     """The tokenizer component whose text length is ``max_sequence_length``: it counts a prompt's
     tokens against DF_MAX_PROMPT_TOKENS (a CLIP beside it always truncates at 77, in the stock
     pipeline too, and is not counted)."""
+    resumable: ClassVar[bool] = False
+    """Whether a denoise run can be checkpointed and resumed (``disagfusion.models.resume``):
+    true for the families whose pipeline loop keeps no state beyond the latents and the
+    scheduler, as tested bitwise in tests/models/test_resume.py."""
 
     @abstractmethod
     def geometry(self, directory: Path) -> ImageGeometry:
@@ -257,6 +262,7 @@ class DiffusersStage(StageModel):
         if isinstance(self.geometry, VideoGeometry):
             self.fps = self.geometry.fps
         family.prepare(stage, self.pipe, directory, settings)
+        self.resumable = stage == "denoise" and family.resumable and resume.supported(self.pipe.scheduler)
 
     def check(self, spec: JobSpec) -> None:
         self.geometry.check(spec)
@@ -280,7 +286,11 @@ class DiffusersStage(StageModel):
         if any(other.shape_key != specs[0].shape_key for other in specs):
             raise ValueError(f"a {self.stage} batch must hold jobs of one shape_key")
         if self.stage == "denoise":
-            return self.family.denoise(self.pipe, specs, inputs, on_step or (lambda step, total: None))
+            inputs, starts = resume.split(inputs)
+            if starts and not self.resumable:
+                raise ValueError(f"the {self.family.name} denoiser cannot resume a run")
+            with resume.DenoiseRun(self.pipe.scheduler, self.pipe.device, starts) as run:
+                return self.family.denoise(self.pipe, specs, inputs, run.offset(on_step or (lambda step, total: None)))
         return self.family.decode(self.pipe, specs, inputs)
 
     def loaded_components(self) -> list[str]:
@@ -308,8 +318,9 @@ def denoise_arguments(specs: list[JobSpec]) -> dict[str, Any]:
     """What every stock pipeline is told to denoise a batch of one ``shape_key`` and stop at the
     latents, with one generator per job."""
     spec = specs[0]
+    run = resume.current()  # a resumed run starts from its checkpoint's latents
     return dict(num_inference_steps=spec.steps, height=spec.height, width=spec.width,
-                generator=generators(specs), output_type="latent")
+                generator=generators(specs), output_type="latent", **(run.start_arguments() if run else {}))
 
 
 def stacked(inputs: list[Tensors], name: str, device: torch.device | str) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ class FluxFamily(DiffusersFamily):
     name = "flux"
     pipeline_class = FluxPipeline.__name__
     prompt_tokenizer = "tokenizer_2"  # T5: the text length; CLIP always truncates at 77
+    resumable = True
     stage_components = {
         "encode": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"),
         "denoise": ("transformer", "scheduler"),

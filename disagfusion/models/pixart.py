@@ -35,6 +35,7 @@ PIPELINE_SIZE_MULTIPLE = 8
 class PixArtFamily(DiffusersFamily):
     name = "pixart"
     pipeline_class = PixArtSigmaPipeline.__name__
+    resumable = True
     stage_components = {"encode": ("tokenizer", "text_encoder"), "denoise": ("transformer", "scheduler"), "decode": ("vae",)}
     handoff = {
         "encode": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),

@@ -66,6 +66,7 @@ PACK = 2
 class QwenImageFamily(DiffusersFamily):
     name = "qwen-image"
     pipeline_class = QwenImagePipeline.__name__
+    resumable = True
     stage_components = {"encode": ("tokenizer", "text_encoder"), "denoise": ("transformer", "scheduler"), "decode": ("vae",)}
     handoff = {"encode": ("prompt_embeds", "negative_prompt_embeds"), "denoise": ("latents",), "decode": ("image",)}
 

@@ -48,6 +48,7 @@ PIPELINE_SIZE_MULTIPLE = 32
 class SanaFamily(DiffusersFamily):
     name = "sana"
     pipeline_class = SanaPipeline.__name__
+    resumable = True
     stage_components = {"encode": ("tokenizer", "text_encoder"), "denoise": ("transformer", "scheduler"), "decode": ("vae",)}
     handoff = {
         "encode": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),

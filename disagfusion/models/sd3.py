@@ -61,6 +61,7 @@ class SD3Family(DiffusersFamily):
     name = "sd3"
     pipeline_class = StableDiffusion3Pipeline.__name__
     prompt_tokenizer = "tokenizer_3"  # T5: the text length; CLIP always truncates at 77
+    resumable = True
     stage_components = {
         "encode": ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"),
         "denoise": ("transformer", "scheduler"),

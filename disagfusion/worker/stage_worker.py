@@ -51,6 +51,7 @@ from disagfusion.protocol import (
 )
 from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy
+from disagfusion.worker.checkpoints import Preempted
 from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.in_flight import InFlight
 
@@ -489,6 +490,9 @@ class StageWorker:
             except JobsCancelled as stopped:  # every job of the batch: the loop stopped after a step
                 for job in batch:
                     await self._drop_cancelled(job.msg, job.task, stopped.step, stopped.total)
+            except Preempted as exc:  # checkpointed: the instance that takes them resumes there
+                log.info("%s: %s; handing back its %d job(s)", self.name, exc, len(batch))
+                await self._hand_back(batch)
                 continue
             except Exception as exc:
                 for job in batch:

@@ -1,3 +1,4 @@
 from disagfusion.worker.stage_worker import main
+from services.dit.worker import DitWorker
 
-main("denoise")
+main("denoise", DitWorker)
