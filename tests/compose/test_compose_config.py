@@ -105,6 +105,9 @@ VARIABLES = {
     "DF_GATEWAY_PORT": "18000", "DF_GATEWAY_PUBLISH": "127.0.0.1:18001", "DF_API_KEYS": "k1,k2",
     "DF_GATEWAY_MAX_BACKLOG": "50", "DF_JOIN_NATS_URL": "nats://10.0.0.1:4222",
     "DF_JOIN_REDIS_URL": "redis://10.0.0.1:6379/0", "DF_REDIS_PUBLISH": "0.0.0.0:16379",
+    "DF_NATS_CLUSTER_PORT": "14404", "DF_NATS_2_PORT": "14405", "DF_NATS_2_MONITOR_PORT": "14406",
+    "DF_NATS_2_CLUSTER_PORT": "14407", "DF_NATS_3_PORT": "14408", "DF_NATS_3_MONITOR_PORT": "14409",
+    "DF_NATS_3_CLUSTER_PORT": "14410",
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 
@@ -168,3 +171,22 @@ def test_joining_stages_use_the_other_hosts_servers_and_start_none(tmp_path: Pat
     hub = compose_client(ROOT / "deploy/compose.hub.yaml").compose.config(return_json=True)["services"]["redis"]
     [port] = hub["ports"]
     assert (port["host_ip"], port["published"], port["target"]) == ("0.0.0.0", "6379", 6379)
+
+
+def test_nats_cluster_on_loopback_ports(tmp_path: Path) -> None:
+    env_file = tmp_path / "cluster.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in VARIABLES.items()))
+    config = compose_client(HOSTNET_OVERRIDE, ROOT / "deploy/compose.nats-cluster.yaml",
+                            ROOT / "deploy/compose.nats-cluster.hostnet.yaml", env_file=env_file).compose.config(
+        return_json=True)["services"]
+    routes = "nats://127.0.0.1:14404,nats://127.0.0.1:14407,nats://127.0.0.1:14410"
+    for node, port, cluster in (("nats", "14401", "14404"), ("nats-2", "14405", "14407"), ("nats-3", "14408", "14410")):
+        command = config[node]["command"]
+        assert config[node]["network_mode"] == "host" and not config[node].get("ports")
+        assert command[command.index("-p") + 1] == port and command[command.index("-a") + 1] == "127.0.0.1"
+        assert command[command.index("--cluster") + 1] == f"nats://127.0.0.1:{cluster}"
+        assert command[-1] == routes
+    for name in STAGES:
+        environment = config[name]["environment"]
+        assert environment["DF_NATS_URL"] == "nats://127.0.0.1:14401,nats://127.0.0.1:14405,nats://127.0.0.1:14408"
+        assert environment["DF_STREAM_REPLICAS"] == "3"
