@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from compose_support import ROOT, Batch, ComposeStack, specs_for
+from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import free_port
 from disagfusion.protocol import WORK_STREAM
@@ -25,7 +26,7 @@ NODES = {"nats-1": "nats", "nats-2": "nats-2", "nats-3": "nats-3"}
 
 def work_stream_leader(monitor_url: str) -> str:
     """The server name of the node leading DF_WORK, from a node's /jsz."""
-    with urllib.request.urlopen(f"{monitor_url}/jsz?streams=true", timeout=5) as answer:
+    with urllib.request.urlopen(f"{monitor_url}/jsz?streams=true&config=true", timeout=5) as answer:
         accounts = json.load(answer)["account_details"]
     [stream] = [s for a in accounts for s in a.get("stream_detail", []) if s["name"] == WORK_STREAM]
     assert stream["config"]["num_replicas"] == 3
@@ -56,5 +57,10 @@ def test_killing_the_work_streams_leader_node_loses_no_job(
     batch.assert_each_job_done_once()
     [service] = killed
     assert stack.running(service) == 0
-    survivor = next(m for m, s in zip(monitors, NODES.values(), strict=True) if s != service)
-    assert NODES[work_stream_leader(survivor)] != service
+    survivors = [url for url, s in zip(urls, NODES.values(), strict=True) if s != service]
+
+    async def leader_now() -> str:
+        async with Client(Settings(nats_url=",".join(survivors), stream_replicas=3)) as client:
+            return (await client._js.stream_info(WORK_STREAM)).cluster.leader
+
+    assert NODES[asyncio.run(leader_now())] != service  # the survivors elected another leader
