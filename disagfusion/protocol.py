@@ -113,6 +113,16 @@ def ipc_release_subject(producer: str) -> str:
     return f"df.ipc.release.{producer}"
 
 
+DOMAINS_SUBJECT = "df.domains"
+"""Where every stage worker says, every few seconds, which shm domain it serves its stage from
+(``DomainAd``), so producers know whether the next stage can map their shm files."""
+
+
+def blob_subject(domain: str) -> str:
+    """Where the workers of one shm domain serve its shm tensors to consumers elsewhere (``BlobRequest``)."""
+    return f"df.blob.{domain}"
+
+
 def engram_lookup_subject(arena: str) -> str:
     """One subject per arena: services on one NATS may serve arenas with the same table names
     (every arena built from a spec has ``compression``), and a lookup must reach a service
@@ -302,6 +312,10 @@ class TensorRef(Strict):
     empty for shm and cuda_ipc, whose bytes stay in one host's (or device's) memory."""
     data: bytes | None = None
     """The bytes themselves, for the inline transport only."""
+    domain: str | None = None
+    """The shm domain (``disagfusion.transport.locality``) an shm or cuda_ipc ref was written in:
+    a consumer in another domain cannot map it and asks that domain for the bytes. None for the
+    other transports, and in refs from producers that predate domains (read as local)."""
 
     @field_validator("dtype")
     @classmethod
@@ -479,6 +493,38 @@ class Checkpoint(Message):
     tensors: dict[str, TensorRef]
     worker: str
     t: float = Field(default_factory=time.time)
+
+
+class DomainAd(Message):
+    """A stage worker's shm domain, on ``df.domains`` every few seconds while it serves (and
+    once with ``leaving`` when it stops): producers hand a stage's consumers tensors through
+    shm only while all of them share the producer's domain, else through Redis."""
+
+    worker: str
+    stage: Literal["encode", "denoise", "decode"]
+    models: list[str]
+    domain: str
+    leaving: bool = False
+
+
+class BlobRequest(Message):
+    """On ``df.blob.<domain>`` (request/reply): a consumer outside the domain of ``ref`` asks for
+    ``size`` bytes of it from ``offset`` (chunks under NATS's max payload), or, with ``delete``,
+    frees it. Any worker of the domain answers with a ``BlobChunk``."""
+
+    ref: TensorRef
+    offset: int = Field(default=0, ge=0)
+    size: int = Field(default=0, ge=0)
+    delete: bool = False
+
+
+class BlobChunk(Message):
+    """The answer to a ``BlobRequest``: the bytes asked for, or why there are none."""
+
+    data: bytes = b""
+    checksum: str = ""
+    """xxh3-64 of ``data``, hex: the bytes crossed hosts."""
+    error: str | None = None
 
 
 class TimingSample(Message):

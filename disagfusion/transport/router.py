@@ -1,6 +1,8 @@
 """The one object a stage worker hands tensors through: it picks a backend per tensor on
 ``put`` and follows ``TensorRef.transport`` on ``get`` and ``delete``, so a worker reads refs
-from any producer whatever its own ``DF_TRANSPORT``."""
+from any producer whatever its own ``DF_TRANSPORT``. Where the next stage runs decides too
+(``locality``): shm and CUDA IPC only while all its workers share this shm domain, else Redis;
+a ref of another domain is pulled from there."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from disagfusion.config import Settings
 from disagfusion.protocol import TensorRef, TransportName
 from disagfusion.transport.base import Transport
 from disagfusion.transport.inline import InlineTransport
+from disagfusion.transport.locality import Locality, UnreachableBlobError, shm_domain
 from disagfusion.transport.redis import RedisTransport
+from disagfusion.transport.ref import tensor_from_buffer
 from disagfusion.transport.shm import ShmTransport
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ class Transports:
         self.settings = settings
         self.inline = InlineTransport()
         self.shm = ShmTransport(settings.shm_dir)
+        self.locality = Locality(shm_domain(settings.shm_dir), self.shm)
         self._redis: RedisTransport | None = None
         self._cuda_ipc: CudaIpcTransport | None = None
 
@@ -59,11 +64,14 @@ class Transports:
         """The backends this process uses so far, without opening the lazy ones."""
         return [backend for backend in (self.inline, self.shm, self._redis, self._cuda_ipc) if backend is not None]
 
-    def _for(self, tensor: torch.Tensor) -> Transport:
-        """Inline below ``inline_max_bytes``, else the configured backend; CUDA IPC can only share
-        CUDA memory, so CPU tensors go through shm then."""
+    def _for(self, tensor: torch.Tensor, bound_for: tuple[str, str] | None) -> Transport:
+        """Inline below ``inline_max_bytes``; Redis when a worker of ``bound_for`` (the next
+        stage, the model) runs in another shm domain; else the configured backend. CUDA IPC can
+        only share CUDA memory, so CPU tensors go through shm then."""
         if tensor.numel() * tensor.element_size() < self.settings.inline_max_bytes:
             return self.inline
+        if bound_for is not None and not self.locality.local_only(*bound_for):
+            return self.redis
         if self.settings.transport == "cuda_ipc" and not tensor.is_cuda:
             return self.shm
         return self._backend(self.settings.transport)
@@ -76,14 +84,30 @@ class Transports:
             return self.shm.empty(shape, dtype)
         return torch.empty(shape, dtype=dtype)
 
-    def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
+    def put(self, key: str, tensor: torch.Tensor, bound_for: tuple[str, str] | None = None) -> TensorRef:
+        """Store ``tensor`` for the workers of ``bound_for`` (stage, model): None stores it
+        through the configured backend, wherever they run."""
         started = time.perf_counter()
-        ref = self._for(tensor).put(key, tensor)
+        ref = self._for(tensor, bound_for).put(key, tensor)
+        if ref.transport in ("shm", "cuda_ipc"):
+            ref = ref.model_copy(update={"domain": self.locality.domain})
         metrics.handoff(ref.transport, "put", ref.nbytes, time.perf_counter() - started)
         return ref
 
+    def _foreign(self, ref: TensorRef) -> bool:
+        """Whether ``ref`` lives in another shm domain's memory (refs of old producers name none)."""
+        return ref.transport in ("shm", "cuda_ipc") and ref.domain not in (None, self.locality.domain)
+
     def get(self, ref: TensorRef) -> torch.Tensor:
         started = time.perf_counter()
+        if self._foreign(ref):
+            if ref.transport == "cuda_ipc":
+                raise UnreachableBlobError(f"tensor {ref.key!r} is CUDA memory in shm domain {ref.domain}, "
+                                           f"which cannot hand it to another host")
+            tensor = tensor_from_buffer(self.locality.fetch(ref), ref.dtype, ref.shape)
+            metrics.handoff("pull", "get", ref.nbytes, time.perf_counter() - started)
+            return tensor
+        self.locality.reads[ref.transport] += 1
         tensor = self._backend(ref.transport).get(ref)
         metrics.handoff(ref.transport, "get", ref.nbytes, time.perf_counter() - started)
         return tensor
@@ -93,6 +117,10 @@ class Transports:
         return {name: self.get(ref) for name, ref in refs.items()}
 
     def delete(self, ref: TensorRef) -> None:
+        if self._foreign(ref):
+            if ref.transport == "shm":
+                self.locality.free(ref)
+            return
         self._backend(ref.transport).delete(ref)
 
     def sweep(self) -> int:

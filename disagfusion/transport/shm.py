@@ -64,6 +64,9 @@ import torch
 from disagfusion.protocol import MissingBlobError, TensorRef, TransportName
 from disagfusion.transport.ref import DTYPE_NAMES, DTYPES, tensor_bytes
 
+DOMAIN_FILE = "domain"
+"""The shm domain's id in the directory (``disagfusion.transport.locality``): never swept."""
+
 HEADER_BYTES = mmap.PAGESIZE
 """The slot's data starts on the next page, so it can be mapped on its own."""
 SLOT_NAME = re.compile(r"slot-\d+-[0-9a-f]{12}-\d+")
@@ -378,6 +381,26 @@ class ShmTransport:
                     raise MissingBlobError(f"tensor {key!r}: {self.directory / name} is a symlink, not a slot file") from None
             return peer
 
+    def read_range(self, ref: TensorRef, offset: int, size: int) -> bytes:
+        """``size`` bytes of the ref's tensor from ``offset``, read from its slot file without
+        pinning it: for serving them to a consumer on another host (``locality``), which frees
+        the tensor with a ``delete`` through this domain when it is done. The slot's generation
+        is checked before and after the read, so bytes of a reused slot are never returned."""
+        name, generation = parse_key(ref.key)
+        peer = self._peer(name, ref.key)
+        size = max(0, min(size, ref.nbytes - offset))
+
+        def check() -> None:
+            current, _, state = unpack_word(peer.peek())
+            if current != generation or state not in (READY, DELETED):
+                raise MissingBlobError(f"tensor {ref.key!r} is not in {self.directory} (expired or deleted)")
+
+        check()
+        peer.check_size(ref)
+        data = os.pread(peer.fd, size, HEADER_BYTES + offset) if size else b""
+        check()
+        return data
+
     def delete(self, ref: TensorRef) -> None:
         """Release this process's pin and mark the tensor deleted: no new ``get`` finds it, and
         the slot is free for reuse once no process pins it."""
@@ -422,7 +445,7 @@ class ShmTransport:
                         slots.remove(slot)
                         removed += 1
         for name in os.listdir(self.directory):
-            if name in own:
+            if name in own or name == DOMAIN_FILE:  # the domain id lives as long as the directory
                 continue
             path = self.directory / name
             try:

@@ -216,6 +216,8 @@ class StageWorker:
             asyncio.create_task(self._send_loop(), name="send"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._janitor_loop(), name="janitor"),
+            asyncio.create_task(self.transports.locality.serve(self._bus.nc, self.name, self.stage, self.model_names),
+                                name="locality"),
         ]
         log.info("%s serving %s for models %s (%s pipeline)", self.name, self.stage, self.model_names, self.settings.pipeline)
         stopping = asyncio.create_task(self._stopping.wait())
@@ -669,7 +671,8 @@ class StageWorker:
 
     def _store_outputs(self, job: Job) -> dict:
         return {
-            name: self.transports.put(tensor_key(job.spec.job_id, self.stage, name), tensor)
+            name: self.transports.put(tensor_key(job.spec.job_id, self.stage, name), tensor,
+                                      bound_for=(Stage(job.task.stage).next, job.spec.model))
             for name, tensor in job.outputs.items()
         }
 

@@ -30,6 +30,7 @@ COMPOSE_FILE = ROOT / "compose.yaml"
 GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yaml"
 HOSTNET_OVERRIDE = ROOT / "deploy" / "compose.hostnet.yaml"
 SCHEDULER_OVERRIDE = ROOT / "deploy" / "compose.scheduler.yaml"
+JOIN_OVERRIDE = ROOT / "deploy" / "compose.join.yaml"
 PROJECT_IMAGE = os.environ.get("DF_IMAGE", "disagfusion:latest")
 
 
@@ -176,9 +177,10 @@ def compose_up(
     scales: dict[str, int] | None = None,
     env: dict[str, str] | None = None,
     wait_timeout: int = 180,
+    overrides: tuple[Path, ...] = (),
 ) -> Iterator[ComposeStack]:
-    """compose.yaml + the hostnet override up under a unique project name on free loopback ports,
-    health checks passed; `env` adds compose variables (DF_MODELS, ...) to its env file. On exit
+    """compose.yaml + the hostnet override (+ `overrides`) up under a unique project name on free
+    loopback ports, health checks passed; `env` adds compose variables (DF_MODELS, ...) to its env file. On exit
     removes its containers and volumes (`down -v`), also when `up` failed half-way."""
     nats_port, monitor_port, redis_port, gateway_port = free_port(), free_port(), free_port(), free_port()
     project = f"dftest-{uuid.uuid4().hex[:10]}"
@@ -187,7 +189,7 @@ def compose_up(
                  "DF_GATEWAY_PORT": gateway_port, **(env or {})}
     env_file.write_text("".join(f"{key}={value}\n" for key, value in variables.items()))
     stack = ComposeStack(
-        docker=compose_client(HOSTNET_OVERRIDE, project=project, env_file=env_file),
+        docker=compose_client(HOSTNET_OVERRIDE, *overrides, project=project, env_file=env_file),
         project=project,
         env_file=env_file,
         nats_url=f"nats://127.0.0.1:{nats_port}",

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from compose_support import COMPOSE_FILE, GPU_OVERRIDE, HOSTNET_OVERRIDE, ROOT, SCHEDULER_OVERRIDE, compose_client
+from compose_support import (
+    COMPOSE_FILE, GPU_OVERRIDE, HOSTNET_OVERRIDE, JOIN_OVERRIDE, ROOT, SCHEDULER_OVERRIDE, compose_client,
+)
 
 STAGES = {"encoder", "dit", "decoder"}
 
@@ -118,7 +120,11 @@ VARIABLES = {
     "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
     "DF_VARIANT": "fp16", "DF_VAE_TILING": "true", "DF_VAE_TILE_SIZE": "256", "DF_TRANSPORT": "redis",
     "DF_GATEWAY_PORT": "18000", "DF_GATEWAY_PUBLISH": "127.0.0.1:18001", "DF_API_KEYS": "k1,k2",
-    "DF_GATEWAY_MAX_BACKLOG": "50",
+    "DF_GATEWAY_MAX_BACKLOG": "50", "DF_JOIN_NATS_URL": "nats://10.0.0.1:4222",
+    "DF_JOIN_REDIS_URL": "redis://10.0.0.1:6379/0", "DF_REDIS_PUBLISH": "0.0.0.0:16379",
+    "DF_NATS_CLUSTER_PORT": "14404", "DF_NATS_2_PORT": "14405", "DF_NATS_2_MONITOR_PORT": "14406",
+    "DF_NATS_2_CLUSTER_PORT": "14407", "DF_NATS_3_PORT": "14408", "DF_NATS_3_MONITOR_PORT": "14409",
+    "DF_NATS_3_CLUSTER_PORT": "14410",
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 
@@ -166,3 +172,38 @@ def test_scheduler_in_its_container_renders_the_stages_as_the_operator_did(
     assert inside["volumes"] == operator["volumes"]
     if variables:
         assert inside["services"]["dit"]["environment"]["DF_NATS_URL"] == "nats://127.0.0.1:14401"
+
+
+def test_joining_stages_use_the_other_hosts_servers_and_start_none(tmp_path: Path) -> None:
+    env_file = tmp_path / "join.env"
+    env_file.write_text("DF_JOIN_NATS_URL=nats://host-a:4222\nDF_JOIN_REDIS_URL=redis://host-a:6379/0\n")
+    config = compose_client(JOIN_OVERRIDE, env_file=env_file).compose.config(return_json=True)
+    for name in STAGES:
+        service = config["services"][name]
+        assert not service.get("depends_on"), name  # `up dit` starts no nats or redis here
+        assert service["environment"]["DF_NATS_URL"] == "nats://host-a:4222"
+        assert service["environment"]["DF_REDIS_URL"] == "redis://host-a:6379/0"
+        assert service["environment"]["DF_MODELS"] == "tiny,small"
+        assert {v["target"]: v["source"] for v in service["volumes"]}["/dev/shm/disagfusion"] == "shm"
+    hub = compose_client(ROOT / "deploy/compose.hub.yaml").compose.config(return_json=True)["services"]["redis"]
+    [port] = hub["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("0.0.0.0", "6379", 6379)
+
+
+def test_nats_cluster_on_loopback_ports(tmp_path: Path) -> None:
+    env_file = tmp_path / "cluster.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in VARIABLES.items()))
+    config = compose_client(HOSTNET_OVERRIDE, ROOT / "deploy/compose.nats-cluster.yaml",
+                            ROOT / "deploy/compose.nats-cluster.hostnet.yaml", env_file=env_file).compose.config(
+        return_json=True)["services"]
+    routes = "nats://127.0.0.1:14404,nats://127.0.0.1:14407,nats://127.0.0.1:14410"
+    for node, port, cluster in (("nats", "14401", "14404"), ("nats-2", "14405", "14407"), ("nats-3", "14408", "14410")):
+        command = config[node]["command"]
+        assert config[node]["network_mode"] == "host" and not config[node].get("ports")
+        assert command[command.index("-p") + 1] == port and command[command.index("-a") + 1] == "127.0.0.1"
+        assert command[command.index("--cluster") + 1] == f"nats://127.0.0.1:{cluster}"
+        assert command[-1] == routes
+    for name in STAGES:
+        environment = config[name]["environment"]
+        assert environment["DF_NATS_URL"] == "nats://127.0.0.1:14401,nats://127.0.0.1:14405,nats://127.0.0.1:14408"
+        assert environment["DF_STREAM_REPLICAS"] == "3"

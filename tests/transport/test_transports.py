@@ -13,7 +13,7 @@ from disagfusion.config import Settings
 from disagfusion.transport import ChecksumError, MissingBlobError, Transports
 from disagfusion.transport.redis import KEY_PREFIX
 from disagfusion.transport.ref import tensor_bytes
-from disagfusion.transport.shm import parse_key
+from disagfusion.transport.shm import DOMAIN_FILE, parse_key
 
 TENSORS = {
     "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
@@ -84,7 +84,7 @@ def test_janitor_removes_only_expired_blobs(tmp_path: Path, age_slot) -> None:
     new = t.put("new", torch.ones(4))
     age_slot(tmp_path, old, 7200)
     assert t.sweep() == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [parse_key(new.key)[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DOMAIN_FILE, parse_key(new.key)[0]]
     assert torch.equal(t.get(new), torch.ones(4))
     with pytest.raises(MissingBlobError, match="expired or deleted"):
         t.get(old)
