@@ -18,7 +18,7 @@ import inspect
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict
 
 from disagfusion.config import Settings
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
-from disagfusion.protocol import STAGES, JobSpec
+from disagfusion.models.handoff import check_handoff
+from disagfusion.protocol import STAGES, JobSpec, TensorRef
 from disagfusion.transport.ref import DTYPES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -254,6 +255,10 @@ class DiffusersStage(StageModel):
 
     def check(self, spec: JobSpec) -> None:
         self.geometry.check(spec)
+
+    def check_inputs(self, spec: JobSpec, refs: Mapping[str, TensorRef]) -> None:
+        before = STAGES.index(self.stage) - 1
+        check_handoff(self.stage, self.family.handoff[STAGES[before]] if before >= 0 else (), spec, refs)
 
     @torch.no_grad()
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:

@@ -20,7 +20,7 @@ from nats.js.object_store import ObjectStore
 
 from disagfusion import bus, media
 from disagfusion.config import Settings
-from disagfusion.cost import cost_key
+from disagfusion.cost import cost_key, sampled
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_path, write_health, write_unhealthy
 from disagfusion.models import load_stage_model
@@ -35,6 +35,7 @@ from disagfusion.protocol import (
     StageTask,
     TimingSample,
     consumer_name,
+    job_id_of_msg_id,
     events_subject,
     metrics_subject,
     output_object_name,
@@ -49,6 +50,7 @@ from disagfusion.protocol import (
 from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy
 from disagfusion.worker.dead_letters import DeadLetters
+from disagfusion.worker.envelope import check_envelope, msg_id_of
 from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
@@ -363,6 +365,7 @@ class StageWorker:
         try:
             task = unpack(StageTask, msg.data)
             spec = task.job
+            check_envelope(msg.subject, msg_id_of(msg), task)
             if msg.metadata.num_delivered > self.settings.max_deliver:
                 failed = msg.metadata.num_delivered - await self.in_flight.handbacks_of(spec)
                 if failed > self.settings.max_deliver:
@@ -375,6 +378,7 @@ class StageWorker:
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
             model.check(spec)
+            model.check_inputs(spec, task.tensors)
             inputs = await asyncio.to_thread(self.transports.get_all, task.tensors)
         except Exception as exc:
             await self._failed(msg, task, exc, f"input of stage {self.stage} unusable")
@@ -396,9 +400,11 @@ class StageWorker:
             return
         dead = outcome is not failures.Outcome.REJECT
         if isinstance(exc, DecodeError):
-            # Report spec problems by JobSpec field name ("steps", not "job.steps").
-            field = exc.field.removeprefix("job.") if exc.field and exc.field.startswith("job.") else None
-            await self._fail(msg, exc.job_id, str(exc), field, dead_letter=dead)
+            # Report spec problems by JobSpec field name ("steps", not "job.steps"), others by their path.
+            field = exc.field.removeprefix("job.") if exc.field else None
+            # A body too broken to name its job is answered through its required header's job id.
+            job_id = exc.job_id or job_id_of_msg_id(msg_id_of(msg))
+            await self._fail(msg, job_id, str(exc), field, dead_letter=dead)
             return
         field = exc.field if isinstance(exc, SpecError) else None
         if dead:
@@ -628,7 +634,7 @@ class StageWorker:
 
     async def _publish_timing(self, stage: Stage, specs: list[JobSpec], seconds: float) -> None:
         sample = TimingSample(
-            stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
+            stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=[sampled(s) for s in specs]
         )
         try:
             await self._bus.nc.publish(metrics_subject(stage), pack(sample))
