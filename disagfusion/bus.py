@@ -29,6 +29,7 @@ from disagfusion.protocol import (
     JOBS_BUCKET,
     OUTPUTS_BUCKET,
     RESULTS_STREAM,
+    STAGES,
     WORK_STREAM,
     consumer_name,
     work_subject,
@@ -103,7 +104,9 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
         js,
         StreamConfig(
             name=WORK_STREAM,
-            subjects=["df.work.>"],
+            # Only the stages' subjects: a task for a stage nobody runs is refused at publish
+            # (no stream matches) instead of waiting in the stream forever.
+            subjects=[work_subject(stage, "*") for stage in STAGES],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,

@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from disagfusion.config import ModelSettings
-from disagfusion.protocol import STAGES, JobSpec, Stage
+from disagfusion.protocol import STAGES, JobSpec, SampledJob, Stage
 
 CHARS_PER_TOKEN = 4
 
@@ -83,9 +83,17 @@ class JobWork(NamedTuple):
     megapixel_frames: float
 
     @classmethod
-    def of(cls, spec: JobSpec) -> JobWork:
-        tokens = prompt_tokens(spec.prompt) + (prompt_tokens(spec.negative_prompt) if spec.guided else 0)
-        return cls(spec.guided, spec.steps, tokens, spec.megapixel_frames)
+    def of(cls, job: JobSpec | SampledJob) -> JobWork:
+        """The work of a job, from its spec or from a timing sample's description of it."""
+        if isinstance(job, SampledJob):
+            return cls(job.guided, job.steps, job.tokens, job.megapixel_frames)
+        tokens = prompt_tokens(job.prompt) + (prompt_tokens(job.negative_prompt) if job.guided else 0)
+        return cls(job.guided, job.steps, tokens, job.megapixel_frames)
+
+
+def sampled(spec: JobSpec) -> SampledJob:
+    """How a timing sample names ``spec``: its id and work, not its prompt."""
+    return SampledJob(job_id=spec.job_id, model=spec.model, **JobWork.of(spec)._asdict())
 
 
 CostKey = tuple[str, int, int, int, int, float, int]
@@ -134,7 +142,7 @@ class StageCost(BaseModel):
         # The negative prompt's tokens are counted themselves, not through cfg_factor.
         return repeat, work.tokens, p * repeat, p * p * repeat
 
-    def features(self, specs: Sequence[JobSpec], terms: Sequence[str] = COEFFICIENTS) -> np.ndarray:
+    def features(self, specs: Sequence[JobSpec | SampledJob], terms: Sequence[str] = COEFFICIENTS) -> np.ndarray:
         """The feature vector of one (non-empty) batch for the coefficients ``terms``, in that
         order: 1 for ``fixed_s``, else the jobs' features summed with the batch discount."""
         per_job = [self._job_features(JobWork.of(spec)) for spec in specs]
@@ -151,7 +159,7 @@ class StageCost(BaseModel):
         """This cost with the coefficients in ``values`` (in the units of ``features``) replaced."""
         return self.model_copy(update={term: float(v) * _FEATURE_UNIT.get(term, 1.0) for term, v in values.items()})
 
-    def seconds(self, specs: Sequence[JobSpec]) -> float:
+    def seconds(self, specs: Sequence[JobSpec | SampledJob]) -> float:
         if not specs:
             return 0.0
         return float(self.features(specs) @ self.coefficients())

@@ -32,7 +32,7 @@ from disagfusion.config import Settings, comma_list
 from disagfusion.machine import describe
 from disagfusion.models import load_stage_model, weight_bytes
 from disagfusion.models.base import StageModel, Tensors
-from disagfusion.cost import COEFFICIENTS, PREDICTOR_TERMS, CostProfile, StageCost, fit_stage_cost
+from disagfusion.cost import COEFFICIENTS, PREDICTOR_TERMS, CostProfile, StageCost, fit_stage_cost, sampled
 from disagfusion.protocol import STAGES, JobSpec, TimingSample
 
 PROMPT_TEXT = "a watercolour painting of a lighthouse on a cliff at dusk, seagulls over the waves, warm light; "
@@ -220,7 +220,8 @@ def measure(
             key = _key(stage, batch)
             if key not in outputs:
                 seconds, outputs[key] = time_stage(models[stage], batch, inputs, runs, synchronize)
-                sample = TimingSample(stage=stage, model=model, worker=worker, batch=len(batch), seconds=seconds, jobs=batch)
+                sample = TimingSample(stage=stage, model=model, worker=worker, batch=len(batch), seconds=seconds,
+                                      jobs=[sampled(job) for job in batch])
                 samples.append(sample)
                 if on_sample is not None:
                     on_sample(sample)

@@ -162,9 +162,9 @@ def parse_consumer_name(name: str) -> tuple[Stage, str] | None:
     return (Stage(stage), model) if stage in STAGES and model else None
 
 
-def unserved_consumer_name(model: str) -> str:
-    """The short-lived consumer an encoder uses to answer jobs for a model nobody serves."""
-    return f"unserved-{model}"
+def unserved_consumer_name(stage: str, model: str) -> str:
+    """The short-lived consumer an encoder uses to answer tasks for a model nobody serves."""
+    return f"unserved-{stage}-{model}"
 
 
 def handback_key(job_id: str, stage: str) -> str:
@@ -202,6 +202,19 @@ def output_object_name(job_id: str, extension: str) -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def job_id_of_msg_id(msg_id: str | None) -> str | None:
+    """The job id a ``Nats-Msg-Id`` names (``<job_id>:<stage>[:replay<n>]``), so a task whose body
+    cannot be read is still answered; None if the header is missing or names no valid job id."""
+    job_id = (msg_id or "").partition(":")[0]
+    return job_id if is_token(job_id) else None
+
+
+def parse_work_subject(subject: str) -> tuple[str, str] | None:
+    """(stage, model) of a ``df.work.<stage>.<model>`` subject; None for any other subject."""
+    parts = subject.split(".")
+    return (parts[2], parts[3]) if len(parts) == 4 and parts[:2] == ["df", "work"] else None
 
 
 # --------------------------------------------------------------------- messages
@@ -527,6 +540,20 @@ class BlobChunk(Message):
     error: str | None = None
 
 
+class SampledJob(Strict):
+    """What the cost model reads of one job (``disagfusion.cost.JobWork``), and its id: a timing
+    sample carries this instead of the job's spec, so anyone allowed to read ``df.metrics``
+    learns the shape of the work and never a prompt."""
+
+    job_id: str
+    model: str
+    guided: bool
+    steps: int
+    tokens: int
+    """Prompt tokens, plus the negative prompt's when guided."""
+    megapixel_frames: float
+
+
 class TimingSample(Message):
     """One measured stage execution on ``df.metrics.<stage>``, food for the scheduler's predictor."""
 
@@ -535,7 +562,7 @@ class TimingSample(Message):
     worker: str
     batch: int
     seconds: float
-    jobs: list[JobSpec]
+    jobs: list[SampledJob]
     t: float = Field(default_factory=time.time)
 
 
@@ -627,21 +654,70 @@ def pack(message: Message) -> bytes:
     return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
 
 
+_WIRE_REQUIRED: dict[str, tuple[str, ...]] = {"StageTask": ("v", "job.v", "job.job_id")}
+"""Fields a message must carry on the wire although the Python model has a default: the schema
+version always (a message without one cannot be told from one of a future version), and a
+submitted job's id (a job whose id a stage made up could never be found by its client)."""
+
+
 def unpack(model: type[M], data: bytes) -> M:
+    """Decode one message strictly: a msgpack map whose values have exactly the field's type (no
+    string-to-number or float-to-int conversion), every required field present. A failure is a
+    ``DecodeError`` in the protocol's words, with the job id when it can be read."""
     try:
         raw: Any = msgpack.unpackb(data, raw=False)
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"message is not valid msgpack: a str is not valid UTF-8 ({exc.reason})") from exc
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise DecodeError(f"message is not valid msgpack: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DecodeError(f"invalid {model.__name__}: the message must be a msgpack map, not {_wire_type(raw)}")
+    for path in _WIRE_REQUIRED.get(model.__name__, ("v",)):
+        if not _has(raw, path):
+            raise DecodeError(f"invalid {model.__name__}: {path}: is required", job_id=_find_job_id(raw), field=path)
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None
         raise DecodeError(
-            f"invalid {model.__name__}: {field or 'message'}: {first['msg']}",
+            f"invalid {model.__name__}: {field or 'message'}: {_in_protocol_terms(first)}",
             job_id=_find_job_id(raw),
             field=field,
         ) from exc
+
+
+def _has(raw: dict, path: str) -> bool:
+    """Whether the dotted ``path`` is present (a part that is not a map is checked later, by type)."""
+    head, _, rest = path.partition(".")
+    if head not in raw:
+        return False
+    return not rest or not isinstance(raw[head], dict) or _has(raw[head], rest)
+
+
+_WIRE_TYPES = {dict: "a map", list: "an array", str: "a str", bytes: "bin", bool: "a bool", int: "an int",
+               float: "a float", type(None): "nil"}
+
+_PROTOCOL_WORDS = {
+    "int_type": "must be an int", "int_from_float": "must be an int", "float_type": "must be a float or int",
+    "string_type": "must be a str", "bytes_type": "must be bin", "bool_type": "must be a bool",
+    "dict_type": "must be a map", "model_type": "must be a map", "model_attributes_type": "must be a map",
+    "list_type": "must be an array", "missing": "is required", "extra_forbidden": "is not a field of this message",
+}
+
+
+def _wire_type(value: object) -> str:
+    return _WIRE_TYPES.get(type(value), type(value).__name__)
+
+
+def _in_protocol_terms(error: Any) -> str:
+    """A validation error in msgpack's words (map, array, str, int), not Python's (dict, list)."""
+    words = _PROTOCOL_WORDS.get(error["type"])
+    if words is None:
+        return str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+    if error["type"] in ("missing", "extra_forbidden"):
+        return words
+    return f"{words}, not {_wire_type(error.get('input'))}"
 
 
 def _find_job_id(raw: Any) -> str | None:

@@ -143,7 +143,7 @@ def profile(
             def on_sample(sample: TimingSample) -> None:
                 job = sample.jobs[0]
                 bars.update(bar, advance=1, description=(
-                    f"{sample.stage} {job.width}x{job.height} {job.steps} steps guidance {job.guidance:g} "
+                    f"{sample.stage} {job.megapixel_frames:.3g} MP {job.steps} steps{' guided' if job.guided else ''} "
                     f"batch {sample.batch}: {sample.seconds * 1e3:.1f} ms"))
 
             measurement = measure(model, settings, grid, runs, on_sample, models)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from disagfusion.errors import DisagFusionError
-from disagfusion.protocol import JobSpec
+from disagfusion.protocol import JobSpec, TensorRef
 
 Tensors = dict[str, torch.Tensor]
 P = TypeVar("P")
@@ -46,6 +46,10 @@ class StageModel(ABC):
     @abstractmethod
     def check(self, spec: JobSpec) -> None:
         """Raise SpecError if this model cannot run ``spec``. Cheap: called before any work."""
+
+    def check_inputs(self, spec: JobSpec, refs: Mapping[str, TensorRef]) -> None:
+        """Raise SpecError if the tensors a task names for this stage are not what it takes.
+        Cheap: called on the refs, before any byte is fetched. Nothing is checked by default."""
 
     @abstractmethod
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:

@@ -18,7 +18,7 @@ import inspect
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +29,8 @@ from disagfusion import limits
 from disagfusion.config import Settings
 from disagfusion.models import resume
 from disagfusion.models.base import SpecError, StageModel, StepCallback, Tensors, check_size_multiple
-from disagfusion.protocol import STAGES, JobSpec
+from disagfusion.models.handoff import check_handoff
+from disagfusion.protocol import STAGES, JobSpec, TensorRef
 from disagfusion.transport.ref import DTYPES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -278,6 +279,10 @@ class DiffusersStage(StageModel):
         for field in ("prompt", "negative_prompt") if spec.guided else ("prompt",):
             count = len(tokenizer(getattr(spec, field), add_special_tokens=True, verbose=False).input_ids)
             limits.check_tokens(field, count, self.max_prompt_tokens)
+
+    def check_inputs(self, spec: JobSpec, refs: Mapping[str, TensorRef]) -> None:
+        before = STAGES.index(self.stage) - 1
+        check_handoff(self.stage, self.family.handoff[STAGES[before]] if before >= 0 else (), spec, refs)
 
     @torch.no_grad()
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None) -> list[Tensors]:

@@ -21,7 +21,7 @@ from nats.js.object_store import ObjectStore
 
 from disagfusion import bus, limits, media, metrics
 from disagfusion.config import Settings
-from disagfusion.cost import cost_key
+from disagfusion.cost import cost_key, sampled
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_path, write_health, write_unhealthy
 from disagfusion.job_state import JobsCancelled, JobStates, find_result, publish_cancelled
@@ -38,6 +38,7 @@ from disagfusion.protocol import (
     StageTask,
     TimingSample,
     consumer_name,
+    job_id_of_msg_id,
     events_subject,
     metrics_subject,
     output_object_name,
@@ -53,6 +54,7 @@ from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy
 from disagfusion.worker.checkpoints import Preempted
 from disagfusion.worker.dead_letters import DeadLetters
+from disagfusion.worker.envelope import check_envelope, msg_id_of
 from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
@@ -373,6 +375,7 @@ class StageWorker:
         try:
             task = unpack(StageTask, msg.data)
             spec = task.job
+            check_envelope(msg.subject, msg_id_of(msg), task)
             metrics.task_taken(self.stage, msg.metadata.num_delivered)
             if self._job_states.cancelled(spec.job_id):
                 await self._drop_cancelled(msg, task)
@@ -392,6 +395,7 @@ class StageWorker:
             if model is None:
                 raise SpecError("model", f"model {spec.model!r} is not served by this worker ({self.model_names})")
             model.check(spec)
+            model.check_inputs(spec, task.tensors)
             inputs = await asyncio.to_thread(self.transports.get_all, task.tensors)
         except Exception as exc:
             await self._failed(msg, task, exc, f"input of stage {self.stage} unusable")
@@ -416,9 +420,11 @@ class StageWorker:
             return
         dead = outcome is not failures.Outcome.REJECT
         if isinstance(exc, DecodeError):
-            # Report spec problems by JobSpec field name ("steps", not "job.steps").
-            field = exc.field.removeprefix("job.") if exc.field and exc.field.startswith("job.") else None
-            await self._fail(msg, exc.job_id, str(exc), field, dead_letter=dead)
+            # Report spec problems by JobSpec field name ("steps", not "job.steps"), others by their path.
+            field = exc.field.removeprefix("job.") if exc.field else None
+            # A body too broken to name its job is answered through its required header's job id.
+            job_id = exc.job_id or job_id_of_msg_id(msg_id_of(msg))
+            await self._fail(msg, job_id, str(exc), field, dead_letter=dead)
             return
         user_error = isinstance(exc, (SpecError, limits.LimitError))
         field = exc.field if user_error else None
@@ -725,7 +731,7 @@ class StageWorker:
     async def _publish_timing(self, stage: Stage, specs: list[JobSpec], seconds: float) -> None:
         metrics.batch_computed(stage, specs[0].model, len(specs), seconds)
         sample = TimingSample(
-            stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=specs
+            stage=stage, model=specs[0].model, worker=self.name, batch=len(specs), seconds=seconds, jobs=[sampled(s) for s in specs]
         )
         try:
             await self._bus.nc.publish(metrics_subject(stage), pack(sample))

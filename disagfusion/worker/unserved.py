@@ -19,11 +19,14 @@ from disagfusion.protocol import (
     DecodeError,
     Stage,
     StageTask,
+    job_id_of_msg_id,
     parse_consumer_name,
+    parse_work_subject,
     unpack,
     unserved_consumer_name,
     work_subject,
 )
+from disagfusion.worker.envelope import msg_id_of
 from disagfusion.worker.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -46,21 +49,24 @@ class EntryWorker(StageWorker):
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _sweep(self) -> None:
-        info = await self.js.stream_info(WORK_STREAM, subjects_filter=work_subject(Stage.ENCODE, "*"))
+        info = await self.js.stream_info(WORK_STREAM, subjects_filter="df.work.>")
         waiting = info.state.subjects or {}
         if not waiting:
             return
-        consumers = [parse_consumer_name(c.name) for c in await self.js.consumers_info(WORK_STREAM)]
-        known = sorted(model for stage, model in filter(None, consumers) if stage == Stage.ENCODE)
+        consumers = set(filter(None, (parse_consumer_name(c.name) for c in await self.js.consumers_info(WORK_STREAM))))
+        known = sorted(model for stage, model in consumers if stage == Stage.ENCODE)
         for subject in waiting:
-            model = subject.rsplit(".", 1)[1]
-            if model not in known:
-                await self._reject_all(subject, model, known)
+            stage, model = parse_work_subject(subject) or ("", "")
+            if model in known or (stage, model) in consumers:
+                continue
+            # A later stage's task for a model no encoder serves came from outside the pipeline
+            # (a dit scaled to zero for a served model is only waiting for its instances).
+            await self._reject_all(subject, stage, model, known)
 
-    async def _reject_all(self, subject: str, model: str, known: list[str]) -> None:
+    async def _reject_all(self, subject: str, stage: str, model: str, known: list[str]) -> None:
         # A WorkQueue stream allows one consumer per subject; this one is removed right after,
         # so an encoder that starts serving the model later can create its own.
-        durable = unserved_consumer_name(model)
+        durable = unserved_consumer_name(stage, model)
         sub = await self.js.pull_subscribe(
             subject, durable=durable, stream=WORK_STREAM, config=ConsumerConfig(inactive_threshold=30.0)
         )
@@ -74,9 +80,11 @@ class EntryWorker(StageWorker):
                     try:
                         job_id = unpack(StageTask, msg.data).job.job_id
                     except DecodeError as exc:
-                        job_id = exc.job_id
+                        job_id = exc.job_id or job_id_of_msg_id(msg_id_of(msg))
                     if job_id is not None:
-                        error = f"unknown model {model!r}: no worker serves it (served models: {', '.join(known) or 'none'})"
+                        error = (f"unknown model {model!r}: no worker serves it (served models: {', '.join(known) or 'none'})"
+                                 if stage == Stage.ENCODE else f"model {model!r} is not served: no worker takes its "
+                                 f"{stage} tasks, and jobs enter at {work_subject(Stage.ENCODE, model)}")
                         await self.reject(job_id, error, field="model")
                     await msg.term()
         finally:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from disagfusion.config import Settings
 from disagfusion.models import load_stage_model
 from disagfusion.models.base import StageModel, StepCallback, Tensors
-from disagfusion.protocol import STAGES, JobSpec, Stage
+from disagfusion.protocol import STAGES, JobSpec, Stage, TensorRef
 
 StageDone = Callable[[Stage, float], None]
 """Called after each stage with the seconds the batch spent in it."""
@@ -31,6 +31,9 @@ class PipelineModel(StageModel):
     def check(self, spec: JobSpec) -> None:
         for model in self.stages.values():
             model.check(spec)
+
+    def check_inputs(self, spec: JobSpec, refs: Mapping[str, TensorRef]) -> None:
+        self.stages[Stage.ENCODE].check_inputs(spec, refs)
 
     def run(self, specs: list[JobSpec], inputs: list[Tensors], on_step: StepCallback | None = None,
             on_stage: StageDone | None = None) -> list[Tensors]:

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from disagfusion.cost import COEFFICIENTS, PREDICTOR_TERMS, CostProfile, JobWork, StageCost
-from disagfusion.protocol import STAGES, JobSpec, TimingSample
+from disagfusion.protocol import STAGES, JobSpec, SampledJob, TimingSample
 
 
 class _Fit:
@@ -47,7 +47,7 @@ class _Fit:
         self.rel_error: float | None = None
         self.samples = 0
 
-    def inputs(self, jobs: Sequence[JobSpec]) -> tuple[np.ndarray, float]:
+    def inputs(self, jobs: Sequence[JobSpec | SampledJob]) -> tuple[np.ndarray, float]:
         """The batch's features for the refined terms, and the seconds of the terms held."""
         return self.cost.features(jobs, self.terms), self.held.seconds(jobs) if self.held is not None else 0.0
 

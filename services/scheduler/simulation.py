@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from disagfusion.config import WorkerSettings
-from disagfusion.cost import JobWork, cost_key
+from disagfusion.cost import JobWork, cost_key, sampled
 from disagfusion.protocol import STAGES, JobSpec, Stage, TimingSample
 from disagfusion.worker import policy
 from disagfusion.worker.policy import BatchKey, WorkerLimits
@@ -345,7 +345,7 @@ class Simulation:
             worker=f"sim-{instance.id}",
             batch=len(batch),
             seconds=instance.batch_seconds,
-            jobs=[r.spec for r in batch],
+            jobs=[sampled(r.spec) for r in batch],
             t=self.now,
         )
         speed = instance.device.speed_for(instance.stage)

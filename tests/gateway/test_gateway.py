@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from disagfusion import bus
 from disagfusion.client import Client
 from disagfusion.launcher import Launcher, binary, free_port, stop_process, wait_port
-from disagfusion.protocol import JobSpec, StageTask, WORK_STREAM, pack, work_subject
+from disagfusion.protocol import JobSpec, StageTask, WORK_STREAM, consumer_name, pack, work_subject
 from disagfusion_cli import app
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -217,9 +218,11 @@ async def test_api_keys_and_the_backlog_limit(gateway_stack: Launcher, start_gat
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="key-two", max_retries=0)
     assert "tiny" in [model.id for model in sdk.models.list()]
 
-    # Three tasks no worker takes (a model nobody decodes) fill the queue to its limit.
+    # Three tasks no worker takes fill the queue to its limit: a decoder consumer for a model
+    # that never pulls (without a consumer, the encoder would answer them as unserved).
     parked = "gateway-backlog-test"
     async with Client(gateway_stack.client_settings()) as client:
+        await bus.ensure_consumer(client.bus.js, "decode", parked, ack_wait_s=30)
         for i in range(3):
             task = StageTask(job=JobSpec(prompt="parked", model=parked), stage="decode")
             await client.bus.js.publish(work_subject("decode", parked), pack(task))
@@ -229,6 +232,7 @@ async def test_api_keys_and_the_backlog_limit(gateway_stack: Launcher, start_gat
             assert raised.value.code == "queue_full"
         finally:
             await client.bus.js.purge_stream(WORK_STREAM, subject=work_subject("decode", parked))
+            await client.bus.js.delete_consumer(WORK_STREAM, consumer_name("decode", parked))
     answer = sdk.images.generate(model="tiny", prompt="x", size="64x64", extra_body={"num_inference_steps": 2})
     assert len(answer.data) == 1
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from disagfusion.cost import CostProfile
+from disagfusion.cost import CostProfile, sampled
 from disagfusion.protocol import TimingSample
 from services.scheduler.feedback import Feedback, StageView
 from services.scheduler.predictor import Predictor
@@ -42,7 +42,7 @@ def test_a_sample_moves_work_downstream(profiles: list[CostProfile]) -> None:
     jobs = [video(n) for n in range(3)]
     for job in jobs:
         feedback.on_enqueue("encode", job)
-    feedback.on_sample(TimingSample(stage="encode", model=jobs[0].model, worker="w", batch=1, seconds=2.0, jobs=jobs[:1]))
+    feedback.on_sample(TimingSample(stage="encode", model=jobs[0].model, worker="w", batch=1, seconds=2.0, jobs=[sampled(jobs[0])]))
     feedback.on_enqueue("denoise", jobs[0])
     obs = feedback.snapshot(0.0, {})
     _, denoise, _ = predictor.job_costs(jobs[0])
@@ -106,7 +106,7 @@ def test_work_a_stage_holds_is_not_waiting_for_more_of_it(profiles: list[CostPro
     for n in range(8):
         feedback.on_enqueue("encode", video(n))
     for n in range(4):  # four left the encoder and sit at the DiT: one held, three waiting
-        feedback.on_sample(TimingSample(stage="encode", model=video(n).model, worker="w", batch=1, seconds=1.0, jobs=[video(n)]))
+        feedback.on_sample(TimingSample(stage="encode", model=video(n).model, worker="w", batch=1, seconds=1.0, jobs=[sampled(video(n))]))
         feedback.on_enqueue("denoise", video(n))
     feedback.on_consumer_info("encode", Info(num_pending=2, num_ack_pending=2, num_waiting=0))
     feedback.on_consumer_info("denoise", Info(num_pending=3, num_ack_pending=1, num_waiting=0))

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from disagfusion.cost import PREDICTOR_TERMS, CostProfile, StageCost, load_profiles
+from disagfusion.cost import PREDICTOR_TERMS, CostProfile, StageCost, load_profiles, sampled
 from disagfusion.protocol import TimingSample
 from services.scheduler.predictor import Predictor
 
@@ -71,7 +71,7 @@ def test_refinement_from_samples_reduces_the_error(profiles: list[CostProfile], 
     for n in range(60):
         batch = [job(n)]
         seconds = truth.predict("denoise", batch) * rng.lognormvariate(0.0, 0.03)
-        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=seconds, jobs=batch))
+        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=seconds, jobs=[sampled(j) for j in batch]))
     after = error()
     assert before > 0.3
     assert after < 0.08 < before
@@ -84,7 +84,7 @@ def test_samples_from_a_slower_device_are_normalised(profiles: list[CostProfile]
     batch = [small_image(0)]
     reference = predictor.predict("denoise", batch)
     for _ in range(30):
-        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=reference / 0.5, jobs=batch), speed=0.5)
+        predictor.observe(TimingSample(stage="denoise", model="image", worker="w", batch=1, seconds=reference / 0.5, jobs=[sampled(j) for j in batch]), speed=0.5)
     assert predictor.predict("denoise", batch) == pytest.approx(reference, rel=0.02)
 
 
