@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from disagfusion.credentials import redact
 from services.gateway import images, jobs, videos
 from services.gateway.backend import Backend
 from services.gateway.config import GatewaySettings
@@ -78,7 +79,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def healthz() -> JSONResponse:
         """200 while the gateway can reach NATS, 503 while it cannot."""
         if backend.connected:
-            return JSONResponse({"status": "ok", "nats": settings.nats_url})
-        return error_response(503, f"NATS at {settings.nats_url} is not reachable", code="service_unavailable")
+            return JSONResponse({"status": "ok", "nats": redact(settings.nats_url)})
+        return error_response(503, f"NATS at {redact(settings.nats_url)} is not reachable", code="service_unavailable")
 
     return app
