@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 import nats.errors
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from disagfusion import bus
-from disagfusion.auth import ROLES, nats_config
+from disagfusion.auth import nats_config, redis_entrypoint
 from disagfusion.client import Client
 from disagfusion.config import BusSettings, Settings
 from disagfusion.credentials import redact
@@ -34,6 +35,7 @@ from disagfusion.protocol import (
 )
 from disagfusion.scheduler_state import update_pins
 
+ROOT = Path(__file__).resolve().parent.parent
 REFUSED_WITHIN_S = 0.5
 """A refused JetStream request gets no answer: the server drops it and says why on the connection."""
 
@@ -210,10 +212,12 @@ def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch:
         Settings(nats_url="nats://stage:" + "x" * 24 + "@a:4222", transport="redis")  # Redis left without one
 
 
-def test_the_shipped_nats_config_is_the_generated_one() -> None:
-    """deploy/nats/auth.conf (compose and Kubernetes) must list the roles of disagfusion.auth."""
-    from pathlib import Path
+SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
+           ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
 
-    shipped = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "auth.conf"
-    assert shipped.read_text() == nats_config(), "regenerate: python -m disagfusion.auth nats > deploy/nats/auth.conf"
-    assert set(ROLES) == {"client", "gateway", "stage", "scheduler", "admin"}
+
+@pytest.mark.parametrize(("path", "generate"), SHIPPED, ids=[p for p, _ in SHIPPED])
+def test_the_shipped_server_configs_are_the_generated_ones(path: str, generate) -> None:
+    """compose and Kubernetes run the users of disagfusion.auth: regenerate these files with
+    ``python -m disagfusion.auth nats`` (or ``redis``) when the roles change."""
+    assert (ROOT / path).read_text() == generate(), f"regenerate {path}: python -m disagfusion.auth nats|redis"

@@ -101,7 +101,9 @@ VARIABLES = {
     "DF_GPU_USE_WHEELHOUSE": "auto", "DF_ENCODER_GPUS": "0", "DF_DIT_GPUS": "1,2", "DF_DECODER_GPUS": "3",
     "DF_VARIANT": "fp16", "DF_VAE_TILING": "true", "DF_VAE_TILE_SIZE": "256", "DF_TRANSPORT": "redis",
     "DF_GATEWAY_PORT": "18000", "DF_GATEWAY_PUBLISH": "127.0.0.1:18001", "DF_API_KEYS": "k1,k2",
-    "DF_GATEWAY_MAX_BACKLOG": "50",
+    "DF_GATEWAY_MAX_BACKLOG": "50", "DF_ENV": "production",
+    **{f"DF_NATS_{role}_PASSWORD": f"nats-{role.lower()}-secret-0123456789" for role in ("CLIENT", "GATEWAY", "STAGE", "SCHEDULER", "ADMIN")},
+    **{f"DF_REDIS_{role}_PASSWORD": f"redis-{role.lower()}-secret-0123456789" for role in ("STAGE", "ADMIN")},
 }
 SCHEDULER_ONLY = {"COMPOSE_PROJECT_NAME", "DF_DOCKER_GID", "DF_DOCKER_SOCKET"}
 
