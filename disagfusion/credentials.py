@@ -14,17 +14,18 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from disagfusion.auth import ROLES
 from disagfusion.errors import DisagFusionError
 
 CREDENTIALS_FILE = "credentials.json"
 PRODUCTION = "production"
 """``DF_ENV=production``: refuse to start without credentials of one's own."""
-DEVELOPMENT_PASSWORDS = {f"df-dev-{role}" for role in ROLES}
-"""The passwords compose.yaml falls back to when none are given: known to everyone, so refused in production."""
+DEVELOPMENT_PREFIX = "df-dev-"
+"""compose.yaml's fallback passwords (``df-dev-<role>``) when none are given: known to everyone,
+so refused in production."""
 MIN_PRODUCTION_PASSWORD = 16
 _PASSWORD = re.compile(r"[A-Za-z0-9._~-]+")
 """Characters that travel in a URL unescaped (nats-py does not unescape what a URL carries)."""
@@ -42,15 +43,16 @@ def generate_password() -> str:
     return secrets.token_urlsafe(24)
 
 
-def stack_credentials(data_dir: Path) -> dict[str, str]:
+def stack_credentials(data_dir: Path, roles: Iterable[str]) -> dict[str, str]:
     """Role -> password of the embedded stack in ``data_dir``, generated on first use and kept
     in ``credentials.json`` (mode 0600; delete it and restart the stack to rotate them all)."""
     path = data_dir / CREDENTIALS_FILE
+    roles = list(roles)
     if path.exists():
         saved = json.loads(path.read_text())
-        if set(saved) >= set(ROLES):
+        if set(saved) >= set(roles):
             return saved
-    passwords = {role: generate_password() for role in ROLES}
+    passwords = {role: generate_password() for role in roles}
     write_private(path, json.dumps(passwords, indent=2))
     return passwords
 
@@ -96,7 +98,7 @@ def with_credentials(urls: str, user: str, password: str, what: str) -> str:
 def check_production_password(password: str | None, what: str) -> None:
     if not password:
         raise CredentialsError(f"DF_ENV=production: {what} has no password (docs/security.md says how to set one)")
-    if password in DEVELOPMENT_PASSWORDS or len(password) < MIN_PRODUCTION_PASSWORD:
+    if password.startswith(DEVELOPMENT_PREFIX) or len(password) < MIN_PRODUCTION_PASSWORD:
         raise CredentialsError(f"DF_ENV=production: {what} uses a default or short password "
                                f"(at least {MIN_PRODUCTION_PASSWORD} characters; docs/security.md)")
 

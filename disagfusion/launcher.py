@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from disagfusion.auth import nats_config, redis_acl, service_role
+from disagfusion.auth import ROLES, nats_config, redis_acl, service_role
 from disagfusion.config import Settings, comma_list
 from disagfusion.credentials import stack_credentials, write_private
 from disagfusion.errors import DisagFusionError
@@ -246,7 +246,7 @@ class Launcher:
         state = self.state()
         if state is None:
             raise LauncherError(f"no stack is running from {self.data_dir} (disagfusion up starts one)")
-        passwords = stack_credentials(self.data_dir)
+        passwords = stack_credentials(self.data_dir, ROLES)
         return Settings(nats_url=state.nats_url, redis_url=state.redis_url, nats_user="admin",
                         nats_password=passwords["admin"], redis_user="admin", redis_password=passwords["admin"])
 
@@ -264,7 +264,7 @@ class Launcher:
             raise LauncherError(f"a stack is already running from {self.data_dir} (disagfusion down stops it)")
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # credentials, logs and the servers' data: this user's only
-        auth = write_server_auth(self.data_dir, stack_credentials(self.data_dir))
+        auth = write_server_auth(self.data_dir, stack_credentials(self.data_dir, ROLES))
         nats_port, redis_port = free_port(), free_port()
         nats = self._spawn(
             "nats",
@@ -372,7 +372,7 @@ class Launcher:
         env = {**os.environ, **self.services[service].environment}
         env["DF_NATS_URL"] = state.nats_url
         env["DF_REDIS_URL"] = state.redis_url
-        role, passwords = service_role(service), stack_credentials(self.data_dir)
+        role, passwords = service_role(service), stack_credentials(self.data_dir, ROLES)
         env.update(DF_NATS_USER=role, DF_NATS_PASSWORD=passwords[role])
         if role == "stage":  # the only role with a Redis user
             env.update(DF_REDIS_USER=role, DF_REDIS_PASSWORD=passwords[role])

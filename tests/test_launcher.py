@@ -57,10 +57,11 @@ def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
     there after the restart (tensor blobs survive a Redis restart)."""
     import redis
 
+    from disagfusion.auth import ROLES
     from disagfusion.credentials import stack_credentials
     from disagfusion.launcher import free_port, redis_command, wait_port, write_server_auth
 
-    port, passwords = free_port(), stack_credentials(tmp_path)
+    port, passwords = free_port(), stack_credentials(tmp_path, ROLES)
     command = redis_command(port, tmp_path, write_server_auth(tmp_path, passwords).redis)
     url = f"redis://stage:{passwords['stage']}@127.0.0.1:{port}/0"
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
