@@ -190,10 +190,16 @@ async def test_each_role_can_do_its_work(streams, nats_server: str, role_url) ->
     await gateway.close()
     stage = await bus.connect(Settings(nats_url=nats_server), "test-auth-stage")
     job = uuid.uuid4().hex
-    task = StageTask(job=JobSpec(job_id=job, prompt="p", model="tiny", steps=2, width=64, height=64), stage=Stage.ENCODE)
-    await bus.publish(stage.js, work_subject(Stage.DENOISE, "tiny"), pack(task.model_copy(update={"stage": Stage.DENOISE})),
-                      task_msg_id(job, Stage.DENOISE))
+    task = StageTask(job=JobSpec(job_id=job, prompt="p", model="tiny", steps=2, width=64, height=64), stage=Stage.DENOISE)
+    await bus.publish(stage.js, work_subject(Stage.DENOISE, "tiny"), pack(task), task_msg_id(job, Stage.DENOISE))
+    # a large output in DF_OUTPUTS and its result, as a decoder leaves them
+    await (await bus.outputs_bucket(stage.js)).put(f"{job}.png", b"big image")
+    result = Result(job_id=job, status="ok", object_name=f"{job}.png", content_type="image/png")
+    await bus.publish(stage.js, results_subject(job), pack(result), result_msg_id(job))
     await stage.close()
+    async with Client(Settings(nats_url=role_url(nats_server, "client"))) as client:  # what a client reads
+        found = await client.lookup(job)
+        assert found is not None and await client.output(found) == b"big image"
 
 
 def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
