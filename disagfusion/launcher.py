@@ -374,6 +374,8 @@ class Launcher:
         env["DF_REDIS_URL"] = state.redis_url
         role, passwords = service_role(service), stack_credentials(self.data_dir, ROLES)
         env.update(DF_NATS_USER=role, DF_NATS_PASSWORD=passwords[role])
+        for secret_file in ("DF_NATS_PASSWORD_FILE", "DF_REDIS_PASSWORD_FILE"):
+            env.pop(secret_file, None)  # the stack's own passwords, not a file the shell names
         if role == "stage":  # the only role with a Redis user
             env.update(DF_REDIS_USER=role, DF_REDIS_PASSWORD=passwords[role])
         env["DF_STACK_DIR"] = str(self.data_dir)  # so a service (the scheduler) can scale this stack
