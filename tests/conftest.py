@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from disagfusion.auth import Tls, nats_config
 from disagfusion.config import Settings
 from disagfusion.launcher import ServerAuth, binary, free_port, stop_process, wait_port, write_server_auth
 from disagfusion.models import model_directory, model_family
@@ -79,6 +80,22 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                "-sd", str(directory / "js")]
     with _server(command, port, "nats-server", directory / "nats.log"):
         yield as_role(f"nats://127.0.0.1:{port}", "stage")
+
+
+@pytest.fixture(scope="module")
+def nats_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A nats-server with the roles' users that speaks TLS only, with a self-signed certificate
+    for 127.0.0.1: (the stage role's ``tls://`` URL, the certificate to trust)."""
+    port, directory = free_port(), tmp_path_factory.mktemp("nats-tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    config = directory / "tls.conf"
+    config.write_text(nats_config(TEST_PASSWORDS, tls=Tls(cert_file=cert, key_file=key)))
+    command = [binary("nats-server"), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    with _server(command, port, "nats-server (TLS)", directory / "nats.log"):
+        yield as_role(f"tls://127.0.0.1:{port}", "stage"), cert
 
 
 @dataclass

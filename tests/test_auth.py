@@ -218,6 +218,18 @@ def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch:
         Settings(nats_url="nats://stage:" + "x" * 24 + "@a:4222", transport="redis")  # Redis left without one
 
 
+async def test_tls_with_the_roles(nats_tls_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/security.md's TLS: a ``tls://`` URL with the role's credentials works once the
+    server's certificate is trusted (SSL_CERT_FILE for a private CA), and not before."""
+    url, cert = nats_tls_server
+    with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    stack = await bus.connect(Settings(nats_url=url), "test-auth-tls")
+    assert (await stack.js.stream_info(WORK_STREAM)).config.name == WORK_STREAM
+    await stack.close()
+
+
 SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
            ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
 
