@@ -135,11 +135,11 @@ SERVE = Grant(
         f"$O.{OUTPUTS_BUCKET}.>",
     ),
     subscribe=("df.>",),
-) | MONITOR | FOLLOW | write_kv(HANDBACKS_BUCKET) | write_kv(ATTEMPTS_BUCKET) | write_kv(ENGRAM_ARENAS_BUCKET) \
+) | MONITOR | FOLLOW | read_stream(WORK_STREAM) | read_stream(DLQ_STREAM) | write_kv(HANDBACKS_BUCKET) | write_kv(ATTEMPTS_BUCKET) | write_kv(ENGRAM_ARENAS_BUCKET) \
     | write_kv(JOBS_BUCKET)
 """The stage services: the whole ``df.>`` namespace among themselves, creating the streams and
-buckets they use, consuming their queues. Never deleting or purging a stream, never the
-scheduler's bucket."""
+buckets they use, consuming their queues, reading the queues and dead letters message by
+message. Never deleting or purging a stream, never the scheduler's bucket."""
 
 SCHEDULE = MONITOR | write_kv(SCHEDULER_BUCKET) | Grant(
     publish=(f"{API}.STREAM.CREATE.{kv(SCHEDULER_BUCKET)}",),
