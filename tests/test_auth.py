@@ -200,6 +200,9 @@ async def test_each_role_can_do_its_work(streams, nats_server: str, role_url) ->
     async with Client(Settings(nats_url=role_url(nats_server, "client"))) as client:  # what a client reads
         found = await client.lookup(job)
         assert found is not None and await client.output(found) == b"big image"
+        for name in ("../../etc/passwd", f"{job}/x.png", "a.png\x00"):  # never a path
+            with pytest.raises(ValueError, match="malformed"):
+                await client.output(found.model_copy(update={"object_name": name}))
 
 
 def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
