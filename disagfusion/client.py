@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -37,6 +38,10 @@ from disagfusion.protocol import (
 
 
 log = logging.getLogger(__name__)
+
+OBJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\.[a-z0-9]{1,8}")
+"""A DF_OUTPUTS object name as stages make them (``<job_id>.<extension>``): nothing a caller that
+saves outputs under their names could turn into a path."""
 
 MAX_FILTERED_JOBS = 256
 """``run_many`` of up to this many jobs filters its consumer to their result subjects (the
@@ -195,5 +200,7 @@ class Client:
             raise ValueError(f"job {result.job_id} failed: {result.error}")
         if result.data is not None:
             return result.data
+        if not OBJECT_NAME.fullmatch(result.object_name or ""):
+            raise ValueError(f"job {result.job_id}: output object name {result.object_name!r} is malformed")
         bucket = await bus.outputs_bucket(self._js, self.settings)
         return (await bucket.get(result.object_name)).data

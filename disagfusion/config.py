@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from disagfusion.credentials import read_secret, with_credentials
 
 
 def comma_list(value: object) -> object:
@@ -34,7 +36,13 @@ class BusSettings(BaseSettings):
     model_config = _ENV
 
     nats_url: str = "nats://127.0.0.1:4222"
-    """One server, or the comma-separated nodes of a cluster (a client fails over between them)."""
+    """One server, or the comma-separated nodes of a cluster (a client fails over between them);
+    ``tls://`` for a server with TLS. May carry credentials (``nats://user:password@host:4222``)."""
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_password_file: Path | None = None
+    """The NATS user of this process's role (docs/security.md), folded into ``nats_url``; the
+    password file (a mounted secret) wins over ``nats_password``."""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     """Copies JetStream keeps of every stream and bucket this creates: 3 on a three-node cluster,
     so a node can die without losing a task or a result (docs/deploy.md). Existing streams keep
@@ -66,6 +74,12 @@ class BusSettings(BaseSettings):
     no limit. When full, a decoder's output waits and is retried (``retry_delay_s``) until
     older outputs expire: no job's output is dropped."""
 
+    @model_validator(mode="after")
+    def _nats_credentials(self) -> BusSettings:
+        password = read_secret(self.nats_password, self.nats_password_file, "the NATS password")
+        self.nats_url = with_credentials(self.nats_url, self.nats_user, password, "NATS")
+        return self
+
 
 class TransportSettings(BaseSettings):
     """How stage outputs reach the next stage."""
@@ -73,6 +87,10 @@ class TransportSettings(BaseSettings):
     model_config = _ENV
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_user: str = ""
+    redis_password: str = ""
+    redis_password_file: Path | None = None
+    """The Redis ACL user of the stage role, folded into ``redis_url`` like the NATS user."""
     transport: Literal["shm", "redis", "cuda_ipc"] = "shm"
     """How stage outputs reach the next stage: shm on one host, redis across hosts, cuda_ipc
     between processes on one GPU (CPU tensors then go through shm)."""
@@ -87,6 +105,15 @@ class TransportSettings(BaseSettings):
     handoff_jitter_ms: float = Field(default=0.0, ge=0)
     """Injected delay per handoff, uniform in delay ± jitter: emulates a slow network in tests
     and benchmarks. Keep both 0 in production."""
+
+    @model_validator(mode="after")
+    def _redis_credentials(self) -> TransportSettings:
+        # Only stages use Redis, and only with the redis transport: a gateway or a client need
+        # no Redis user, so production asks for one only where it is used.
+        password = read_secret(self.redis_password, self.redis_password_file, "the Redis password")
+        if self.transport == "redis" or password:
+            self.redis_url = with_credentials(self.redis_url, self.redis_user, password, "Redis")
+        return self
 
 
 class ModelSettings(BaseSettings):

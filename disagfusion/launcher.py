@@ -32,7 +32,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from disagfusion.auth import ROLES, nats_config, redis_acl, service_role
 from disagfusion.config import Settings, comma_list
+from disagfusion.credentials import stack_credentials, write_private
 from disagfusion.errors import DisagFusionError
 from disagfusion.health import health_age
 from disagfusion.protocol import STAGE_SERVICES
@@ -252,7 +254,9 @@ class Launcher:
         state = self.state()
         if state is None:
             raise LauncherError(f"no stack is running from {self.data_dir} (disagfusion up starts one)")
-        return Settings(nats_url=state.nats_url, redis_url=state.redis_url)
+        passwords = stack_credentials(self.data_dir, ROLES)
+        return Settings(nats_url=state.nats_url, redis_url=state.redis_url, nats_user="admin",
+                        nats_password=passwords["admin"], redis_user="admin", redis_password=passwords["admin"])
 
     def running(self) -> dict[str, int]:
         state = self.state()
@@ -267,12 +271,15 @@ class Launcher:
         if state is not None and alive(state.nats.pid):
             raise LauncherError(f"a stack is already running from {self.data_dir} (disagfusion down stops it)")
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # credentials, logs and the servers' data: this user's only
+        auth = write_server_auth(self.data_dir, stack_credentials(self.data_dir, ROLES))
         nats_port, redis_port = free_port(), free_port()
         nats = self._spawn(
             "nats",
-            [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(self.data_dir / "nats")],
+            [binary("nats-server"), "-c", str(auth.nats), "-js", "-a", "127.0.0.1", "-p", str(nats_port),
+             "-sd", str(self.data_dir / "nats")],
         )
-        redis = self._spawn("redis", redis_command(redis_port, self.data_dir))
+        redis = self._spawn("redis", redis_command(redis_port, self.data_dir, auth.redis))
         wait_port(nats_port, nats[1], "nats-server")
         wait_port(redis_port, redis[1], "redis-server")
         state = StackState(
@@ -373,6 +380,12 @@ class Launcher:
         env = {**os.environ, **self.services[service].environment}
         env["DF_NATS_URL"] = state.nats_url
         env["DF_REDIS_URL"] = state.redis_url
+        role, passwords = service_role(service), stack_credentials(self.data_dir, ROLES)
+        env.update(DF_NATS_USER=role, DF_NATS_PASSWORD=passwords[role])
+        for secret_file in ("DF_NATS_PASSWORD_FILE", "DF_REDIS_PASSWORD_FILE"):
+            env.pop(secret_file, None)  # the stack's own passwords, not a file the shell names
+        if role == "stage":  # the only role with a Redis user
+            env.update(DF_REDIS_USER=role, DF_REDIS_PASSWORD=passwords[role])
         env["DF_STACK_DIR"] = str(self.data_dir)  # so a service (the scheduler) can scale this stack
         env["DF_SHM_DIR"] = os.environ.get("DF_SHM_DIR", str(self._own_shm_dir()))
         if self.models_dir is not None:
@@ -431,13 +444,30 @@ class Launcher:
         return Proc(pid=popen.pid, log=log, command=command), popen
 
 
-def redis_command(port: int, directory: Path) -> list[str]:
+class ServerAuth(BaseModel):
+    nats: Path
+    """The nats-server config holding the users and their permissions."""
+    redis: Path
+    """The Redis ACL file."""
+
+
+def write_server_auth(directory: Path, passwords: dict[str, str]) -> ServerAuth:
+    """The users of every role (disagfusion.auth) as nats-server and redis-server read them,
+    written into ``directory``, readable by this user only."""
+    auth = ServerAuth(nats=directory / "nats-auth.conf", redis=directory / "redis-users.acl")
+    write_private(auth.nats, nats_config(passwords))
+    write_private(auth.redis, "\n".join(redis_acl(passwords)) + "\n")
+    return auth
+
+
+def redis_command(port: int, directory: Path, acl_file: Path) -> list[str]:
     """The embedded redis-server. Persistent, as in compose.yaml: tensors handed between stages
     are the only copy of a job's progress once the producer acked its input, so a Redis restart
     must not lose them. The append-only file is synced every second (a crash loses at most the
-    last second's writes); RDB snapshots stay off."""
+    last second's writes); RDB snapshots stay off. Its users come from ``acl_file``; the default
+    user is off."""
     return [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory)]
+            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory), "--aclfile", str(acl_file)]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:

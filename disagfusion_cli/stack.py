@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from rich.live import Live
 from rich.table import Table
 
+from disagfusion.credentials import redact
 from disagfusion import bus
 from disagfusion.config import Settings
 from disagfusion.deployment import Deployment, DeploymentError, LocalDeployment, detect
@@ -152,9 +153,9 @@ def _status_report(deployment: Deployment) -> StatusReport:
     try:
         rows, scheduler = asyncio.run(read())
     except Exception as exc:
-        fail(f"cannot read queue state from {settings.nats_url}: {exc}")
+        fail(f"cannot read queue state from {redact(settings.nats_url)}: {exc}")
     state = deployment.launcher.state() if isinstance(deployment, LocalDeployment) else None
-    return StatusReport(deployment=deployment.kind, nats_url=settings.nats_url, running=deployment.running(),
+    return StatusReport(deployment=deployment.kind, nats_url=redact(settings.nats_url), running=deployment.running(),
                         stages=rows, scheduler=scheduler, metrics=state.metrics_urls if state else {})
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from disagfusion.auth import Tls, nats_config
 from disagfusion.config import Settings
-from disagfusion.launcher import binary, free_port, stop_process, wait_port
+from disagfusion.launcher import ServerAuth, binary, free_port, stop_process, wait_port, write_server_auth
 from disagfusion.models import model_directory, model_family
 from disagfusion.models.family import DiffusersFamily
 from disagfusion.protocol import JobSpec
@@ -43,6 +44,31 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[sub
             stop_process(proc)
 
 
+# Every server runs with the users of disagfusion.auth, as deployments do, and the fixtures hand
+# out URLs carrying the stage role's credentials (what the stage services use); ``as_role`` gives
+# another role's URL.
+TEST_PASSWORDS = {role: f"{role}-test-password" for role in ("client", "gateway", "stage", "scheduler", "admin")}
+
+
+def as_role(url: str, role: str | None) -> str:
+    """``url`` (one or a comma-separated list, with or without credentials) as user ``role``;
+    None: anonymous. Tests take it through the ``role_url`` fixture."""
+    def one(u: str) -> str:
+        scheme, _, rest = u.partition("://")
+        host = rest.rpartition("@")[2]
+        return f"{scheme}://{role}:{TEST_PASSWORDS[role]}@{host}" if role else f"{scheme}://{host}"
+    return ",".join(one(u) for u in url.split(","))
+
+
+@pytest.fixture(scope="session")
+def role_url() -> Callable[[str, str | None], str]:
+    return as_role
+
+
+def _auth(directory: Path) -> ServerAuth:
+    return write_server_auth(directory, TEST_PASSWORDS)
+
+
 # Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
 # consume what they publish, so they do not see each other's work.
 
@@ -50,9 +76,26 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[sub
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, directory = free_port(), tmp_path_factory.mktemp("nats")
-    command = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    command = [binary("nats-server"), "-c", str(_auth(directory).nats), "-js", "-a", "127.0.0.1", "-p", str(port),
+               "-sd", str(directory / "js")]
     with _server(command, port, "nats-server", directory / "nats.log"):
-        yield f"nats://127.0.0.1:{port}"
+        yield as_role(f"nats://127.0.0.1:{port}", "stage")
+
+
+@pytest.fixture(scope="module")
+def nats_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A nats-server with the roles' users that speaks TLS only, with a self-signed certificate
+    for 127.0.0.1: (the stage role's ``tls://`` URL, the certificate to trust)."""
+    port, directory = free_port(), tmp_path_factory.mktemp("nats-tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    config = directory / "tls.conf"
+    config.write_text(nats_config(TEST_PASSWORDS, tls=Tls(cert_file=cert, key_file=key)))
+    command = [binary("nats-server"), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    with _server(command, port, "nats-server (TLS)", directory / "nats.log"):
+        yield as_role(f"tls://127.0.0.1:{port}", "stage"), cert
 
 
 @dataclass
@@ -77,17 +120,19 @@ class NatsCluster:
 @pytest.fixture(scope="module")
 def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     directory = tmp_path_factory.mktemp("nats-cluster")
+    auth = _auth(directory)
     client_ports, route_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
     routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
     with ExitStack() as servers:
         nodes = {}
         for index, (port, route_port) in enumerate(zip(client_ports, route_ports)):
             name = f"n{index}"
-            command = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / name),
+            command = [binary("nats-server"), "-c", str(auth.nats), "-js", "-a", "127.0.0.1", "-p", str(port),
+                       "-sd", str(directory / name),
                        "--server_name", name, "--cluster_name", "df", "--cluster", f"nats://127.0.0.1:{route_port}",
                        "--routes", routes]
             nodes[name] = servers.enter_context(_server(command, port, f"nats-server {name}", directory / f"{name}.log"))
-        cluster = NatsCluster([f"nats://127.0.0.1:{port}" for port in client_ports], nodes)
+        cluster = NatsCluster([as_role(f"nats://127.0.0.1:{port}", "stage") for port in client_ports], nodes)
         asyncio.run(_jetstream_ready(cluster.url))
         yield cluster
 
@@ -112,9 +157,10 @@ async def _jetstream_ready(url: str, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, directory = free_port(), tmp_path_factory.mktemp("redis")
-    command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory)]
+    command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory),
+               "--aclfile", str(_auth(directory).redis)]
     with _server(command, port, "redis-server", directory / "redis.log"):
-        yield f"redis://127.0.0.1:{port}/0"
+        yield as_role(f"redis://127.0.0.1:{port}/0", "stage")
 
 
 class RestartableRedis:
@@ -128,11 +174,11 @@ class RestartableRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return as_role(f"redis://127.0.0.1:{self.port}/0", "stage")
 
     def start(self) -> None:
         command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                   "--dir", str(self.directory)]
+                   "--dir", str(self.directory), "--aclfile", str(_auth(self.directory).redis)]
         with open(self.directory / "redis.log", "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(self.port, self.proc, "redis-server")

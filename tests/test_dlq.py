@@ -38,10 +38,11 @@ def said(result) -> str:
     return " ".join(result.output.split())
 
 
-async def test_list_show_replay_and_purge(run_worker: Worker, nats_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DF_NATS_URL", nats_server)
+async def test_list_show_replay_and_purge(run_worker: Worker, nats_server: str, role_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin = role_url(nats_server, "admin")  # dead letters are the operator's: listing, replay and purge
+    monkeypatch.setenv("DF_NATS_URL", admin)
     jobs = specs(3)
-    stack = await submit_denoise_tasks(nats_server, jobs)
+    stack = await submit_denoise_tasks(admin, jobs)
     model = await run_worker(FailingUntilFixed())
     async with Client(Settings(nats_url=nats_server)) as client:
         for job in jobs:

@@ -57,14 +57,17 @@ def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
     there after the restart (tensor blobs survive a Redis restart)."""
     import redis
 
-    from disagfusion.launcher import free_port, redis_command, wait_port
+    from disagfusion.auth import ROLES
+    from disagfusion.credentials import stack_credentials
+    from disagfusion.launcher import free_port, redis_command, wait_port, write_server_auth
 
-    port = free_port()
-    command = redis_command(port, tmp_path)
+    port, passwords = free_port(), stack_credentials(tmp_path, ROLES)
+    command = redis_command(port, tmp_path, write_server_auth(tmp_path, passwords).redis)
+    url = f"redis://stage:{passwords['stage']}@127.0.0.1:{port}/0"
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, server, "redis-server")
-        redis.Redis(port=port).set("df:blob:kept", b"\x00tensor bytes")
+        redis.Redis.from_url(url).set("df:blob:kept", b"\x00tensor bytes")
         time.sleep(1.5)
         server.kill()
         server.wait()
@@ -73,7 +76,7 @@ def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
         deadline = time.monotonic() + 10
         while True:
             try:
-                assert redis.Redis(port=port).get("df:blob:kept") == b"\x00tensor bytes"
+                assert redis.Redis.from_url(url).get("df:blob:kept") == b"\x00tensor bytes"
                 break
             except redis.exceptions.BusyLoadingError:  # replaying the file
                 assert time.monotonic() < deadline

@@ -8,8 +8,8 @@ from disagfusion.protocol import SCHEDULER_PINS_KEY, SchedulerStatus
 from disagfusion.scheduler_state import read_pins, read_status, scheduler_bucket, update_pins, write_status
 
 
-async def test_pins_are_added_and_released(nats_server: str) -> None:
-    nc = await nats.connect(nats_server)
+async def test_pins_are_added_and_released(nats_server: str, role_url) -> None:
+    nc = await nats.connect(role_url(nats_server, "admin"))  # pins are the operator's (disagfusion scale)
     js = nc.jetstream()
     try:
         assert await scheduler_bucket(js) is None or await read_pins(await scheduler_bucket(js)) == {}
@@ -23,8 +23,8 @@ async def test_pins_are_added_and_released(nats_server: str) -> None:
         await nc.close()
 
 
-async def test_status_round_trips_and_knows_when_it_is_stale(nats_server: str) -> None:
-    nc = await nats.connect(nats_server)
+async def test_status_round_trips_and_knows_when_it_is_stale(nats_server: str, role_url) -> None:
+    nc = await nats.connect(role_url(nats_server, "scheduler"))
     js = nc.jetstream()
     try:
         kv = await scheduler_bucket(js, create=True)

@@ -7,7 +7,7 @@ import redis
 import torch
 
 from disagfusion.protocol import MissingBlobError, TensorRef, TransportName
-from disagfusion.transport.ref import describe, tensor_bytes, tensor_from_buffer, verify
+from disagfusion.transport.ref import check_key, describe, tensor_bytes, tensor_from_buffer, verify
 
 KEY_PREFIX = "df:blob:"
 CONNECT_TIMEOUT_S = 5.0
@@ -25,18 +25,18 @@ class RedisTransport:
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
         raw = tensor_bytes(tensor)
-        self.client.set(KEY_PREFIX + key, raw.data, ex=self.ttl_s)
+        self.client.set(KEY_PREFIX + check_key(key), raw.data, ex=self.ttl_s)
         return describe(tensor, "redis", key, raw)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
-        data = self.client.get(KEY_PREFIX + ref.key)
+        data = self.client.get(KEY_PREFIX + check_key(ref.key))
         if data is None:
             raise MissingBlobError(f"tensor {ref.key!r} is not in Redis (expired or deleted)")
         verify(ref, data)
         return tensor_from_buffer(data, ref.dtype, ref.shape)
 
     def delete(self, ref: TensorRef) -> None:
-        self.client.delete(KEY_PREFIX + ref.key)
+        self.client.delete(KEY_PREFIX + check_key(ref.key))
 
     def sweep(self, ttl_s: float) -> int:
         """Always 0: every key was stored with the blob TTL, so Redis itself expires the ones

@@ -8,11 +8,13 @@ dtype and shape.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import xxhash
 
-from disagfusion.protocol import TENSOR_ITEMSIZES, ChecksumError, TensorRef, TransportName
+from disagfusion.protocol import TENSOR_ITEMSIZES, ChecksumError, MissingBlobError, TensorRef, TransportName
 
 # Wire names are numpy-style names, plus bfloat16 which numpy lacks.
 DTYPES: dict[str, torch.dtype] = {
@@ -29,6 +31,18 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 assert {name: torch.tensor([], dtype=t).element_size() for name, t in DTYPES.items()} == TENSOR_ITEMSIZES
+
+
+BLOB_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}")
+"""A producer's tensor key (``<job_id>.<stage>.<tensor>``): dot-separated tokens, so a key that
+arrives in a message can name nothing but a blob (no ``/``, no ``..``, no glob or control bytes)."""
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a well-formed tensor key, else MissingBlobError (the task gets an error result)."""
+    if not BLOB_KEY.fullmatch(key):
+        raise MissingBlobError(f"tensor key {key!r} is malformed: dot-separated letters, digits, _ and - only")
+    return key
 
 
 def checksum(buf: memoryview | bytes | np.ndarray) -> str:

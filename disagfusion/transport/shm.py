@@ -48,6 +48,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -61,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import MissingBlobError, TensorRef, TransportName
 from disagfusion.transport.ref import DTYPE_NAMES, DTYPES, tensor_bytes
 
@@ -150,7 +152,8 @@ class OwnSlot(SlotHeader):
 
     def __init__(self, path: Path, capacity: int):
         tmp = path.with_name(f".{path.name}.tmp")  # the janitor only looks at finished slot files
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
+        # O_EXCL|O_NOFOLLOW: never through a file or link someone placed under this name.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         os.ftruncate(fd, HEADER_BYTES + capacity)
         fcntl.flock(fd, fcntl.LOCK_SH)  # "my producer is alive" for as long as fd is open
         mapping = mmap.mmap(fd, HEADER_BYTES + capacity)
@@ -245,6 +248,29 @@ class PeerSlot(SlotHeader):
         return tensor
 
 
+def private_directory(directory: Path) -> None:
+    """Make ``directory`` (mode 0700) or check one that exists: a real directory, not a symlink,
+    owned by this user; its mode is narrowed to 0700. Anything else is refused, so no other user
+    can place, read or swap slot files (a compose tmpfs mount is owned by the service user)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ShmDirectoryError(f"shm directory {directory} is not a directory (a symlink or a file): refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise ShmDirectoryError(f"shm directory {directory} belongs to uid {st.st_uid}, not this service's "
+                                f"uid {os.geteuid()}: refusing to use it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+class ShmDirectoryError(DisagFusionError, RuntimeError):
+    """The shm directory is not this service's own."""
+
+
 class ShmTransport:
     name: TransportName = "shm"
 
@@ -252,7 +278,7 @@ class ShmTransport:
         self.directory = directory
         self.pool_bytes = pool_bytes
         """At most this many bytes of free slots are kept for reuse."""
-        directory.mkdir(parents=True, exist_ok=True)
+        private_directory(directory)
         self._prefix = f"slot-{os.getpid()}-{uuid.uuid4().hex[:12]}-"
         self._lock = threading.Lock()
         self._created = 0

@@ -14,6 +14,7 @@ import mmap
 import os
 import signal
 import socket
+import stat
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -84,8 +85,13 @@ class ScratchMaps:
         key = (str(resolved), st.st_ino, st.st_size)
         buffer = self._maps.pop(key, None)
         if buffer is None:
-            fd = os.open(resolved, os.O_RDWR)
+            try:  # resolved already; O_NOFOLLOW refuses a link swapped in since
+                fd = os.open(resolved, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError as exc:
+                raise LookupRequestError(f"shm_path {path!r} cannot be used: {exc.strerror}") from None
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise LookupRequestError(f"shm_path {path!r} is not a regular file")
                 buffer = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
@@ -105,7 +111,7 @@ class EngramStore:
         if len(set(names)) != len(names):
             raise SystemExit(f"arena names (file stems) must be unique, got {names}")
         self.arenas = {name: Arena.open(o.reader_path, verify=True) for name, o in zip(names, self.owned, strict=True)}
-        settings.engram_scratch_dir.mkdir(parents=True, exist_ok=True)
+        settings.engram_scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.scratch = ScratchMaps(settings.engram_scratch_dir)
         self.nc: NatsClient | None = None
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from disagfusion.credentials import redact
 from disagfusion.limits import LimitError, QueueFull
 from services.gateway import dashboard, events, images, jobs, metrics, thumbnails, videos
 from services.gateway.backend import Backend
@@ -100,7 +101,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def healthz() -> JSONResponse:
         """200 while the gateway can reach NATS, 503 while it cannot."""
         if backend.connected:
-            return JSONResponse({"status": "ok", "nats": settings.nats_url})
-        return error_response(503, f"NATS at {settings.nats_url} is not reachable", code="service_unavailable")
+            return JSONResponse({"status": "ok", "nats": redact(settings.nats_url)})
+        return error_response(503, f"NATS at {redact(settings.nats_url)} is not reachable", code="service_unavailable")
 
     return app

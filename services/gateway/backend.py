@@ -9,6 +9,7 @@ import logging
 from contextlib import AsyncExitStack
 
 from disagfusion import limits
+from disagfusion.credentials import redact
 from disagfusion.client import Client
 from disagfusion.config import LimitSettings
 from disagfusion.health import health_path, write_health
@@ -43,9 +44,9 @@ class Backend:
             try:
                 self._client = await self._exits.enter_async_context(Client(self.settings, "gateway", self.limits))
             except Exception as exc:  # refused, timed out, no servers: all mean "not yet"
-                log.warning("cannot reach NATS at %s (%s); retrying", self.settings.nats_url, exc)
+                log.warning("cannot reach NATS at %s (%s); retrying", redact(self.settings.nats_url), exc)
                 await asyncio.sleep(RECONNECT_S)
-        log.info("connected to NATS at %s", self.settings.nats_url)
+        log.info("connected to NATS at %s", redact(self.settings.nats_url))
         health = health_path()
         while True:
             if self.connected:
@@ -59,7 +60,7 @@ class Backend:
     def client(self) -> Client:
         """The connected client; 503 while NATS is not reachable."""
         if not self.connected:
-            raise ApiError(503, f"the job queue (NATS at {self.settings.nats_url}) is not reachable; retry shortly",
+            raise ApiError(503, f"the job queue (NATS at {redact(self.settings.nats_url)}) is not reachable; retry shortly",
                            code="service_unavailable")
         return self._client
 

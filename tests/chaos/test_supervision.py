@@ -57,4 +57,4 @@ async def test_killed_processes_come_back_and_no_job_is_lost(start_stack) -> Non
     assert set(info.state.subjects.values()) == {1}
     assert sum(r.finished_at > killed_at[0] for r in results) > 0, "redis was killed after the run, not during it"
     assert launcher.state().redis.restarts == 1
-    assert redis.Redis.from_url(launcher.state().redis_url).info("stats")["keyspace_hits"] > 0
+    assert redis.Redis.from_url(launcher.client_settings().redis_url).info("stats")["keyspace_hits"] > 0

@@ -20,8 +20,10 @@ from python_on_whales.exceptions import DockerException, NoSuchContainer
 from typer.testing import CliRunner
 
 from disagfusion_cli import app
+from disagfusion.auth import ROLES, env_password
 from disagfusion.client import Client
 from disagfusion.config import Settings
+from disagfusion.credentials import generate_password
 from disagfusion.launcher import free_port
 from disagfusion.protocol import RESULTS_STREAM, JobSpec, Result, TimingSample, metrics_subject, results_subject, unpack
 
@@ -185,16 +187,19 @@ def compose_up(
     nats_port, monitor_port, redis_port, gateway_port = free_port(), free_port(), free_port(), free_port()
     project = f"dftest-{uuid.uuid4().hex[:10]}"
     env_file = directory / f"{project}.env"
+    # Passwords of its own for every role (not compose's public df-dev-* defaults); the test
+    # talks to the servers as admin.
+    passwords = {env_password(role, server): generate_password() for server in ("nats", "redis") for role in ROLES}
     variables = {"DF_NATS_PORT": nats_port, "DF_NATS_MONITOR_PORT": monitor_port, "DF_REDIS_PORT": redis_port,
-                 "DF_GATEWAY_PORT": gateway_port, **(env or {})}
+                 "DF_GATEWAY_PORT": gateway_port, **passwords, **(env or {})}
     env_file.write_text("".join(f"{key}={value}\n" for key, value in variables.items()))
     stack = ComposeStack(
         docker=compose_client(HOSTNET_OVERRIDE, *overrides, project=project, env_file=env_file),
         project=project,
         env_file=env_file,
-        nats_url=f"nats://127.0.0.1:{nats_port}",
+        nats_url=f"nats://admin:{passwords['DF_NATS_ADMIN_PASSWORD']}@127.0.0.1:{nats_port}",
         nats_monitor_url=f"http://127.0.0.1:{monitor_port}",
-        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        redis_url=f"redis://admin:{passwords['DF_REDIS_ADMIN_PASSWORD']}@127.0.0.1:{redis_port}/0",
     )
     try:
         stack.docker.compose.up(

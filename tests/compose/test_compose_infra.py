@@ -4,6 +4,8 @@ services need: JetStream on, Redis refusing to evict tensor blobs."""
 from __future__ import annotations
 
 import nats
+import nats.errors
+import pytest
 import redis
 
 from compose_support import ComposeStack
@@ -20,6 +22,13 @@ async def test_infra_healthy_and_configured(compose_stack) -> None:
         assert stream.config.name == "DF_COMPOSE_TEST"
     finally:
         await client.close()
+
+    # auth on (docs/security.md): strangers are refused by both servers
+    anonymous = stack.nats_url.replace(stack.nats_url.split("//")[1].split("@")[0] + "@", "")
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(anonymous, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(stack.redis_url.replace(stack.redis_url.split("//")[1].split("@")[0] + "@", "")).ping()
 
     store = redis.Redis.from_url(stack.redis_url)
     try:

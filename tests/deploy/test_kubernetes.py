@@ -57,6 +57,9 @@ APPLICATION = {name: service for name, service in COMPOSE["services"].items()
 """compose.yaml's application services that run by default, and the scheduler."""
 
 
+CREDENTIALS = {"DF_NATS_USER", "DF_NATS_PASSWORD", "DF_REDIS_USER", "DF_REDIS_PASSWORD"}
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request) -> tuple[str, list[dict]]:
     return request.param, render(request.param)
@@ -85,7 +88,8 @@ def test_settings_images_and_ports_match_compose(rendered) -> None:
     overlay, objects = rendered
     settings = find(objects, "ConfigMap", "disagfusion-env")["data"]
     stage_env = COMPOSE["x-stage"]["environment"]
-    assert set(stage_env) <= set(settings), "a stage setting of compose.yaml is missing from the ConfigMap"
+    assert set(stage_env) - CREDENTIALS <= set(settings), "a stage setting of compose.yaml is missing from the ConfigMap"
+    assert not CREDENTIALS & set(settings), "credentials belong in the Secret, not the ConfigMap"
     assert settings["DF_REDIS_URL"].startswith("redis://redis:6379")
     for host, port in (("nats", 4222), ("redis", 6379)):
         assert port in [p["port"] for p in find(objects, "Service", host)["spec"]["ports"]]
@@ -187,3 +191,27 @@ def test_keda_scales_each_stage_on_its_real_consumers_instead_of_the_scheduler()
         assert {t["metadata"]["stream"] for t in triggers} == {WORK_STREAM}
         assert sorted(t["metadata"]["consumer"] for t in triggers) == sorted(consumer_name(stage, m) for m in models)
         assert all(t["metadata"]["natsServerMonitoringEndpoint"].startswith("nats-0.nats.disagfusion.svc") for t in triggers)
+
+
+def test_every_service_connects_as_its_role_with_passwords_from_the_secret(rendered) -> None:
+    """Auth on (docs/security.md): nats and redis read the roles' users, each service its own."""
+    overlay, objects = rendered
+    secret = find(objects, "Secret", "disagfusion-credentials")
+    roles = {"encoder": "stage", "dit": "stage", "decoder": "stage", "gateway": "gateway", "scheduler": "scheduler"}
+    for name, role in roles.items():
+        if overlay == "keda" and name == "scheduler":
+            continue
+        [container] = find(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["DF_NATS_USER"]["value"] == role
+        key = env["DF_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert key["name"] == "disagfusion-credentials" and key["key"] == f"DF_NATS_{role.upper()}_PASSWORD"
+        assert key["key"] in secret["data"]
+        assert ("DF_REDIS_PASSWORD" in env) == (role == "stage")
+    for server, mount in (("nats", "/etc/nats"), ("redis", "/etc/redis")):
+        pod = find(objects, "StatefulSet", server)["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert {"secretRef": {"name": "disagfusion-credentials"}} in container["envFrom"]
+        assert mount in [m["mountPath"] for m in container["volumeMounts"]]
+    nats_args = find(objects, "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert nats_args[:2] == ["-c", "/etc/nats/auth.conf"]

@@ -206,7 +206,7 @@ def test_malformed_and_oversized_bodies(gateway_url: str) -> None:
 
 
 async def test_api_keys_and_the_backlog_limit(gateway_stack: Launcher, start_gateway) -> None:
-    nats_url = gateway_stack.state().nats_url
+    nats_url = gateway_stack.client_settings().nats_url
     url = start_gateway(nats_url, DF_API_KEYS="key-one,key-two", DF_GATEWAY_MAX_BACKLOG="3")
     stranger = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as raised:

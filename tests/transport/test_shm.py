@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from disagfusion.protocol import MissingBlobError, TensorRef
-from disagfusion.transport.shm import HEADER_BYTES, ShmTransport, parse_key, size_class
+from disagfusion.transport.shm import HEADER_BYTES, ShmDirectoryError, ShmTransport, parse_key, size_class
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = 300_000  # 1.2 MB
@@ -315,6 +315,35 @@ def test_a_symlink_named_like_a_slot_is_never_followed(tmp_path: Path) -> None:
         shm.get(ref)
     os.utime(link, (0, 0), follow_symlinks=False)
     assert shm.sweep(3600) == 1 and not link.is_symlink() and target.exists()
+
+
+def test_the_directory_is_private_and_a_planted_link_is_never_written_through(tmp_path: Path) -> None:
+    """The shm directory is this user's, mode 0700; a symlinked directory is refused; a link
+    planted under the name of the producer's next slot file makes the put fail, its target untouched."""
+    (tmp_path / "wide").mkdir(mode=0o777)
+    os.chmod(tmp_path / "wide", 0o777)
+    ShmTransport(tmp_path / "wide")
+    assert (tmp_path / "wide").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "via-link").symlink_to(tmp_path / "wide")
+    with pytest.raises(ShmDirectoryError, match="symlink"):
+        ShmTransport(tmp_path / "via-link")
+
+    shm = ShmTransport(tmp_path / "shm")
+    assert (tmp_path / "shm").stat().st_mode & 0o777 == 0o700
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    for name in (f".{shm._prefix}0.tmp", f"{shm._prefix}0"):
+        (tmp_path / "shm" / name).symlink_to(target)
+    with pytest.raises(FileExistsError):
+        shm.put("k", torch.ones(4096))
+    assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd:1:k", "slot-1-abcdefabcdef-0/../x:1:k", "/tmp/slot-1-abcdefabcdef-0:1:k"])
+def test_a_key_naming_a_path_is_refused(tmp_path: Path, key: str) -> None:
+    ref = TensorRef(transport="shm", key=key, dtype="uint8", shape=[1], nbytes=1, checksum="")
+    with pytest.raises(MissingBlobError, match="names no shm slot"):
+        ShmTransport(tmp_path).get(ref)
 
 
 ZERO_COPY_PRODUCER = textwrap.dedent(

@@ -1,0 +1,244 @@
+"""The roles of disagfusion.auth against a real nats-server and redis-server running the
+generated configuration (the conftest fixtures): each attempt a stranger or a client user might
+make is refused by the server itself, and what each role needs still works."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+import redis
+
+from disagfusion import bus
+from disagfusion.auth import nats_config, redis_entrypoint
+from disagfusion.client import Client
+from disagfusion.config import BusSettings, Settings
+from disagfusion.credentials import redact
+from disagfusion.protocol import (
+    RESULTS_STREAM,
+    WORK_STREAM,
+    JobSpec,
+    Result,
+    Stage,
+    StageTask,
+    consumer_name,
+    pack,
+    result_msg_id,
+    results_subject,
+    task_msg_id,
+    work_subject,
+)
+from disagfusion.scheduler_state import update_pins
+
+ROOT = Path(__file__).resolve().parent.parent
+REFUSED_WITHIN_S = 0.5
+"""A refused JetStream request gets no answer: the server drops it and says why on the connection."""
+
+
+class Connection:
+    """One NATS connection that records the server's permission errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: nats.NATS | None = None
+
+    async def open(self, url: str) -> Connection:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc).lower())
+
+        self.nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=2)
+        return self
+
+    @property
+    def js(self):
+        return self.nc.jetstream(timeout=REFUSED_WITHIN_S)
+
+    async def refused(self, attempt: Callable[[Connection], Awaitable[object]], subject: str) -> bool:
+        """Whether ``attempt`` failed and the server named ``subject`` in a permissions violation."""
+        try:
+            await attempt(self)
+        except (nats.errors.TimeoutError, TimeoutError, nats.errors.NoRespondersError):
+            pass
+        else:
+            return False
+        await asyncio.sleep(0.05)  # the -ERR may trail the timeout by a moment
+        return any("permissions violation" in e and subject.lower() in e for e in self.errors)
+
+
+@pytest.fixture
+async def streams(nats_server: str) -> None:
+    stack = await bus.connect(Settings(nats_url=nats_server), "test-auth-stage")
+    await bus.ensure_consumer(stack.js, Stage.DENOISE, "tiny", 30.0)
+    await stack.close()
+
+
+async def _purge_results(c: Connection) -> None:
+    await c.js.purge_stream(RESULTS_STREAM)
+
+
+async def _delete_work(c: Connection) -> None:
+    await c.js.delete_stream(WORK_STREAM)
+
+
+async def _delete_consumer(c: Connection) -> None:
+    await c.js.delete_consumer(WORK_STREAM, consumer_name(Stage.DENOISE, "tiny"))
+
+
+async def _publish_result(c: Connection) -> None:
+    job = uuid.uuid4().hex
+    await c.js.publish(results_subject(job), pack(Result(job_id=job, status="ok")), headers={"Nats-Msg-Id": result_msg_id(job)})
+
+
+async def _skip_to_denoise(c: Connection) -> None:
+    await c.js.publish(work_subject(Stage.DENOISE, "tiny"), b"\x80", headers={"Nats-Msg-Id": "x:denoise"})
+
+
+async def _write_pins(c: Connection) -> None:
+    await update_pins(c.js, {"dit": 9}, None)
+
+
+async def _read_denoise_queue(c: Connection) -> None:
+    await c.nc.subscribe("df.work.denoise.>")
+    await c.nc.flush()
+    raise TimeoutError  # a refused subscription answers nothing; the server names it below
+
+
+ATTEMPTS = [
+    # (who, what, attempt, the subject the server refuses)
+    ("client", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("client", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
+    ("client", "delete a stage's consumer", _delete_consumer, f"$JS.API.CONSUMER.DELETE.{WORK_STREAM}"),
+    ("client", "publish a result", _publish_result, "df.results."),
+    ("client", "publish to a later stage's queue", _skip_to_denoise, "df.work.denoise.tiny"),
+    ("client", "read another stage's subject", _read_denoise_queue, "df.work.denoise.>"),
+    ("client", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
+    ("gateway", "publish a result", _publish_result, "df.results."),
+    ("gateway", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("stage", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("stage", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
+    ("stage", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
+    ("scheduler", "publish a result", _publish_result, "df.results."),
+]
+
+
+@pytest.mark.parametrize(("role", "what", "attempt", "subject"), ATTEMPTS, ids=[f"{r}: {w}" for r, w, *_ in ATTEMPTS])
+async def test_a_role_is_refused(streams, nats_server: str, role_url, role: str, what: str, attempt, subject: str) -> None:
+    c = await Connection().open(role_url(nats_server, role))
+    try:
+        assert await c.refused(attempt, subject), f"{role} could {what} (errors seen: {c.errors})"
+    finally:
+        await c.nc.close()
+
+
+async def test_strangers_are_refused_by_nats_and_redis(nats_server: str, redis_server: str, role_url) -> None:
+    for url in (role_url(nats_server, None), nats_server.replace("stage-test-password", "guessed")):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    for url in (role_url(redis_server, None), role_url(redis_server, "client"),
+                redis_server.replace("stage-test-password", "guessed")):
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url).set("df:blob:x", b"1")
+    stage = redis.Redis.from_url(redis_server)
+    stage.set("df:blob:allowed", b"1", ex=10)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        stage.set("scheduler:pins", b"x")  # outside the stage's key pattern
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        stage.flushall()
+
+
+async def test_a_spoofed_result_is_refused_and_the_real_one_arrives(streams, nats_server: str, role_url) -> None:
+    """The attack of issue 21: a client publishes ``df.results.<job>`` with the job's result
+    Nats-Msg-Id before the real result, so JetStream would drop the real one as a duplicate."""
+    job = JobSpec(prompt="a lighthouse", model="tiny", steps=2, width=64, height=64)
+    client_url = role_url(nats_server, "client")
+    async with Client(Settings(nats_url=client_url)) as client:
+        await client.submit(job)  # the client's own job, submitted with its own user
+        attacker = await Connection().open(client_url)
+        fake = Result(job_id=job.job_id, status="ok", data=b"forged", content_type="image/png")
+
+        async def spoof(c: Connection) -> None:
+            await c.js.publish(results_subject(job.job_id), pack(fake), headers={"Nats-Msg-Id": result_msg_id(job.job_id)})
+
+        assert await attacker.refused(spoof, results_subject(job.job_id))
+        await attacker.nc.close()
+
+        stage = await bus.connect(Settings(nats_url=nats_server), "test-auth-decoder")
+        real = Result(job_id=job.job_id, status="ok", data=b"real image", content_type="image/png")
+        ack = await stage.js.publish(results_subject(job.job_id), pack(real), headers={"Nats-Msg-Id": result_msg_id(job.job_id)})
+        assert not ack.duplicate
+        await stage.close()
+        assert (await client.result(job.job_id, timeout=10)).data == b"real image"
+
+
+async def test_each_role_can_do_its_work(streams, nats_server: str, role_url) -> None:
+    """The other side of the table: what the roles are for is allowed."""
+    admin = await bus.connect(Settings(nats_url=role_url(nats_server, "admin")), "test-auth-admin")
+    assert await update_pins(admin.js, {"dit": 2}, None) == {"dit": 2}
+    await admin.close()
+    scheduler = await bus.connect(Settings(nats_url=role_url(nats_server, "scheduler")), "test-auth-scheduler")
+    assert await update_pins(scheduler.js, {}, []) == {}
+    info = await scheduler.js.consumer_info(WORK_STREAM, consumer_name(Stage.DENOISE, "tiny"))
+    assert info.num_pending >= 0
+    await scheduler.close()
+    gateway = await bus.connect(Settings(nats_url=role_url(nats_server, "gateway")), "test-auth-gateway")
+    await gateway.js.consumer_info(WORK_STREAM, consumer_name(Stage.DENOISE, "tiny"))
+    await gateway.close()
+    stage = await bus.connect(Settings(nats_url=nats_server), "test-auth-stage")
+    job = uuid.uuid4().hex
+    task = StageTask(job=JobSpec(job_id=job, prompt="p", model="tiny", steps=2, width=64, height=64), stage=Stage.DENOISE)
+    await bus.publish(stage.js, work_subject(Stage.DENOISE, "tiny"), pack(task), task_msg_id(job, Stage.DENOISE))
+    # a large output in DF_OUTPUTS and its result, as a decoder leaves them
+    await (await bus.outputs_bucket(stage.js)).put(f"{job}.png", b"big image")
+    result = Result(job_id=job, status="ok", object_name=f"{job}.png", content_type="image/png")
+    await bus.publish(stage.js, results_subject(job), pack(result), result_msg_id(job))
+    await stage.close()
+    async with Client(Settings(nats_url=role_url(nats_server, "client"))) as client:  # what a client reads
+        found = await client.lookup(job)
+        assert found is not None and await client.output(found) == b"big image"
+        for name in ("../../etc/passwd", f"{job}/x.png", "a.png\x00"):  # never a path
+            with pytest.raises(ValueError, match="malformed"):
+                await client.output(found.model_copy(update={"object_name": name}))
+
+
+def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    settings = BusSettings(nats_url="nats://a:4222,nats://b:4222", nats_user="stage", nats_password="s3cret")
+    assert settings.nats_url == "nats://stage:s3cret@a:4222,nats://stage:s3cret@b:4222"
+    assert redact(settings.nats_url) == "nats://stage:***@a:4222,nats://stage:***@b:4222"
+    (tmp_path / "secret").write_text("from-a-file\n")
+    assert BusSettings(nats_url="nats://a:4222", nats_user="u", nats_password_file=tmp_path / "secret").nats_url \
+        == "nats://u:from-a-file@a:4222"
+    monkeypatch.setenv("DF_ENV", "production")
+    for bad in ({}, {"nats_user": "stage", "nats_password": "df-dev-stage"}, {"nats_user": "stage", "nats_password": "short"}):
+        with pytest.raises(ValueError, match="DF_ENV=production"):
+            BusSettings(nats_url="nats://a:4222", **bad)
+    assert BusSettings(nats_url="nats://a:4222", nats_user="stage", nats_password="x" * 24).nats_url.startswith("nats://stage:")
+    with pytest.raises(ValueError, match="Redis"):
+        Settings(nats_url="nats://stage:" + "x" * 24 + "@a:4222", transport="redis")  # Redis left without one
+
+
+async def test_tls_with_the_roles(nats_tls_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/security.md's TLS: a ``tls://`` URL with the role's credentials works once the
+    server's certificate is trusted (SSL_CERT_FILE for a private CA), and not before."""
+    url, cert = nats_tls_server
+    with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    stack = await bus.connect(Settings(nats_url=url), "test-auth-tls")
+    assert (await stack.js.stream_info(WORK_STREAM)).config.name == WORK_STREAM
+    await stack.close()
+
+
+SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
+           ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
+
+
+@pytest.mark.parametrize(("path", "generate"), SHIPPED, ids=[p for p, _ in SHIPPED])
+def test_the_shipped_server_configs_are_the_generated_ones(path: str, generate) -> None:
+    """compose and Kubernetes run the users of disagfusion.auth: regenerate these files with
+    ``python -m disagfusion.auth nats`` (or ``redis``) when the roles change."""
+    assert (ROOT / path).read_text() == generate(), f"regenerate {path}: python -m disagfusion.auth nats|redis"
