@@ -13,7 +13,8 @@ Roles:
 - ``client``: submits jobs (``df.work.encode.<model>``), reads results, events, outputs and job
   state, requests cancellation. No result publishing, no stream/consumer deletion or purge, no
   other stage's queue, no scheduler state, no Redis.
-- ``gateway``: a client that also reads queue depths and writes job state.
+- ``gateway``: a client that also reads queue depths, writes job state, watches arrivals and
+  workers for its dashboard, and publishes the ``cancelled`` result of a job it cancels.
 - ``stage``: the stage services (encoder, dit, decoder, pipeline, engram_store): everything on
   ``df.>`` and the JetStream operations they need, never stream deletion or purge, never the
   scheduler's bucket.
@@ -30,19 +31,17 @@ from pathlib import Path
 
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
+    CHECKPOINTS_BUCKET,
     DLQ_STREAM,
     ENGRAM_ARENAS_BUCKET,
     HANDBACKS_BUCKET,
+    JOBS_BUCKET,
     OUTPUTS_BUCKET,
     RESULTS_STREAM,
     SCHEDULER_BUCKET,
     WORK_STREAM,
 )
 
-JOBS_BUCKET = "DF_JOBS"
-"""Job state (queued, running, done, cancelled): written by stages and the gateway, read by clients."""
-CANCEL_SUBJECTS = "df.cancel.*"
-"""Where a client asks for a job to be cancelled (``df.cancel.<job_id>``)."""
 
 API = "$JS.API"
 
@@ -101,8 +100,9 @@ services publish to ``_INBOX.>`` (a client could otherwise answer another's requ
 SEE_STREAMS = Grant(publish=tuple(f"{API}.STREAM.INFO.{s}" for s in (WORK_STREAM, RESULTS_STREAM, DLQ_STREAM)))
 """``bus.connect`` checks that the streams exist (it creates them only where it may)."""
 
-SUBMIT = Grant(publish=("df.work.encode.*", CANCEL_SUBJECTS))
-"""A client enters jobs at the first stage only, and may ask to cancel them."""
+SUBMIT = Grant(publish=("df.work.encode.*", f"$KV.{JOBS_BUCKET}.state.*", f"$KV.{JOBS_BUCKET}.cancel.*"))
+"""A client enters jobs at the first stage only, marks them queued, and may cancel them (a cancel
+mark in ``DF_JOBS``: the stage that meets the job answers it with its ``cancelled`` result)."""
 
 FOLLOW = (
     Grant(subscribe=("df.results.*", "df.events.*"))
@@ -118,7 +118,8 @@ MONITOR = Grant(publish=(
 )) | read_stream(kv(SCHEDULER_BUCKET))
 """Queue depths, consumer lag and the scheduler's view: what dashboards and the scheduler read."""
 
-BUCKET_STREAMS = (kv(HANDBACKS_BUCKET), kv(ATTEMPTS_BUCKET), kv(ENGRAM_ARENAS_BUCKET), kv(JOBS_BUCKET), obj(OUTPUTS_BUCKET))
+BUCKET_STREAMS = (kv(HANDBACKS_BUCKET), kv(ATTEMPTS_BUCKET), kv(ENGRAM_ARENAS_BUCKET), kv(JOBS_BUCKET),
+                  kv(CHECKPOINTS_BUCKET), obj(OUTPUTS_BUCKET))
 
 SERVE = Grant(
     publish=(
@@ -126,6 +127,8 @@ SERVE = Grant(
         "_INBOX.>",  # answers to requests (engram lookups, tensor pulls)
         f"$JS.ACK.{WORK_STREAM}.>", f"$JS.ACK.{DLQ_STREAM}.>",
         *(f"{API}.STREAM.CREATE.{s}" for s in (WORK_STREAM, RESULTS_STREAM, DLQ_STREAM, *BUCKET_STREAMS)),
+        # Stream limits set by the services' settings (disagfusion.stream_limits).
+        *(f"{API}.STREAM.UPDATE.{s}" for s in (WORK_STREAM, RESULTS_STREAM, obj(OUTPUTS_BUCKET))),
         f"{API}.CONSUMER.CREATE.{WORK_STREAM}.>", f"{API}.CONSUMER.DURABLE.CREATE.{WORK_STREAM}.*",
         f"{API}.CONSUMER.MSG.NEXT.{WORK_STREAM}.*",
         # The short-lived consumer an encoder uses to answer jobs for unserved models. NATS
@@ -136,10 +139,17 @@ SERVE = Grant(
     ),
     subscribe=("df.>",),
 ) | MONITOR | FOLLOW | read_stream(WORK_STREAM) | read_stream(DLQ_STREAM) | write_kv(HANDBACKS_BUCKET) | write_kv(ATTEMPTS_BUCKET) | write_kv(ENGRAM_ARENAS_BUCKET) \
-    | write_kv(JOBS_BUCKET)
+    | write_kv(JOBS_BUCKET) | write_kv(CHECKPOINTS_BUCKET)
 """The stage services: the whole ``df.>`` namespace among themselves, creating the streams and
 buckets they use, consuming their queues, reading the queues and dead letters message by
 message. Never deleting or purging a stream, never the scheduler's bucket."""
+
+OBSERVE = Grant(
+    publish=("df.results.*",),  # a ``cancelled`` result, for the jobs its DELETE /v1/videos cancels
+    subscribe=("df.work.encode.*", "df.presence.*"),  # the dashboard: arrivals and live workers
+)
+"""The gateway's dashboard and cancel: the one publisher of results besides the stages, trusted
+like them (it is deployed with the stack; its clients authenticate with API keys)."""
 
 SCHEDULE = MONITOR | write_kv(SCHEDULER_BUCKET) | Grant(
     publish=(f"{API}.STREAM.CREATE.{kv(SCHEDULER_BUCKET)}",),
@@ -167,8 +177,9 @@ ROLES: dict[str, Role] = {
     for role in (
         Role("client", BASE | SEE_STREAMS | SUBMIT | FOLLOW,
              description="submit jobs, read their results, events, outputs and state, ask to cancel"),
-        Role("gateway", BASE | SEE_STREAMS | SUBMIT | FOLLOW | MONITOR | write_kv(JOBS_BUCKET),
-             description="a client that also reads queue depths and writes job state"),
+        Role("gateway", BASE | SEE_STREAMS | SUBMIT | FOLLOW | MONITOR | write_kv(JOBS_BUCKET) | OBSERVE,
+             description="a client that also reads queue depths, writes job state, watches the "
+                         "stages for its dashboard and answers the jobs it cancels"),
         Role("stage", BASE | SERVE, redis_keys=("df:*",), redis_commands=STAGE_REDIS_COMMANDS,
              description="encoder, dit, decoder, pipeline, engram_store"),
         Role("scheduler", BASE | SEE_STREAMS | SCHEDULE, description="reads the bus and queues, writes DF_SCHEDULER"),
