@@ -454,9 +454,14 @@ class StageWorker:
         seconds the batch took. A service that runs several stages in one go overrides it."""
         specs = [job.spec for job in batch]
         started = time.perf_counter()
-        on_step = limits.stop_when_late([job.task for job in batch], self.settings, self.step_events(specs, self.stage))
-        outputs = self.models[specs[0].model].run(specs, [job.inputs for job in batch], on_step)
+        outputs = self.models[specs[0].model].run(specs, [job.inputs for job in batch], self.on_step(batch))
         return outputs, {self.stage: time.perf_counter() - started}
+
+    def on_step(self, batch: list[Job]) -> Callable[[int, int], None]:
+        """The step callback of a batch of this worker's stage: its ``step`` events and cancel
+        checks (``step_events``), and its jobs' deadlines (``limits.stop_when_late``)."""
+        return limits.stop_when_late([job.task for job in batch], self.settings,
+                                     self.step_events([job.spec for job in batch], self.stage))
 
     def step_events(self, specs: list[JobSpec], stage: Stage) -> Callable[[int, int], None]:
         """A model's step callback that publishes ``step`` events of ``stage`` for ``specs``."""

@@ -43,7 +43,7 @@ class DitWorker(StageWorker):
             specs = [job.spec for job in jobs]
             if step:
                 self.notify(specs, "resumed", self.stage, step=step, total=specs[0].steps)
-            on_step = self._checkpointing(list(jobs), self.step_events(specs, self.stage))
+            on_step = self._checkpointing(list(jobs), self.on_step(list(jobs)))
             model = self.models[specs[0].model]
             for job, output in zip(jobs, model.run(specs, [job.inputs | t for job, t in zip(jobs, tensors)], on_step)):
                 outputs[id(job)] = output
