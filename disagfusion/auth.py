@@ -100,7 +100,7 @@ services publish to ``_INBOX.>`` (a client could otherwise answer another's requ
 SEE_STREAMS = Grant(publish=tuple(f"{API}.STREAM.INFO.{s}" for s in (WORK_STREAM, RESULTS_STREAM, DLQ_STREAM)))
 """``bus.connect`` checks that the streams exist (it creates them only where it may)."""
 
-SUBMIT = Grant(publish=("df.work.encode.*", f"$KV.{JOBS_BUCKET}.state.*", f"$KV.{JOBS_BUCKET}.cancel.*"))
+SUBMIT = Grant(publish=("df.work.encode.*", *(f"$KV.{JOBS_BUCKET}.{key}.*" for key in ("spec", "state", "cancel"))))
 """A client enters jobs at the first stage only, marks them queued, and may cancel them (a cancel
 mark in ``DF_JOBS``: the stage that meets the job answers it with its ``cancelled`` result)."""
 

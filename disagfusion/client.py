@@ -109,6 +109,14 @@ class Client:
         await limits.check_queue_depth(self._js, self.settings, len(specs))
 
     async def _publish(self, spec: JobSpec) -> None:
+        """Publish a job (a retry of the same job is stored once), after claiming its id:
+        ``JobIdInUse`` if another job has it."""
+        try:
+            await job_state.claim(await self.jobs_bucket(), spec)
+        except job_state.JobIdInUse:
+            raise
+        except Exception as exc:  # DF_JOBS unreachable: publish unchecked (a duplicate is still stored once)
+            log.debug("job %s: id not claimed: %s", spec.job_id, exc)
         task = StageTask(job=spec, stage=Stage.ENCODE)
         try:
             await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task),

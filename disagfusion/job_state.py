@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+import xxhash
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -36,6 +37,7 @@ from disagfusion.config import BusSettings
 from disagfusion.errors import DisagFusionError
 from disagfusion.protocol import (
     RESULTS_STREAM,
+    JobSpec,
     JobState,
     ProgressEvent,
     Result,
@@ -45,6 +47,7 @@ from disagfusion.protocol import (
     pack,
     result_msg_id,
     results_subject,
+    spec_key,
     unpack,
 )
 
@@ -91,6 +94,29 @@ async def find_result(js: JetStreamContext, job_id: str) -> Result | None:
     except NotFoundError:
         return None
     return unpack(Result, msg.data)
+
+
+class JobIdInUse(DisagFusionError, ValueError):
+    """A job id already submitted with another spec: a new job needs a new id."""
+
+    field = "job_id"
+
+
+async def claim(kv: KeyValue, spec: JobSpec) -> None:
+    """Reserve ``spec.job_id`` for ``spec`` before it is published (kept as long as results).
+    Submitting the same spec again is a retry and passes; another spec under the id raises
+    ``JobIdInUse``: JetStream would drop its publish as a duplicate (inside the duplicate
+    window) or run it as a second job with the first one's result subject (after it)."""
+    digest = xxhash.xxh3_64_hexdigest(pack(spec)).encode()
+    try:
+        await kv.create(spec_key(spec.job_id), digest)
+        return
+    except KeyWrongLastSequenceError:
+        pass
+    entry = await kv.get(spec_key(spec.job_id))
+    if entry.value != digest:
+        raise JobIdInUse(f"job_id {spec.job_id!r} is already in use by another job (submitted with a different "
+                         "spec): give this job a new job_id")
 
 
 async def mark_queued(kv: KeyValue, job_id: str, by: str) -> None:

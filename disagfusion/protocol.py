@@ -179,6 +179,12 @@ def job_state_key(job_id: str) -> str:
     return f"state.{job_id}"
 
 
+def spec_key(job_id: str) -> str:
+    """Key in ``DF_JOBS`` holding the digest of the spec first submitted under a job id: the same
+    spec again is a retry, another spec under the same id is refused (``job_state.claim``)."""
+    return f"spec.{job_id}"
+
+
 def cancel_key(job_id: str) -> str:
     """Key in ``DF_JOBS`` whose presence cancels the job (its value: the ``JobState`` the canceller wrote)."""
     return f"cancel.{job_id}"

@@ -17,6 +17,7 @@ import typer
 from pydantic import ValidationError
 
 from disagfusion.client import Client
+from disagfusion.job_state import JobIdInUse
 from disagfusion.limits import LimitError, QueueFull
 from disagfusion.protocol import STAGES, JobSpec, OutputFormat, ProgressEvent, Result
 from disagfusion_cli.common import (
@@ -95,7 +96,7 @@ def _refused_or(work: Coroutine[Any, Any, T]) -> T:
     """Run ``work``; a job over a limit or a full queue ends the command with the reason."""
     try:
         return asyncio.run(work)
-    except (LimitError, QueueFull) as exc:
+    except (LimitError, QueueFull, JobIdInUse) as exc:
         fail(f"refused: {exc}")
 
 

@@ -15,6 +15,7 @@ from disagfusion.config import Settings
 from disagfusion.job_state import JobsCancelled, JobStates
 from disagfusion.protocol import (
     RESULTS_STREAM,
+    JobSpec,
     JobState,
     ProgressEvent,
     Result,
@@ -130,3 +131,12 @@ async def test_a_cancelled_job_gets_exactly_one_result(nats_bus: bus.Bus, nats_s
     assert (await job_state.cancel(js, config, finished, "test", known=True)).status == "ok"
     assert (await job_state.publish_cancelled(js, finished, "decode", "decoder")).status == "ok"
     assert await results_of(js, finished) == 1
+
+
+async def test_a_job_id_is_claimed_by_its_first_spec(nats_bus: bus.Bus, nats_server: str) -> None:
+    kv = await bus.jobs_bucket(nats_bus.js, settings(nats_server))
+    spec = JobSpec(job_id=new_job_id(), prompt="a fox", steps=2)
+    await job_state.claim(kv, spec)
+    await job_state.claim(kv, spec)  # the same job again: a retry, not a second job
+    with pytest.raises(job_state.JobIdInUse, match=f"job_id '{spec.job_id}' is already in use"):
+        await job_state.claim(kv, spec.model_copy(update={"prompt": "a wolf"}))
