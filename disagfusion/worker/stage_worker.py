@@ -47,7 +47,7 @@ from disagfusion.protocol import (
     work_subject,
 )
 from disagfusion.transport import open_transports
-from disagfusion.worker import failures, policy
+from disagfusion.worker import failures, policy, replay
 from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.in_flight import InFlight
 
@@ -145,6 +145,7 @@ class StageWorker:
         self._stopping = asyncio.Event()
         self._in_flight: InFlight | None = None
         self._dead_letters: DeadLetters | None = None
+        self._replays: replay.Replays | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         """Jobs taken for compute that did not fit the batch they came with, in order."""
@@ -199,6 +200,7 @@ class StageWorker:
         replicas = self.settings.stream_replicas
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
         self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
+        self._replays = replay.Replays(self.js, self.stage, self.settings.max_input_replays, self.publish_event)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
@@ -384,7 +386,13 @@ class StageWorker:
 
     async def _failed(self, msg: Msg, task: StageTask | None, exc: Exception, doing: str) -> None:
         """Answer a task whose handling raised ``exc``: reject it, dead-letter it or retry it
-        later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result."""
+        later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result.
+        A job whose input vanished is run again from its first stage instead (``replay``)."""
+        if replay.input_gone(exc, task):
+            exc = await self._replays.send_back(msg, task, exc)
+            if exc is None:
+                self.in_flight.release(msg)
+                return
         outcome = failures.classify(exc)
         if outcome is failures.Outcome.RETRY and task is not None:
             delay = failures.retry_delay(
