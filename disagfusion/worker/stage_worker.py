@@ -73,6 +73,8 @@ class Job:
     compute_s: float = 0.0
     """This job's share of its batch's compute time in its task's stage."""
     batch_size: int = 1
+    handed_on: StageTask | None = None
+    """The next stage's task, once its tensors are stored."""
 
     @property
     def spec(self) -> JobSpec:
@@ -557,8 +559,10 @@ class StageWorker:
         if Stage(job.task.stage).is_last:
             await self._publish_output(job)
             return
-        refs = await asyncio.to_thread(self._store_outputs, job)
-        task = job.task.handed_on(refs, job.compute_s, job.batch_size)
+        if job.handed_on is None:  # stored once: a retried send republishes the refs the first publish may have stored
+            refs = await asyncio.to_thread(self._store_outputs, job)
+            job.handed_on = job.task.handed_on(refs, job.compute_s, job.batch_size)
+        task = job.handed_on
         await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task),
                           task_msg_id(task.job.job_id, task.stage, task.replay))
 
