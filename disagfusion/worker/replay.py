@@ -14,7 +14,8 @@ vanished run's, which JetStream remembers for its duplicate window; and the numb
 from the task, so two consumers (or a redelivery) replaying the same run publish the same id
 and the first stage gets one task. Replays are bounded by ``Settings.max_input_replays``
 (``StageTask.input_replays`` counts them); past that, the job gets an error result that says
-its input kept vanishing.
+its input kept vanishing. The job's result keeps the id of the run the replays started from
+(``result_run``), so the job has one result whichever run finishes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def first_stage_task(task: StageTask) -> StageTask:
     time kept (so latency is counted from the client's submit), the replay counted."""
     return StageTask(job=task.job, stage=STAGES[0], submitted_at=task.submitted_at, replay=task.replay + 1,
                      input_replays=task.input_replays + 1)
+
+
+def result_run(task: StageTask) -> int:
+    """The replay number in the message id of ``task``'s job's result: operator replays only.
+    Every run that input replays started shares it, so should a run whose input vanished for
+    one consumer still be finished by another (a duplicated task), the job keeps one result."""
+    return task.replay - task.input_replays
 
 
 class Replays:

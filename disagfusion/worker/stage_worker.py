@@ -415,7 +415,7 @@ class StageWorker:
             log.error("%s: job %s: %s", self.name, task.job.job_id if task else None, doing, exc_info=exc)
         error = str(exc) if isinstance(exc, SpecError) else f"{doing}: {failures.describe(exc)}"
         await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
-                         replay=task.replay if task else 0)
+                         replay=replay.result_run(task) if task else 0)
 
     async def _next_batch(self) -> list[Job]:
         """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
@@ -589,7 +589,7 @@ class StageWorker:
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
                            height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done", stage=Stage(job.task.stage))
-        await self.publish_result(result, job.task.replay)
+        await self.publish_result(result, replay.result_run(job.task))
 
     def _store_outputs(self, job: Job) -> dict:
         return {

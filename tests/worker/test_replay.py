@@ -15,7 +15,7 @@ from disagfusion.protocol import (
     WORK_STREAM, ProgressEvent, StageTask, events_subject, pack, task_msg_id, unpack, work_subject,
 )
 from disagfusion.transport import Transports
-from disagfusion.worker.replay import first_stage_task
+from disagfusion.worker.replay import first_stage_task, result_run
 from tests.worker.test_stage_worker import SlowModel, Worker, run_worker, specs  # noqa: F401 (run_worker: a fixture)
 
 
@@ -36,6 +36,8 @@ def test_the_first_stage_task_counts_the_replay_and_keeps_the_submission_time() 
     assert (again.stage, again.tensors, again.submitted_at, again.replay, again.input_replays) == \
         ("encode", {}, 12.5, 3, 2)
     assert first_stage_task(again).handed_on({}, 0.1, 1).input_replays == 3
+    # Input replays share the result's message id: one result per job, whichever run ends.
+    assert result_run(task) == result_run(again) == 1
 
 
 async def test_a_task_whose_input_vanished_is_replayed_from_the_first_stage(
