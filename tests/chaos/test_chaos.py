@@ -1,7 +1,8 @@
 """Chaos (issue 20): 200 jobs of the tiny model on the embedded stack with 2 replicas per stage
 and every tensor through the transport (``DF_INLINE_MAX_BYTES=0``), while random stage
 processes are SIGKILLed, nats-server is killed -9 (the supervisor restarts it) and, in the redis
-run, redis-server is killed and kept down 10 s. Every job gets exactly one result, ok, with the
+run, redis-server is killed and kept down 10 s, and later every tensor in Redis is deleted (as
+an eviction would), so those jobs are replayed from their first stage. Every job gets exactly one result, ok, with the
 pixels of the stock pipeline; no blob is left once the janitor has run; every worker serves on.
 The figures (kills, restarts, redeliveries, replays, lost) are printed for the issue's note."""
 
@@ -52,6 +53,8 @@ class Chaos:
         self.launcher = launcher
         self.rng = rng
         self.kills: Counter[str] = Counter()
+        self.evicted: int | None = None
+        """Tensors deleted from Redis by ``evict_blobs`` (redis run)."""
 
     def kill_a_stage(self) -> None:
         service = self.rng.choice(STAGES)
@@ -76,9 +79,15 @@ class Chaos:
         finally:
             os.kill(state.supervisor.pid, signal.SIGCONT)
 
+    def evict_blobs(self) -> None:
+        """Delete every tensor in Redis, as an eviction or a restart without its AOF would."""
+        store = redis.Redis.from_url(self.launcher.state().redis_url)
+        keys = store.keys(KEY_PREFIX + "*")
+        self.evicted = store.delete(*keys) if keys else 0
+
     async def run(self, done: asyncio.Event, transport: str) -> None:
         started = time.monotonic()
-        nats_at, redis_at = 6.0, 12.0
+        nats_at, redis_at, evict_at = 6.0, 12.0, 30.0
         while not done.is_set():
             await asyncio.sleep(self.rng.uniform(1.0, 3.0))
             elapsed = time.monotonic() - started
@@ -88,6 +97,12 @@ class Chaos:
             elif transport == "redis" and redis_at is not None and elapsed > redis_at:
                 await self.redis_down(REDIS_DOWN_S)
                 redis_at = None
+            elif transport == "redis" and evict_at is not None and elapsed > evict_at:
+                try:
+                    self.evict_blobs()
+                    evict_at = None
+                except redis.ConnectionError:  # not back yet from its restart
+                    pass
             else:
                 self.kill_a_stage()
 
@@ -187,7 +202,7 @@ async def test_chaos_loses_no_job_and_answers_each_once_with_the_undisturbed_pix
     replays = log_count(launcher, "replayed from stage")
     errors = {job_id: r.error for job_id, r in results.items() if r.status != "ok"}
     print(f"\nchaos {transport} (seed {seed}): {JOBS} jobs in {run_s:.0f} s; kills {dict(chaos.kills)}; "
-          f"restarts {restarts}; redeliveries {redelivered}; replays {replays}; "
+          f"restarts {restarts}; redeliveries {redelivered}; blobs evicted {chaos.evicted}; replays {replays}; "
           f"lost {JOBS - len(results)}; errors {len(errors)}; load {os.getloadavg()[0]:.1f}")
 
     assert errors == {}
@@ -195,6 +210,7 @@ async def test_chaos_loses_no_job_and_answers_each_once_with_the_undisturbed_pix
     assert all(chaos.kills[s] for s in STAGES) and chaos.kills["nats-server"] == 1
     if transport == "redis":
         assert chaos.kills["redis-server"] == 1 and state.redis.restarts == 1
+        assert chaos.evicted is not None and (replays > 0) == (chaos.evicted > 0)
     reference = {}
     for spec in specs:
         key = (spec.prompt, spec.seed)
