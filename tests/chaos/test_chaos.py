@@ -26,7 +26,7 @@ from PIL import Image
 from disagfusion import bus
 from disagfusion.client import Client
 from disagfusion.launcher import Launcher, alive
-from disagfusion.protocol import RESULTS_STREAM, JobSpec, Result, results_subject, unpack, Attempt
+from disagfusion.protocol import RESULTS_STREAM, Attempt, JobSpec, results_subject, unpack
 from disagfusion.transport.redis import KEY_PREFIX
 from disagfusion.transport.shm import FREE, unpack_word
 
