@@ -176,6 +176,10 @@ class WorkerSettings(BaseSettings):
     """JetStream redelivers a task not acked within this; long stages send in-progress heartbeats."""
     max_deliver: int = Field(default=5, ge=1)
     """After this many deliveries a task gets an error result instead of another try."""
+    max_input_replays: int = Field(default=3, ge=0)
+    """A job whose input tensors vanished (Redis restarted or evicted them, a blob TTL ran out,
+    an shm file went) is run again from its first stage at most this often; then it gets an
+    error result saying that its input kept vanishing."""
     pipeline: Literal["async", "sync"] = "async"
     """async overlaps fetch, compute and send across jobs; sync runs one job at a time."""
     prefetch: int = Field(default=2, ge=1)

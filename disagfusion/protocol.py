@@ -368,8 +368,13 @@ class StageTask(Message):
     """Jobs in the batch each stage so far ran this job in."""
     submitted_at: float = Field(default_factory=time.time)
     replay: int = Field(default=0, ge=0)
-    """How often an operator replayed this job from the dead-letter stream (``disagfusion dlq
-    replay``); part of its message ids (``task_msg_id``), carried to the following stages."""
+    """How often this job was run again: replayed by an operator from the dead-letter stream
+    (``disagfusion dlq replay``) or sent back to its first stage because an input vanished
+    (``disagfusion.worker.replay``); part of its message ids (``task_msg_id``), carried to the
+    following stages."""
+    input_replays: int = Field(default=0, ge=0)
+    """How often this job was sent back to its first stage because an input vanished (bounded
+    by ``max_input_replays``); carried to the following stages."""
 
     def handed_on(self, tensors: dict[str, TensorRef], seconds: float, batch_size: int) -> StageTask:
         """The next stage's task: this stage's outputs, and its time and batch size added."""
@@ -378,7 +383,8 @@ class StageTask(Message):
             raise ValueError(f"stage {self.stage} is the last: its output is the job's result")
         timings, batch_sizes = self.with_stage(seconds, batch_size)
         return StageTask(job=self.job, stage=stage.next, tensors=tensors, timings=timings, batch_sizes=batch_sizes,
-                         submitted_at=self.submitted_at, replay=self.replay)
+                         submitted_at=self.submitted_at, replay=self.replay,
+                         input_replays=self.input_replays)
 
     def with_stage(self, seconds: float, batch_size: int) -> tuple[dict[str, float], dict[str, int]]:
         """``timings`` and ``batch_sizes`` with this stage's own added."""
@@ -431,9 +437,10 @@ class Result(Message):
         return cls(job_id=job_id, status="cancelled", error=f"cancelled by {by}", stage=stage)
 
 
-ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error", "resumed"]
+ProgressKind = Literal["stage_started", "step", "stage_done", "done", "error", "resumed", "replayed"]
 """``resumed``: a denoising run continues from a checkpoint (``step`` of ``total``) after the
-instance that ran it was killed or drained."""
+instance that ran it was killed or drained; ``replayed``: an input of the stage vanished and the
+job runs again from its first stage."""
 
 
 class ProgressEvent(Message):

@@ -51,7 +51,7 @@ from disagfusion.protocol import (
     work_subject,
 )
 from disagfusion.transport import open_transports
-from disagfusion.worker import failures, policy
+from disagfusion.worker import failures, policy, replay
 from disagfusion.worker.checkpoints import Preempted
 from disagfusion.worker.dead_letters import DeadLetters
 from disagfusion.worker.envelope import check_envelope, msg_id_of
@@ -79,6 +79,8 @@ class Job:
     compute_s: float = 0.0
     """This job's share of its batch's compute time in its task's stage."""
     batch_size: int = 1
+    handed_on: StageTask | None = None
+    """The next stage's task, once its tensors are stored."""
 
     @property
     def spec(self) -> JobSpec:
@@ -153,6 +155,7 @@ class StageWorker:
         self._in_flight: InFlight | None = None
         self._dead_letters: DeadLetters | None = None
         self._job_states: JobStates | None = None
+        self._replays: replay.Replays | None = None
         self._to_compute: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.prefetch, settings.max_batch))
         self._carried: list[Job] = []
         """Jobs taken for compute that did not fit the batch they came with, in order."""
@@ -208,6 +211,7 @@ class StageWorker:
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
         self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
         self._job_states = await JobStates.open(self.js, self.settings, self.name)
+        self._replays = replay.Replays(self.js, self.stage, self.settings.max_input_replays, self.publish_event)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()
         await self.setup()
@@ -405,7 +409,13 @@ class StageWorker:
 
     async def _failed(self, msg: Msg, task: StageTask | None, exc: Exception, doing: str) -> None:
         """Answer a task whose handling raised ``exc``: reject it, dead-letter it or retry it
-        later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result."""
+        later, as ``failures.classify`` says. ``doing`` prefixes the cause in the error result.
+        A job whose input vanished is run again from its first stage instead (``replay``)."""
+        if replay.input_gone(exc, task):
+            exc = await self._replays.send_back(msg, task, exc)
+            if exc is None:
+                self.in_flight.release(msg)
+                return
         outcome = failures.classify(exc)
         metrics.failed(self.stage, outcome)
         if outcome is not failures.Outcome.RETRY or task is None:
@@ -432,7 +442,7 @@ class StageWorker:
             log.error("%s: job %s: %s", self.name, task.job.job_id if task else None, doing, exc_info=exc)
         error = str(exc) if user_error else f"{doing}: {failures.describe(exc)}"
         await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
-                         replay=task.replay if task else 0)
+                         replay=replay.result_run(task) if task else 0)
 
     async def _next_batch(self) -> list[Job]:
         """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
@@ -550,7 +560,7 @@ class StageWorker:
         where = f" after step {step} of {total}" if step is not None else ""
         log.info("%s: job %s is cancelled: dropped at %s%s", self.name, job_id, self.stage, where)
         try:
-            result = await publish_cancelled(self.js, job_id, self.stage, self.name, task.replay)
+            result = await publish_cancelled(self.js, job_id, self.stage, self.name, replay.result_run(task))
             await msg.term()
         except Exception as exc:
             log.warning("%s: could not drop cancelled job %s (%s); it is redelivered after AckWait", self.name,
@@ -647,8 +657,10 @@ class StageWorker:
         if Stage(job.task.stage).is_last:
             await self._publish_output(job)
             return
-        refs = await asyncio.to_thread(self._store_outputs, job)
-        task = job.task.handed_on(refs, job.compute_s, job.batch_size)
+        if job.handed_on is None:  # stored once: a retried send republishes the refs the first publish may have stored
+            refs = await asyncio.to_thread(self._store_outputs, job)
+            job.handed_on = job.task.handed_on(refs, job.compute_s, job.batch_size)
+        task = job.handed_on
         await bus.publish(self.js, work_subject(task.stage, task.job.model), pack(task),
                           task_msg_id(task.job.job_id, task.stage, task.replay))
 
@@ -675,7 +687,7 @@ class StageWorker:
         result = Result.ok(job.task, job.compute_s, job.batch_size, content_type=encoded.content_type,
                            height=frames.shape[1], width=frames.shape[2], **video, **where)
         await self.publish_event(spec.job_id, "done", stage=Stage(job.task.stage))
-        if (await self.publish_result(result, job.task.replay)).duplicate and "object_name" in where:
+        if (await self.publish_result(result, replay.result_run(job.task))).duplicate and "object_name" in where:
             stored = await find_result(self.js, spec.job_id)
             if stored is not None and stored.status == "cancelled":  # the cancel's result came first: unread
                 await self._outputs.delete(where["object_name"])
