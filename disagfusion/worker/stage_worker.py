@@ -513,6 +513,7 @@ class StageWorker:
             except JobsCancelled as stopped:  # every job of the batch: the loop stopped after a step
                 for job in batch:
                     await self._drop_cancelled(job.msg, job.task, stopped.step, stopped.total)
+                continue
             except Preempted as exc:  # checkpointed: the instance that takes them resumes there
                 log.info("%s: %s; handing back its %d job(s)", self.name, exc, len(batch))
                 await self._hand_back(batch)

@@ -121,7 +121,7 @@ async def results_of(js, job_id: str) -> int:
 
 
 def blobs_of(redis_url: str, job_id: str) -> list[bytes]:
-    return redis.Redis.from_url(redis_url).keys(f"df:blob:*{job_id}*")
+    return list(redis.Redis.from_url(redis_url).scan_iter(f"df:blob:*{job_id}*"))
 
 
 async def nothing_held(js, model: str) -> bool:

@@ -284,7 +284,7 @@ async def test_a_task_whose_tensor_ref_lies_gets_an_error_result_and_the_worker_
 
 
 async def test_a_task_met_while_redis_is_down_is_retried_not_failed(
-    run_worker: Worker, nats_server: str, restartable_redis
+    run_worker: Worker, nats_server: str, restartable_redis, role_url
 ) -> None:
     """Redis unreachable while a task's inputs load: the task goes back with a delay (no error
     result), and once Redis is back (empty, as after a restart without persistence, so the
@@ -398,13 +398,13 @@ async def test_a_deleted_consumer_is_recreated_and_the_stage_serves_on(run_worke
 
 
 async def test_redis_out_of_memory_while_storing_an_output_is_retried_later_then_served(
-    run_worker: Worker, nats_server: str, restartable_redis
+    run_worker: Worker, nats_server: str, restartable_redis, role_url
 ) -> None:
     """A real redis-server at its ``maxmemory`` refuses the output's write: the task goes back
     with a delay (not a crash, not an error result, not a failed delivery: max_deliver is 1),
     and once Redis has room the job is served."""
     [job] = specs(1)
-    store = redis.Redis.from_url(restartable_redis.url)
+    store = redis.Redis.from_url(role_url(restartable_redis.url, "admin"))  # CONFIG is the admin's
     store.config_set("maxmemory-policy", "noeviction")
     store.config_set("maxmemory", 1)  # below what an empty server uses: every write is refused
     stack = await bus.connect(Settings(nats_url=nats_server), "test")
