@@ -177,6 +177,11 @@ class OwnSlot(SlotHeader):
         self.store(generation + 1, 0, WRITING)
         return generation + 1
 
+    def vanished(self) -> bool:
+        """Whether the slot's file was removed under it (by an operator, a cleanup script): a
+        tensor written to it now could never be found by name."""
+        return os.fstat(self.fd).st_nlink == 0
+
     def finish(self, generation: int, state: int) -> None:
         """WRITING -> READY once the bytes are in, or back to FREE if writing failed."""
         self.store(generation, 0, state)
@@ -344,7 +349,11 @@ class ShmTransport:
     def _claim(self, nbytes: int) -> tuple[OwnSlot, int]:
         capacity = size_class(nbytes)
         with self._lock:
-            for slot in self._own.get(capacity, []):
+            slots = self._own.setdefault(capacity, [])
+            for slot in [slot for slot in slots if slot.vanished()]:
+                slots.remove(slot)  # a new file takes its place; readers of its old bytes keep them
+                slot.close()
+            for slot in slots:
                 generation = slot.try_claim()
                 if generation is not None:
                     return slot, generation

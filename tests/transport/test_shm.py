@@ -373,3 +373,16 @@ def test_a_tensor_written_in_another_process_outlives_its_producer_and_its_file(
     assert torch.equal(got, expected)  # still mapped: an unlinked file stays valid for who maps it
     with pytest.raises(MissingBlobError):
         ShmTransport(tmp_path).get(ref)
+
+
+def test_a_slot_file_removed_under_its_producer_is_not_written_again(tmp_path: Path) -> None:
+    """Someone removes a free slot's file: the producer's next put makes a new file a consumer
+    can find, instead of writing into the removed one forever (each job through it would vanish)."""
+    shm = ShmTransport(tmp_path)
+    first = shm.put("job1.encode.x", torch.zeros(FLOATS))
+    shm.delete(first)
+    os.unlink(tmp_path / parse_key(first.key)[0])
+    tensor = torch.arange(FLOATS, dtype=torch.float32)
+    second = shm.put("job2.encode.x", tensor)
+    assert parse_key(second.key)[0] != parse_key(first.key)[0]
+    assert torch.equal(ShmTransport(tmp_path).get(second), tensor)
