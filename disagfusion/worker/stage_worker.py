@@ -443,6 +443,18 @@ class StageWorker:
         error = str(exc) if user_error else f"{doing}: {failures.describe(exc)}"
         await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
                          replay=replay.result_run(task) if task else 0)
+        if task is None:
+            return
+        if not dead:  # a user's error (a spec, a limit, a deadline): nothing reruns it
+            try:
+                await asyncio.to_thread(self._delete_inputs, task)
+            except Exception as exc:  # the janitor (or Redis's TTL) frees them later
+                log.warning("%s: could not free the inputs of job %s: %s", self.name, task.job.job_id, exc)
+        await self.job_ended(task)
+
+    async def job_ended(self, task: StageTask) -> None:
+        """``task``'s job was answered here (an error or cancelled result) and goes no further:
+        a service that keeps state per job (the DiT's checkpoints) lets go of it. Nothing here."""
 
     async def _next_batch(self) -> list[Job]:
         """The next job plus, within ``max_batch_wait_ms``, more that fit its batch. Jobs that
@@ -576,6 +588,7 @@ class StageWorker:
             await asyncio.to_thread(self._delete_inputs, task)
         except Exception as exc:  # the janitor (or Redis's TTL) frees them later
             log.warning("%s: could not free the inputs of cancelled job %s: %s", self.name, job_id, exc)
+        await self.job_ended(task)
 
     async def _late(self, job: Job, where: str) -> bool:
         """Answer ``job`` with its error result if it is past its deadline."""

@@ -18,6 +18,7 @@ from itertools import groupby
 from disagfusion import bus
 from disagfusion.models import resume
 from disagfusion.models.base import Tensors
+from disagfusion.protocol import StageTask
 from disagfusion.worker.checkpoints import Checkpoints, Preempted
 from disagfusion.worker.stage_worker import Job, StageSeconds, StageWorker
 
@@ -80,3 +81,6 @@ class DitWorker(StageWorker):
     async def emit(self, job: Job) -> None:
         await super().emit(job)
         await self._checkpoints.discard(job.task)
+
+    async def job_ended(self, task: StageTask) -> None:
+        await self._checkpoints.discard(task)  # failed or cancelled: nothing will resume it
