@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bench test-chaos test-browser clean
+.PHONY: install demo test test-stacks test-bench test-chaos test-browser clean
 
 install: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos --ignore=tests/browser
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos --ignore=tests/browser -m "not stacks"
+
+# The stack tests that serve every family, the emulated video models or the Engram store (about
+# 3 minutes), kept out of `test` so it stays under 10 minutes on 2 cores: CI runs it after `test`.
+test-stacks: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration -m stacks
 
 # The benchmarks' quick runs (each script end to end, about 4 minutes): CI runs them after `test`.
 test-bench: $(STAMP)

@@ -19,6 +19,9 @@ from disagfusion.cost import CostProfile
 from disagfusion.protocol import JobSpec
 from disagfusion_cli import app
 
+# A stack serving many models: `make test-stacks` runs it, not `make test` (docs in the Makefile).
+pytestmark = pytest.mark.stacks
+
 runner = CliRunner()
 
 

@@ -20,6 +20,9 @@ from disagfusion.launcher import Launcher
 from disagfusion.models import load_stage_model
 from disagfusion.protocol import STAGES, JobSpec
 
+# A stack serving many models: `make test-stacks` runs it, not `make test` (docs in the Makefile).
+pytestmark = pytest.mark.stacks
+
 
 def in_process_image(models_dir: Path, arena: Path | None, spec: JobSpec) -> np.ndarray:
     tensors = {}

@@ -22,6 +22,9 @@ from disagfusion.protocol import JobSpec, Result
 from disagfusion_cli import app
 from tests.integration.conftest import running_stack
 
+# A stack serving many models: `make test-stacks` runs it, not `make test` (docs in the Makefile).
+pytestmark = pytest.mark.stacks
+
 FAMILY_PRESETS = ["sd3-tiny", "flux-tiny", "sana-tiny", "qwen-image-tiny"]
 VIDEO_PRESETS = ["wan-tiny", "ltx-tiny", "cogvideox-tiny", "hunyuan-video-tiny"]
 
