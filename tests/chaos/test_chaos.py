@@ -84,7 +84,7 @@ class Chaos:
 
     def evict_blobs(self) -> None:
         """Delete every tensor in Redis, as an eviction or a restart without its AOF would."""
-        store = redis.Redis.from_url(self.launcher.state().redis_url)
+        store = redis.Redis.from_url(self.launcher.client_settings().redis_url)  # as admin: KEYS
         keys = store.keys(KEY_PREFIX + "*")
         self.evicted += store.delete(*keys) if keys else 0
 
@@ -158,10 +158,12 @@ def blobs_left(launcher: Launcher, transport: str) -> list[str]:
     """Tensors still stored: keys in Redis, or shm slot files not free (files of live workers'
     free pools are kept for reuse, and are not blobs)."""
     if transport == "redis":
-        return [k.decode() for k in redis.Redis.from_url(launcher.state().redis_url).keys(KEY_PREFIX + "*")]
+        return [k.decode() for k in redis.Redis.from_url(launcher.client_settings().redis_url).keys(KEY_PREFIX + "*")]
     shm = Path(launcher.environment(launcher.state(), "dit")["DF_SHM_DIR"])
     left = []
     for path in shm.iterdir() if shm.exists() else []:
+        if not path.name.startswith("slot-"):  # the domain id file (disagfusion.transport.locality)
+            continue
         try:
             word = struct.unpack("<Q", path.read_bytes()[:8])[0]
         except (FileNotFoundError, struct.error):
