@@ -118,7 +118,7 @@ def test_dashboard_moves_while_jobs_run(browser: WebDriver, gateway_url: str) ->
 
 def test_with_api_keys_the_page_works_once_a_key_is_entered(browser: WebDriver, gateway_stack: Launcher,
                                                            start_gateway) -> None:
-    url = start_gateway(gateway_stack.state().nats_url, DF_API_KEYS="browser-key")
+    url = start_gateway(gateway_stack.client_settings().nats_url, DF_API_KEYS="browser-key")
     browser.get(f"{url}/")
     wait_for("that a key is needed", lambda: "enter an API key" in text(browser, "state"))
     browser.find_element(By.ID, "key").send_keys("browser-key")
@@ -148,7 +148,7 @@ async def scheduler_says(nats_url: str, targets: dict[str, int] | None) -> None:
 
 def test_desired_instances_come_from_a_running_scheduler(browser: WebDriver, gateway_url: str,
                                                          gateway_stack: Launcher) -> None:
-    nats_url = gateway_stack.state().nats_url
+    nats_url = gateway_stack.client_settings().nats_url
     browser.get(f"{gateway_url}/")
     wait_for("no desired counts without a scheduler", lambda: column(browser, "desired") == dict.fromkeys(STAGES, "–"))
     asyncio.run(scheduler_says(nats_url, {"encode": 1, "denoise": 3, "decode": 2}))
