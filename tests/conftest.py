@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from disagfusion.auth import Tls, nats_config
+from disagfusion.bus import Bus, connect
 from disagfusion.config import Settings
 from disagfusion.launcher import ServerAuth, binary, free_port, stop_process, wait_port, write_server_auth
 from disagfusion.models import model_directory, model_family
@@ -187,6 +188,14 @@ class RestartableRedis:
         if self.proc is not None:
             stop_process(self.proc)
             self.proc = None
+
+
+@pytest.fixture
+async def nats_bus(nats_server: str) -> AsyncIterator[Bus]:
+    """A stage user's connection to ``nats_server``, with the streams made."""
+    connected = await connect(Settings(nats_url=nats_server), "test")
+    yield connected
+    await connected.close()
 
 
 @pytest.fixture

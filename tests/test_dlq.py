@@ -11,11 +11,10 @@ from disagfusion import dlq
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion_cli import app
-from tests.worker.test_stage_worker import (  # noqa: F401
+from tests.worker.conftest import Worker, run_worker, start_denoise_worker  # noqa: F401 (fixtures)
+from tests.worker.test_stage_worker import (
     SlowModel,
-    Worker,
     collect_outputs,
-    run_worker,
     specs,
     submit_denoise_tasks,
 )

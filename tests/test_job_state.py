@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,6 +19,7 @@ from disagfusion.protocol import (
     ProgressEvent,
     Result,
     cancel_key,
+    cancel_subject,
     job_state_key,
     new_job_id,
     pack,
@@ -27,13 +27,6 @@ from disagfusion.protocol import (
     results_subject,
     unpack,
 )
-
-
-@pytest.fixture
-async def nats_bus(nats_server: str) -> AsyncIterator[bus.Bus]:
-    connected = await bus.connect(Settings(nats_url=nats_server), "test")
-    yield connected
-    await connected.close()
 
 
 def settings(nats_server: str) -> Settings:
@@ -56,7 +49,7 @@ async def test_cancel_marks_reach_a_worker_and_a_batch_stops_only_when_all_its_j
     kv = await bus.jobs_bucket(nats_bus.js, settings(nats_server))
     before, after, other = new_job_id(), new_job_id(), new_job_id()
     await kv.put(cancel_key(before), b"")
-    states = await JobStates.open(nats_bus.js, settings(nats_server), "worker")
+    states = await JobStates.open(nats_bus, settings(nats_server), "worker")
     try:
         assert states.cancelled(before)  # made before it started: known once open returns
         assert not states.cancelled(after)
@@ -76,7 +69,7 @@ async def test_step_writes_are_throttled_and_the_last_step_is_written(nats_bus: 
     kv = await bus.jobs_bucket(nats_bus.js, settings(nats_server))
     job_id = new_job_id()
     watcher = await kv.watch(job_state_key(job_id))
-    states = await JobStates.open(nats_bus.js, settings(nats_server), "dit")
+    states = await JobStates.open(nats_bus, settings(nats_server), "dit")
     try:
         for step in range(1, 101):  # 100 steps within a few milliseconds
             states.on_event(ProgressEvent(job_id=job_id, kind="step", stage="denoise", step=step, total=100))
@@ -111,26 +104,35 @@ async def results_of(js, job_id: str) -> int:
 async def test_a_cancelled_job_gets_exactly_one_result(nats_bus: bus.Bus, nats_server: str) -> None:
     js, config = nats_bus.js, settings(nats_server)
     kv = await bus.jobs_bucket(js, config)
-    assert await job_state.cancel(js, config, new_job_id(), "test") is None  # nobody knows it
-    assert await job_state.cancel(js, config, "no.such job", "test") is None
+    assert await job_state.cancel(nats_bus, config, new_job_id(), "test") is None  # nobody knows it
+    assert await job_state.cancel(nats_bus, config, "no.such job", "test") is None
+    stage = await JobStates.open(nats_bus, config, "stage")  # answers the cancel requests
+    try:
+        queued = new_job_id()
+        await job_state.mark_queued(kv, queued, "client")
+        result = await job_state.cancel(nats_bus, config, queued, "test")
+        assert (result.status, result.error) == ("cancelled", "cancelled by test")
+        assert (await job_state.cancel(nats_bus, config, queued, "again")).error == "cancelled by test"
+        # A stage that meets the job later publishes nothing more.
+        assert (await job_state.publish_cancelled(js, queued, "denoise", "dit")).error == "cancelled by test"
+        assert await results_of(js, queued) == 1
+        assert (await job_state.read_state(kv, queued)).state == "cancelled"
+        assert (await kv.get(cancel_key(queued))).value
+        # A request for a job nobody marked is answered empty: nothing is cancelled.
+        unmarked = new_job_id()
+        assert (await nats_bus.nc.request(cancel_subject(unmarked), b"", timeout=5)).data == b""
+        assert await results_of(js, unmarked) == 0
 
-    queued = new_job_id()
-    await job_state.mark_queued(kv, queued, "client")
-    result = await job_state.cancel(js, config, queued, "test")
-    assert (result.status, result.error) == ("cancelled", "cancelled by test")
-    assert (await job_state.cancel(js, config, queued, "again")).error == "cancelled by test"
-    # A stage that meets the job later publishes nothing more.
-    assert (await job_state.publish_cancelled(js, queued, "denoise", "dit")).error == "cancelled by test"
-    assert await results_of(js, queued) == 1
-    assert (await job_state.read_state(kv, queued)).state == "cancelled"
-    assert (await kv.get(cancel_key(queued))).value
-
-    finished = new_job_id()
-    ok = Result(job_id=finished, status="ok", stage="decode")
-    await bus.publish(js, results_subject(finished), pack(ok), result_msg_id(finished))
-    assert (await job_state.cancel(js, config, finished, "test", known=True)).status == "ok"
-    assert (await job_state.publish_cancelled(js, finished, "decode", "decoder")).status == "ok"
-    assert await results_of(js, finished) == 1
+        finished = new_job_id()
+        ok = Result(job_id=finished, status="ok", stage="decode")
+        await bus.publish(js, results_subject(finished), pack(ok), result_msg_id(finished))
+        assert (await job_state.cancel(nats_bus, config, finished, "test", known=True)).status == "ok"
+        assert (await job_state.publish_cancelled(js, finished, "decode", "decoder")).status == "ok"
+        assert await results_of(js, finished) == 1
+    finally:
+        await stage.close()
+    with pytest.raises(job_state.CancelPending, match="no stage is running"):
+        await job_state.cancel(nats_bus, config, new_job_id(), "test", known=True)
 
 
 async def test_a_job_id_is_claimed_by_its_first_spec(nats_bus: bus.Bus, nats_server: str) -> None:

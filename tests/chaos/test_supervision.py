@@ -5,7 +5,6 @@ answered once and none failed (the workers retry their handoffs meanwhile)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from disagfusion.protocol import (
     work_subject,
 )
 from disagfusion.transport import Transports
-from disagfusion.worker.stage_worker import StageWorker
+from tests.worker.conftest import StartDenoiseWorker
 
 STEP_S = 0.1
 
@@ -72,27 +72,13 @@ Start = Callable[..., Awaitable[SteppingModel]]
 
 
 @pytest.fixture
-async def start_worker(nats_server: str, redis_server: str, tmp_path: Path) -> AsyncIterator[Start]:
-    tasks: list[tuple[StageWorker, asyncio.Task]] = []
-
+def start_worker(start_denoise_worker: StartDenoiseWorker, nats_server: str, redis_server: str, tmp_path: Path) -> Start:
     async def start(model_name: str, **more) -> SteppingModel:
         model = SteppingModel()
-        worker = StageWorker("denoise", settings(nats_server, redis_server, model_name, tmp_path, **more),
-                             load_model=lambda name, stage, s: model)
-        tasks.append((worker, asyncio.create_task(worker.run())))
+        start_denoise_worker(model, settings(nats_server, redis_server, model_name, tmp_path, **more))
         return model
 
-    yield start
-    for worker, task in tasks:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
-
-
-@pytest.fixture
-async def nats_bus(nats_server: str) -> AsyncIterator[bus.Bus]:
-    connected = await bus.connect(Settings(nats_url=nats_server), "test")
-    yield connected
-    await connected.close()
+    return start
 
 
 async def submit(js, nats_url: str, redis_url: str, tmp_path: Path, model: str, jobs: list[JobSpec]) -> None:
@@ -153,7 +139,7 @@ async def test_a_job_cancelled_mid_denoise_stops_within_a_step(
     await submit(js, nats_server, redis_server, tmp_path, "alone", [spec])
     model = await start_worker("alone")
     await eventually(lambda: len(model.step_started) >= 3, what="three steps")
-    result = await job_state.cancel(js, Settings(nats_url=nats_server), spec.job_id, "test")
+    result = await job_state.cancel(nats_bus, Settings(nats_url=nats_server), spec.job_id, "test")
     cancelled_at = time.time()
     assert result is not None and result.status == "cancelled", result
     await eventually(lambda: model.runs, what="the loop to stop")
@@ -179,10 +165,14 @@ async def test_a_job_cancelled_while_queued_is_dropped_at_admission(
     js = nats_bus.js
     spec = JobSpec(prompt="p", model="queued", steps=5)
     await submit(js, nats_server, redis_server, tmp_path, "queued", [spec])
-    # Published straight to NATS, it has no state: the canceller vouches for it.
-    result = await job_state.cancel(js, Settings(nats_url=nats_server), spec.job_id, "test", known=True)
-    assert result is not None and result.status == "cancelled" and result.stage is None
+    # Published straight to NATS, it has no state: the canceller vouches for it. No stage runs
+    # to answer the cancel, so the worker that takes the job answers it, at admission.
+    with pytest.raises(job_state.CancelPending, match="no stage is running"):
+        await job_state.cancel(nats_bus, Settings(nats_url=nats_server), spec.job_id, "test", known=True)
     model = await start_worker("queued")
+    await eventually(lambda: results_of(js, spec.job_id), what="its cancelled result")
+    assert (await job_state.find_result(js, spec.job_id)).model_dump(include={"status", "stage"}) \
+        == {"status": "cancelled", "stage": "denoise"}
     await eventually(lambda: nothing_held(js, "queued"), what="the task to be dropped")
     await eventually(lambda: not blobs_of(redis_server, spec.job_id), what="its input to be deleted")
     assert model.runs == [] and model.step_started == []
@@ -201,7 +191,7 @@ async def test_a_job_sharing_a_batch_with_a_cancelled_one_finishes_unchanged(
     await submit(js, nats_server, redis_server, tmp_path, "shared", [first, cancelled, neighbour])
     model = await start_worker("shared", max_batch=2, max_batch_wait_ms=500)
     await eventually(lambda: len(model.step_started) >= 3, what="two steps of the batch")
-    result = await job_state.cancel(js, Settings(nats_url=nats_server), cancelled.job_id, "test")
+    result = await job_state.cancel(nats_bus, Settings(nats_url=nats_server), cancelled.job_id, "test")
     assert result is not None and result.status == "cancelled"
     await eventually(lambda: len(model.runs) == 2, what="the batch to end")
     assert model.runs[1] == ([cancelled.job_id, neighbour.job_id], 10), "the batch did not run on for its other job"

@@ -13,7 +13,8 @@ from disagfusion.config import Settings
 from disagfusion.models.base import SpecError
 from disagfusion.protocol import StageTask, unpack
 from disagfusion.worker.stage_worker import StageWorker
-from tests.worker.test_stage_worker import SlowModel, Worker, run_worker, specs, submit_denoise_tasks  # noqa: F401
+from tests.worker.conftest import Worker
+from tests.worker.test_stage_worker import SlowModel, specs, submit_denoise_tasks
 
 
 class BrokenModel(SlowModel):

@@ -16,7 +16,8 @@ from disagfusion.protocol import (
 )
 from disagfusion.transport import Transports
 from disagfusion.worker.replay import first_stage_task, result_run
-from tests.worker.test_stage_worker import SlowModel, Worker, run_worker, specs  # noqa: F401 (run_worker: a fixture)
+from tests.worker.conftest import Worker
+from tests.worker.test_stage_worker import SlowModel, specs
 
 
 def vanished_task(settings: Settings, spec, input_replays: int = 0) -> StageTask:

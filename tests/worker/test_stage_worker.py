@@ -7,7 +7,6 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from disagfusion.models.base import SpecError, StageModel, Tensors
 from disagfusion.protocol import WORK_STREAM, JobSpec, StageTask, TensorRef, pack, unpack, work_subject
 from disagfusion.worker.stage_worker import StageWorker, WorkerCrashed
 from disagfusion.transport import Transports
+from tests.worker.conftest import Worker
 
 
 class SlowModel(StageModel):
@@ -45,27 +45,6 @@ class SlowModel(StageModel):
         return [{"latents": x["embeds"] * 2} for x in inputs]
 
 
-Worker = Callable[..., SlowModel]
-
-
-@pytest.fixture
-async def run_worker(nats_server: str, tmp_path: Path) -> AsyncIterator[Worker]:
-    """Start a denoise worker in-process; stop and drain it after the test."""
-    tasks: list[tuple[StageWorker, asyncio.Task]] = []
-
-    async def start(model: SlowModel, **settings) -> SlowModel:
-        worker = StageWorker(
-            "denoise",
-            Settings(nats_url=nats_server, models="m", shm_dir=tmp_path / "shm", **settings),
-            load_model=lambda name, stage, s: model,
-        )
-        tasks.append((worker, asyncio.create_task(worker.run())))
-        return model
-
-    yield start
-    for worker, task in tasks:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def submit_denoise_tasks(nats_url: str, specs: list[JobSpec]) -> bus.Bus:
