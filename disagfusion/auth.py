@@ -13,8 +13,8 @@ Roles:
 - ``client``: submits jobs (``df.work.encode.<model>``), reads results, events, outputs and job
   state, requests cancellation. No result publishing, no stream/consumer deletion or purge, no
   other stage's queue, no scheduler state, no Redis.
-- ``gateway``: a client that also reads queue depths, writes job state, watches arrivals and
-  workers for its dashboard, and publishes the ``cancelled`` result of a job it cancels.
+- ``gateway``: a client that also reads queue depths, writes job state and watches arrivals and
+  workers for its dashboard.
 - ``stage``: the stage services (encoder, dit, decoder, pipeline, engram_store): everything on
   ``df.>`` and the JetStream operations they need, never stream deletion or purge, never the
   scheduler's bucket.
@@ -100,9 +100,11 @@ services publish to ``_INBOX.>`` (a client could otherwise answer another's requ
 SEE_STREAMS = Grant(publish=tuple(f"{API}.STREAM.INFO.{s}" for s in (WORK_STREAM, RESULTS_STREAM, DLQ_STREAM)))
 """``bus.connect`` checks that the streams exist (it creates them only where it may)."""
 
-SUBMIT = Grant(publish=("df.work.encode.*", *(f"$KV.{JOBS_BUCKET}.{key}.*" for key in ("spec", "state", "cancel"))))
+SUBMIT = Grant(publish=("df.work.encode.*", "df.cancel.*",
+                       *(f"$KV.{JOBS_BUCKET}.{key}.*" for key in ("spec", "state", "cancel"))))
 """A client enters jobs at the first stage only, marks them queued, and may cancel them (a cancel
-mark in ``DF_JOBS``: the stage that meets the job answers it with its ``cancelled`` result)."""
+mark in ``DF_JOBS``, then a request on ``df.cancel.<job_id>``: a stage answers it with the job's
+``cancelled`` result)."""
 
 FOLLOW = (
     Grant(subscribe=("df.results.*", "df.events.*"))
@@ -144,12 +146,8 @@ SERVE = Grant(
 buckets they use, consuming their queues, reading the queues and dead letters message by
 message. Never deleting or purging a stream, never the scheduler's bucket."""
 
-OBSERVE = Grant(
-    publish=("df.results.*",),  # a ``cancelled`` result, for the jobs its DELETE /v1/videos cancels
-    subscribe=("df.work.encode.*", "df.presence.*"),  # the dashboard: arrivals and live workers
-)
-"""The gateway's dashboard and cancel: the one publisher of results besides the stages, trusted
-like them (it is deployed with the stack; its clients authenticate with API keys)."""
+OBSERVE = Grant(subscribe=("df.work.encode.*", "df.presence.*"))
+"""The gateway's dashboard: arrivals and live workers. Like every client, it publishes no result."""
 
 SCHEDULE = MONITOR | write_kv(SCHEDULER_BUCKET) | Grant(
     publish=(f"{API}.STREAM.CREATE.{kv(SCHEDULER_BUCKET)}",),
@@ -178,8 +176,8 @@ ROLES: dict[str, Role] = {
         Role("client", BASE | SEE_STREAMS | SUBMIT | FOLLOW,
              description="submit jobs, read their results, events, outputs and state, ask to cancel"),
         Role("gateway", BASE | SEE_STREAMS | SUBMIT | FOLLOW | MONITOR | write_kv(JOBS_BUCKET) | OBSERVE,
-             description="a client that also reads queue depths, writes job state, watches the "
-                         "stages for its dashboard and answers the jobs it cancels"),
+             description="a client that also reads queue depths, writes job state and watches the "
+                         "stages for its dashboard"),
         Role("stage", BASE | SERVE, redis_keys=("df:*",), redis_commands=STAGE_REDIS_COMMANDS,
              description="encoder, dit, decoder, pipeline, engram_store"),
         Role("scheduler", BASE | SEE_STREAMS | SCHEDULE, description="reads the bus and queues, writes DF_SCHEDULER"),

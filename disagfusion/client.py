@@ -100,8 +100,9 @@ class Client:
     async def cancel(self, job_id: str, known: bool = False) -> Result | None:
         """Cancel a job (``job_state.cancel``): its one result after the cancel (``cancelled``,
         or the result it finished with first), None for a job nobody knows (``known``: the
-        caller submitted it, so it exists even without a state)."""
-        return await job_state.cancel(self._js, self.settings, job_id, self.name, known)
+        caller submitted it, so it exists even without a state). Raises ``CancelPending`` when
+        no stage answers: the job is marked, and the stage that takes it answers it."""
+        return await job_state.cancel(self.bus, self.settings, job_id, self.name, known)
 
     async def _admit(self, specs: list[JobSpec]) -> None:
         for spec in specs:

@@ -11,10 +11,12 @@ Writers: the submitting client (``queued``, only if no stage wrote first), the s
 ``done``, ``error`` or ``cancelled`` once they published the result) and whoever cancels. Every
 write is best effort: a KV hiccup never fails a job, and the job's result stays the truth.
 
-Cancel (``cancel``): mark the job, then publish its ``cancelled`` result at once under the
-result's message id, so that a job still gets exactly one result: if another result came first
-the publish is a duplicate and the job had finished. Stages know the marks from a watch on
-``cancel.>`` (``JobStates.cancelled``: a dict lookup, cheap enough for every denoising step);
+Cancel (``cancel``): mark the job, then ask a stage (a core NATS request on
+``df.cancel.<job_id>``, answered by one worker of the queue group ``CANCEL_QUEUE``) to publish
+its ``cancelled`` result under the result's message id, so that a job still gets exactly one
+result: if another result came first the publish is a duplicate and the job had finished. Only
+stage users publish results, so a client can trust whoever answered. Stages know the marks from
+a watch on ``cancel.>`` (``JobStates.cancelled``: a dict lookup, cheap enough for every denoising step);
 they drop a cancelled job wherever they meet it (``StageWorker._drop_cancelled``), and the
 denoising loop stops after the step in which every job of its batch is cancelled
 (``JobStates.stop_if_cancelled``, raising ``JobsCancelled`` from the step callback).
@@ -28,6 +30,9 @@ import time
 from collections.abc import Iterable
 
 import xxhash
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -42,6 +47,7 @@ from disagfusion.protocol import (
     ProgressEvent,
     Result,
     cancel_key,
+    cancel_subject,
     is_token,
     job_state_key,
     pack,
@@ -62,6 +68,10 @@ WATCH_READY_S = 5.0
 """How long a worker waits for the marks made before it started before it serves anyway."""
 PENDING_WRITES = 10_000
 """States waiting to be written; more are dropped (NATS is away, and they are best effort)."""
+CANCEL_QUEUE = "df-cancel"
+"""The queue group of the stage workers answering ``df.cancel.<job_id>``: one of them answers."""
+CANCEL_ANSWER_S = 10.0
+"""How long a canceller waits for a stage to answer before it reports the cancel pending."""
 
 
 class JobsCancelled(DisagFusionError):
@@ -94,6 +104,15 @@ async def find_result(js: JetStreamContext, job_id: str) -> Result | None:
     except NotFoundError:
         return None
     return unpack(Result, msg.data)
+
+
+class CancelPending(DisagFusionError):
+    """The job is marked cancelled, but no stage answered: the stage that takes it will."""
+
+    def __init__(self, job_id: str, why: str):
+        super().__init__(f"job {job_id} is marked cancelled, but {why}: it gets its cancelled result when a stage "
+                         "takes it")
+        self.job_id = job_id
 
 
 class JobIdInUse(DisagFusionError, ValueError):
@@ -142,24 +161,47 @@ async def publish_cancelled(js: JetStreamContext, job_id: str, stage: str | None
     return result
 
 
-async def cancel(js: JetStreamContext, settings: BusSettings, job_id: str, by: str,
-                 known: bool = False) -> Result | None:
-    """Cancel a job: mark it, so that stages drop it, and give it its ``cancelled`` result now.
-    Returns the job's one result (``cancelled``, or the result it finished with first), or None
-    for a job that nobody knows (no state, no result, and not ``known`` to the caller)."""
+async def cancel(jobs_bus: bus.Bus, settings: BusSettings, job_id: str, by: str, known: bool = False,
+                 timeout: float = CANCEL_ANSWER_S) -> Result | None:
+    """Cancel a job: mark it, so that stages drop it, and ask a stage to give it its ``cancelled``
+    result now. Returns the job's one result (``cancelled``, or the result it finished with
+    first), or None for a job that nobody knows (no state, no result, and not ``known`` to the
+    caller). Raises ``CancelPending`` when no stage answers within ``timeout`` seconds."""
     if not is_token(job_id):
         return None
-    result = await find_result(js, job_id)
+    result = await find_result(jobs_bus.js, job_id)
     if result is not None:
         return result
-    kv = await bus.jobs_bucket(js, settings)
-    seen = await _state_entry(kv, job_id)
-    if seen is None and not known:
+    kv = await bus.jobs_bucket(jobs_bus.js, settings)
+    if await _state_entry(kv, job_id) is None and not known:
         return None
-    cancelled = JobState(job_id=job_id, state="cancelled", by=by)
-    await kv.put(cancel_key(job_id), pack(cancelled))
+    await kv.put(cancel_key(job_id), pack(JobState(job_id=job_id, state="cancelled", by=by)))
+    try:
+        answer = await jobs_bus.nc.request(cancel_subject(job_id), b"", timeout=timeout)
+    except NoRespondersError:
+        raise CancelPending(job_id, "no stage is running") from None
+    except TimeoutError:
+        raise CancelPending(job_id, f"no stage answered within {timeout:.0f} s") from None
+    if not answer.data:
+        raise CancelPending(job_id, "the stage asked found no cancel mark yet")
+    return unpack(Result, answer.data)
+
+
+async def answer_cancel(js: JetStreamContext, kv: KeyValue, job_id: str) -> Result | None:
+    """A stage's answer to a cancel request: the job's ``cancelled`` result (published now, unless
+    it has a result: then that one), or None when the job carries no cancel mark."""
+    try:
+        mark = (await kv.get(cancel_key(job_id))).value
+    except KeyNotFoundError:
+        return None
+    try:  # any value marks the job; a JobState names who cancelled it
+        by = unpack(JobState, mark).by or "a client"
+    except ValueError:
+        by = "a client"
+    seen = await _state_entry(kv, job_id)
     result = await publish_cancelled(js, job_id, None, by)
     if result.status == "cancelled":
+        cancelled = JobState(job_id=job_id, state="cancelled", by=by)
         try:  # unless a stage wrote since: it holds the job, and its state will say where it dropped it
             await kv.update(job_state_key(job_id), pack(cancelled), last=seen.revision if seen else 0)
         except KeyWrongLastSequenceError:
@@ -171,7 +213,8 @@ class JobStates:
     """A stage worker's side of ``DF_JOBS``: it writes the states of the jobs it runs (in order,
     from one writer task, best effort) and knows the cancelled ones from a watch."""
 
-    def __init__(self, kv: KeyValue, by: str):
+    def __init__(self, js: JetStreamContext, kv: KeyValue, by: str):
+        self._js = js
         self._kv = kv
         self._by = by
         self._cancelled: dict[str, None] = {}
@@ -180,11 +223,14 @@ class JobStates:
         self._writes: asyncio.Queue[JobState] = asyncio.Queue(maxsize=PENDING_WRITES)
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._answering: Subscription | None = None
 
     @classmethod
-    async def open(cls, js: JetStreamContext, settings: BusSettings, by: str) -> JobStates:
-        """Open the bucket and start watching cancel marks (waiting a little for those made before)."""
-        states = cls(await bus.jobs_bucket(js, settings), by)
+    async def open(cls, stage_bus: bus.Bus, settings: BusSettings, by: str) -> JobStates:
+        """Open the bucket, start watching cancel marks (waiting a little for those made before)
+        and answering cancel requests in the queue group ``CANCEL_QUEUE``."""
+        states = cls(stage_bus.js, await bus.jobs_bucket(stage_bus.js, settings), by)
+        states._answering = await stage_bus.nc.subscribe(cancel_subject("*"), queue=CANCEL_QUEUE, cb=states._answer)
         watcher = await states._kv.watch(cancel_key("*"))
         states._tasks = [asyncio.create_task(states._watch(watcher), name="cancel watch"),
                          asyncio.create_task(states._write_loop(), name="job states")]
@@ -195,6 +241,8 @@ class JobStates:
         return states
 
     async def close(self) -> None:
+        if self._answering is not None:
+            await self._answering.unsubscribe()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -203,6 +251,17 @@ class JobStates:
 
     def cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled
+
+    async def _answer(self, msg: Msg) -> None:
+        """Answer ``df.cancel.<job_id>`` with the job's one result; an empty reply says the job
+        carries no cancel mark (put the mark first), and a failure leaves the canceller to wait."""
+        job_id = msg.subject.removeprefix(cancel_subject(""))
+        try:
+            result = await answer_cancel(self._js, self._kv, job_id) if is_token(job_id) else None
+            if msg.reply:
+                await msg.respond(pack(result) if result is not None else b"")
+        except Exception as exc:
+            log.warning("%s: cancel of job %s not answered: %s", self._by, job_id, exc)
 
     def stop_if_cancelled(self, job_ids: Iterable[str], step: int, total: int) -> None:
         """Raise ``JobsCancelled`` when every job of a batch is cancelled (from its step callback);

@@ -99,6 +99,11 @@ def events_subject(job_id: str) -> str:
     return f"df.events.{job_id}"
 
 
+def cancel_subject(job_id: str) -> str:
+    """Core NATS request subject on which a stage answers a cancelled job (``job_state.cancel``)."""
+    return f"df.cancel.{job_id}"
+
+
 def metrics_subject(stage: str) -> str:
     return f"df.metrics.{stage}"
 

@@ -17,7 +17,7 @@ import typer
 from pydantic import ValidationError
 
 from disagfusion.client import Client
-from disagfusion.job_state import JobIdInUse
+from disagfusion.job_state import CancelPending, JobIdInUse
 from disagfusion.limits import LimitError, QueueFull
 from disagfusion.protocol import STAGES, JobSpec, OutputFormat, ProgressEvent, Result
 from disagfusion_cli.common import (
@@ -122,7 +122,10 @@ def cancel(
         async with Client(client_settings(data_dir), "cli") as client:
             return await client.cancel(job_id)
 
-    result = asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    except CancelPending as exc:
+        fail(str(exc))
     if result is None:
         fail(f"no job {job_id!r}: it has no state and no result")
     if result.status != "cancelled":

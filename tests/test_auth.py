@@ -19,6 +19,7 @@ from disagfusion.auth import nats_config, redis_entrypoint
 from disagfusion.client import Client
 from disagfusion.config import BusSettings, Settings
 from disagfusion.credentials import redact
+from disagfusion.job_state import CancelPending, JobStates
 from disagfusion.protocol import (
     RESULTS_STREAM,
     WORK_STREAM,
@@ -118,6 +119,7 @@ ATTEMPTS = [
     ("client", "read another stage's subject", _read_denoise_queue, "df.work.denoise.>"),
     ("client", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
     ("gateway", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("gateway", "publish a result", _publish_result, "df.results."),
     ("stage", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
     ("stage", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
     ("stage", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
@@ -202,6 +204,26 @@ async def test_each_role_can_do_its_work(streams, nats_server: str, role_url) ->
         for name in ("../../etc/passwd", f"{job}/x.png", "a.png\x00"):  # never a path
             with pytest.raises(ValueError, match="malformed"):
                 await client.output(found.model_copy(update={"object_name": name}))
+
+
+async def test_a_client_cancels_and_a_stage_answers(streams, nats_server: str, role_url) -> None:
+    """A client user cannot publish a result, so its cancel is answered by a stage (the one
+    publisher of results); with no stage running, the cancel says so and stays marked."""
+    stage = await bus.connect(Settings(nats_url=nats_server), "test-auth-stage")
+    await bus.jobs_bucket(stage.js, Settings())  # made by the first stage, as in a stack
+    async with Client(Settings(nats_url=role_url(nats_server, "client"))) as client:
+        job = JobSpec(prompt="a lighthouse", model="tiny", steps=2, width=64, height=64)
+        await client.submit(job)
+        with pytest.raises(CancelPending, match="no stage is running"):
+            await client.cancel(job.job_id)
+        states = await JobStates.open(stage, Settings(nats_url=nats_server), "test-auth-stage")
+        try:
+            result = await client.cancel(job.job_id)
+        finally:
+            await states.close()
+            await stage.close()
+        assert (result.status, result.error) == ("cancelled", "cancelled by client")
+        assert (await client.lookup(job.job_id)) == result
 
 
 def test_settings_carry_credentials_and_production_refuses_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

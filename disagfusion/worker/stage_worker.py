@@ -210,7 +210,7 @@ class StageWorker:
         replicas = self.settings.stream_replicas
         self._in_flight = InFlight(self.settings.jobs_in_flight, self.stage, await bus.handbacks_bucket(self.js, replicas))
         self._dead_letters = DeadLetters(self.js, await bus.attempts_bucket(self.js, replicas), self.stage, self.name)
-        self._job_states = await JobStates.open(self.js, self.settings, self.name)
+        self._job_states = await JobStates.open(self._bus, self.settings, self.name)
         self._replays = replay.Replays(self.js, self.stage, self.settings.max_input_replays, self.publish_event)
         if self._stopping.is_set():  # stopped while loading
             self._in_flight.close()

@@ -14,6 +14,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from disagfusion.client import Client
+from disagfusion.job_state import CancelPending
 from disagfusion.protocol import JobSpec, JobState, ProgressEvent, Result, events_subject, is_token, unpack
 from services.gateway.errors import ApiError
 
@@ -123,11 +124,15 @@ async def find(request: Request, job_id: str) -> tuple[JobRecord | None, Result 
 
 async def cancel(request: Request, job_id: str) -> tuple[JobRecord | None, Result]:
     """Cancel a job (``disagfusion.job_state.cancel``): 404 for a job nobody knows, 409 for one
-    that finished before it could be; a job cancelled before is cancelled again, harmlessly."""
+    that finished before it could be, 503 while no stage answers (the job stays marked, and is
+    answered when a stage takes it); a job cancelled before is cancelled again, harmlessly."""
     jobs: Jobs = request.app.state.jobs
     record = jobs.get(job_id)
-    result = await request.app.state.backend.client().cancel(job_id, known=record is not None) \
-        if is_token(job_id) else None
+    try:
+        result = await request.app.state.backend.client().cancel(job_id, known=record is not None) \
+            if is_token(job_id) else None
+    except CancelPending as exc:
+        raise ApiError(503, str(exc), code="cancel_pending") from None
     if result is None:
         raise ApiError(404, f"no job {job_id!r}: none was submitted here and none has a state or result",
                        param="id", code="not_found")

@@ -237,3 +237,30 @@ async def test_a_job_past_its_deadline_ends_with_an_error_within_its_value(nc) -
     assert (result["status"], result["field"], result["stage"]) == ("error", "deadline_s", "denoise"), result
     assert "passed its deadline of 2 s after submission" in result["error"]
     assert result["finished_at"] - started < 2.0 + 1.0
+
+
+async def test_a_cancel_is_a_mark_then_a_request_a_stage_answers(nc) -> None:
+    """docs/protocol.md's cancel recipe: put ``cancel.<job_id>`` in DF_JOBS, then request
+    ``df.cancel.<job_id>``; a stage replies with the job's one result, ``cancelled``, and that is
+    the result stored. A request for a job with no mark is answered empty."""
+    job_id = new_id()
+    body = msgpack.packb(task(job_id, steps=1000, width=256, height=256))
+    started: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_event(msg) -> None:
+        if msgpack.unpackb(msg.data)["kind"] == "step" and not started.done():
+            started.set_result(None)
+
+    events = await nc.subscribe(f"df.events.{job_id}", cb=on_event)
+    try:
+        await submit(nc, "df.work.encode.tiny", body, f"{job_id}:encode")
+        await asyncio.wait_for(started, timeout=30.0)  # denoising
+    finally:
+        await events.unsubscribe()
+    assert (await nc.request(f"df.cancel.{job_id}", b"", timeout=5)).data == b""  # no mark yet
+    mark = {"v": 1, "job_id": job_id, "state": "cancelled", "by": "a wire client", "t": time.time()}
+    await nc.jetstream().publish(f"$KV.DF_JOBS.cancel.{job_id}", msgpack.packb(mark))
+    answer = msgpack.unpackb((await nc.request(f"df.cancel.{job_id}", b"", timeout=10)).data)
+    assert (answer["job_id"], answer["status"], answer["error"]) == (job_id, "cancelled", "cancelled by a wire client")
+    stored = await nc.jetstream().get_last_msg("DF_RESULTS", f"df.results.{job_id}")
+    assert msgpack.unpackb(stored.data) == answer
