@@ -68,6 +68,7 @@ async def connect(settings: BusSettings, name: str) -> Bus:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
+        tls=settings.nats_tls(),
     )
     js = nc.jetstream()
     deadline = asyncio.get_running_loop().time() + JETSTREAM_WAIT_S

@@ -9,6 +9,7 @@ The engram store and the scheduler own their settings, in their service packages
 from __future__ import annotations
 
 import math
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,13 @@ class BusSettings(BaseSettings):
     nats_password_file: Path | None = None
     """The NATS user of this process's role (docs/security.md), folded into ``nats_url``; the
     password file (a mounted secret) wins over ``nats_password``."""
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    """A client certificate and its key (PEM), for a nats-server that verifies its clients
+    (``tls { verify: true }``); both or neither."""
+    nats_tls_ca: Path | None = None
+    """The CA (PEM) that signed the server's certificate; unset: the system's CA store (and
+    ``SSL_CERT_FILE``)."""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     """Copies JetStream keeps of every stream and bucket this creates: 3 on a three-node cluster,
     so a node can die without losing a task or a result (docs/deploy.md). Existing streams keep
@@ -78,7 +86,23 @@ class BusSettings(BaseSettings):
     def _nats_credentials(self) -> BusSettings:
         password = read_secret(self.nats_password, self.nats_password_file, "the NATS password")
         self.nats_url = with_credentials(self.nats_url, self.nats_user, password, "NATS")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("DF_NATS_TLS_CERT and DF_NATS_TLS_KEY go together: set both for a client certificate, "
+                             "or neither")
+        for path in (self.nats_tls_cert, self.nats_tls_key, self.nats_tls_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"NATS TLS file {path} does not exist")
         return self
+
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for NATS connections when a client certificate or a CA is set; None:
+        nats-py's default (``tls://`` URLs verified against the system's CA store)."""
+        if self.nats_tls_cert is None and self.nats_tls_ca is None:
+            return None
+        context = ssl.create_default_context(cafile=self.nats_tls_ca)
+        if self.nats_tls_cert is not None:
+            context.load_cert_chain(self.nats_tls_cert, self.nats_tls_key)
+        return context
 
 
 class TransportSettings(BaseSettings):

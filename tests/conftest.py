@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -83,20 +83,58 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield as_role(f"nats://127.0.0.1:{port}", "stage")
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _new_key(key: Path) -> list[str]:
+    return ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
+
+
+def _tls_server(directory: Path, tls: Tls, port: int) -> AbstractContextManager[subprocess.Popen]:
+    config = directory / "tls.conf"
+    config.write_text(nats_config(TEST_PASSWORDS, tls=tls))
+    command = [binary("nats-server"), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
+    return _server(command, port, "nats-server (TLS)", directory / "nats.log")
+
+
 @pytest.fixture(scope="module")
 def nats_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A nats-server with the roles' users that speaks TLS only, with a self-signed certificate
     for 127.0.0.1: (the stage role's ``tls://`` URL, the certificate to trust)."""
     port, directory = free_port(), tmp_path_factory.mktemp("nats-tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    config = directory / "tls.conf"
-    config.write_text(nats_config(TEST_PASSWORDS, tls=Tls(cert_file=cert, key_file=key)))
-    command = [binary("nats-server"), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
-    with _server(command, port, "nats-server (TLS)", directory / "nats.log"):
+    _openssl("req", "-x509", *_new_key(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1")
+    with _tls_server(directory, Tls(cert_file=cert, key_file=key), port):
         yield as_role(f"tls://127.0.0.1:{port}", "stage"), cert
+
+
+@dataclass
+class MutualTls:
+    """A nats-server that asks every client for a certificate signed by its CA."""
+
+    url: str
+    """The stage role's ``tls://`` URL."""
+    ca: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def nats_mtls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MutualTls]:
+    port, directory = free_port(), tmp_path_factory.mktemp("nats-mtls")
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    _openssl("req", "-x509", *_new_key(ca_key), "-out", str(ca), "-days", "1", "-subj", "/CN=disagfusion test CA")
+    for name, subject, extension in (("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
+                                      ("client", "/CN=stage", "extendedKeyUsage=clientAuth")):
+        key, request = directory / f"{name}.key", directory / f"{name}.csr"
+        _openssl("req", *_new_key(key), "-out", str(request), "-subj", subject, "-addext", extension)
+        _openssl("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-copy_extensions", "copy", "-out", str(directory / f"{name}.pem"), "-days", "1")
+    tls = Tls(cert_file=directory / "server.pem", key_file=directory / "server.key", ca_file=ca, verify=True)
+    with _tls_server(directory, tls, port):
+        yield MutualTls(as_role(f"tls://127.0.0.1:{port}", "stage"), ca, directory / "client.pem", directory / "client.key")
 
 
 @dataclass

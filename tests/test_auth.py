@@ -254,6 +254,27 @@ async def test_tls_with_the_roles(nats_tls_server, monkeypatch: pytest.MonkeyPat
     await stack.close()
 
 
+async def test_client_certificates_with_the_roles(nats_mtls_server, role_url) -> None:
+    """docs/security.md's client certificates: a server with ``verify: true`` refuses a client
+    without one (the password alone is not enough) and serves one with DF_NATS_TLS_CERT/_KEY, for
+    the services' connections and a client's alike."""
+    server = nats_mtls_server
+    trusting = Settings(nats_url=server.url, nats_tls_ca=server.ca).nats_tls()
+    with pytest.raises(Exception):  # noqa: B017 (the TLS alert surfaces as an SSL or a connection error)
+        await nats.connect(server.url, tls=trusting, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    with_cert = {"nats_tls_ca": server.ca, "nats_tls_cert": server.client_cert, "nats_tls_key": server.client_key}
+    same_call = Settings(nats_url=server.url, **with_cert).nats_tls()  # the refusal was the certificate's
+    await (await nats.connect(server.url, tls=same_call, allow_reconnect=False, max_reconnect_attempts=0,
+                              connect_timeout=2)).close()
+    stack = await bus.connect(Settings(nats_url=server.url, **with_cert), "test-auth-mtls")
+    assert (await stack.js.stream_info(WORK_STREAM)).config.name == WORK_STREAM
+    await stack.close()
+    async with Client(Settings(nats_url=role_url(server.url, "client"), **with_cert)) as client:
+        assert await client.lookup(uuid.uuid4().hex) is None
+    with pytest.raises(ValueError, match="DF_NATS_TLS_CERT and DF_NATS_TLS_KEY go together"):
+        Settings(nats_url=server.url, nats_tls_cert=server.client_cert)
+
+
 SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
            ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import ssl
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,14 +84,15 @@ class RemoteRows:
     """Gathers through the engram_store service on NATS. A private event loop thread owns the
     connection so the blocking API can be called from any thread (the prefetch worker too)."""
 
-    def __init__(self, nats_url: str, arena: str | None = None, reply: ReplyMode = "chunks", timeout_s: float = 10.0) -> None:
+    def __init__(self, nats_url: str, arena: str | None = None, reply: ReplyMode = "chunks", timeout_s: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.reply = reply
         self.timeout_s = timeout_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engram-nats", daemon=True)
         self._thread.start()
         try:
-            self._nc: NatsClient = self._call(nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=3))
+            self._nc: NatsClient = self._call(nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=3, tls=tls))
             try:
                 descriptor = self._call(self._descriptor(arena))
             except BaseException:
@@ -235,8 +237,9 @@ class EngramClient:
         reply: ReplyMode = "chunks",
         compression: CompressionMap | None = None,
         timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> EngramClient:
-        return cls(RemoteRows(nats_url, arena, reply, timeout_s), compression)
+        return cls(RemoteRows(nats_url, arena, reply, timeout_s, tls), compression)
 
     def lookup(self, table: str, ids: np.ndarray | list[int]) -> np.ndarray:
         """Rows as an array of shape ``ids.shape + (dim,)`` in the table's dtype (bfloat16 rows

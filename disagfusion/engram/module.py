@@ -131,7 +131,8 @@ ENGRAM_WEIGHTS = "engram.safetensors"
 def engram_client(settings: Settings, compression: CompressionMap | None = None) -> EngramClient:
     if settings.engram_arena.startswith("nats:"):
         name = settings.engram_arena.removeprefix("nats:") or None
-        return EngramClient.remote(settings.nats_url, arena=name, reply=settings.engram_reply, compression=compression)
+        return EngramClient.remote(settings.nats_url, arena=name, reply=settings.engram_reply, compression=compression,
+                                   tls=settings.nats_tls())
     return EngramClient.local(settings.engram_arena, compression=compression)
 
 

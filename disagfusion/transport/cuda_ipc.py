@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -125,8 +126,9 @@ class ReleaseChannel:
     loop runs in a daemon thread (the transports are called from worker threads, not a loop)."""
 
     def __init__(self, nats_url: str, producer: str, on_release: Callable[[str], None], sweep: Callable[[], object],
-                 sweep_every_s: float):
+                 sweep_every_s: float, tls: ssl.SSLContext | None = None):
         self.producer = producer
+        self._tls = tls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="df-ipc-release", daemon=True)
         self._thread.start()
@@ -144,7 +146,8 @@ class ReleaseChannel:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     async def _connect(self, url: str):
-        nc = await nats.connect(comma_list(url), name=f"ipc-release-{self.producer}", max_reconnect_attempts=-1)
+        nc = await nats.connect(comma_list(url), name=f"ipc-release-{self.producer}", max_reconnect_attempts=-1,
+                                 tls=self._tls)
 
         async def handle(msg) -> None:
             try:
@@ -196,11 +199,11 @@ def device_of_uuid(uuid_: str) -> int:
 class CudaIpcTransport:
     name: TransportName = "cuda_ipc"
 
-    def __init__(self, nats_url: str, lease_s: float, producer: str | None = None):
+    def __init__(self, nats_url: str, lease_s: float, producer: str | None = None, tls: ssl.SSLContext | None = None):
         self.producer = producer or uuid.uuid4().hex
         self.registry: LeaseRegistry[torch.Tensor] = LeaseRegistry(lease_s)
         self.channel = ReleaseChannel(nats_url, self.producer, self._released, self._expire_leases,
-                                      min(5.0, lease_s / 4))
+                                      min(5.0, lease_s / 4), tls)
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:
         if not tensor.is_cuda:

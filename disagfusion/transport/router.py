@@ -46,7 +46,7 @@ class Transports:
         if self._cuda_ipc is None:  # only GPU workers that hand over CUDA tensors need it
             from disagfusion.transport.cuda_ipc import CudaIpcTransport
 
-            self._cuda_ipc = CudaIpcTransport(self.settings.nats_url, self.settings.ipc_lease_s)
+            self._cuda_ipc = CudaIpcTransport(self.settings.nats_url, self.settings.ipc_lease_s, tls=self.settings.nats_tls())
         return self._cuda_ipc
 
     def _backend(self, name: TransportName) -> Transport:
