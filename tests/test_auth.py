@@ -5,6 +5,7 @@ make is refused by the server itself, and what each role needs still works."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,11 +16,12 @@ import pytest
 import redis
 
 from disagfusion import bus
-from disagfusion.auth import nats_config, redis_entrypoint
+from disagfusion.auth import env_password, nats_config, nats_entrypoint, redis_entrypoint
 from disagfusion.client import Client
 from disagfusion.config import BusSettings, Settings
 from disagfusion.credentials import redact
 from disagfusion.job_state import CancelPending, JobStates
+from disagfusion.launcher import binary, free_port, stop_process, wait_port
 from disagfusion.protocol import (
     RESULTS_STREAM,
     WORK_STREAM,
@@ -276,6 +278,7 @@ async def test_client_certificates_with_the_roles(nats_mtls_server, role_url) ->
 
 
 SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
+           ("deploy/nats/entrypoint.sh", nats_entrypoint),
            ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
 
 
@@ -283,4 +286,40 @@ SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.c
 def test_the_shipped_server_configs_are_the_generated_ones(path: str, generate) -> None:
     """compose and Kubernetes run the users of disagfusion.auth: regenerate these files with
     ``python -m disagfusion.auth nats`` (or ``redis``) when the roles change."""
-    assert (ROOT / path).read_text() == generate(), f"regenerate {path}: python -m disagfusion.auth nats|redis"
+    assert (ROOT / path).read_text() == generate(), f"regenerate {path}: python -m disagfusion.auth nats|nats-entrypoint|redis"
+
+
+async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Path) -> None:
+    """deploy/nats/entrypoint.sh and deploy/redis/users.sh, run as compose runs them but on this
+    machine's server binaries: each role's password comes from ``*_PASSWORD_FILE`` where set (a
+    secret), and wins over the plain variable."""
+    env = {"PATH": f"{Path(binary('nats-server')).parent}:/usr/bin:/bin"}
+    for server, roles in (("nats", ("client", "gateway", "stage", "scheduler", "admin")), ("redis", ("stage", "admin"))):
+        for role in roles:
+            secret = tmp_path / f"{server}-{role}"
+            secret.write_text(f"{role}-from-a-file\n")
+            env[env_password(role, server) + "_FILE"] = str(secret)
+            env[env_password(role, server)] = "not-this-one"
+    nats_port, redis_port = free_port(), free_port()
+    servers = [
+        subprocess.Popen(["sh", str(ROOT / "deploy/nats/entrypoint.sh"), "-c", str(ROOT / "deploy/nats/auth.conf"), "-js",
+                          "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(tmp_path / "js")], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(["sh", str(ROOT / "deploy/redis/users.sh"), binary("redis-server"), "--bind", "127.0.0.1",
+                          "--port", str(redis_port), "--save", "", "--dir", str(tmp_path)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        wait_port(nats_port, servers[0], "nats-server")
+        wait_port(redis_port, servers[1], "redis-server")
+        nc = await nats.connect(f"nats://client:client-from-a-file@127.0.0.1:{nats_port}", allow_reconnect=False)
+        await nc.close()
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(f"nats://client:not-this-one@127.0.0.1:{nats_port}", allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=2)
+        assert redis.Redis.from_url(f"redis://stage:stage-from-a-file@127.0.0.1:{redis_port}/0").set("df:x", b"1")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"redis://stage:not-this-one@127.0.0.1:{redis_port}/0").ping()
+    finally:
+        for proc in servers:
+            stop_process(proc)
