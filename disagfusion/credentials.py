@@ -40,7 +40,11 @@ def production() -> bool:
 
 
 def generate_password() -> str:
-    return secrets.token_urlsafe(24)
+    """32 URL-safe characters (192 bits) that never start with ``-``, which command lines and
+    nats-server's config parser would take for something else."""
+    while (password := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return password
 
 
 def stack_credentials(data_dir: Path, roles: Iterable[str]) -> dict[str, str]:

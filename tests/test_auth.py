@@ -278,7 +278,7 @@ async def test_client_certificates_with_the_roles(nats_mtls_server, role_url) ->
 
 
 SHIPPED = [("deploy/nats/auth.conf", nats_config), ("deploy/k8s/base/nats-auth.conf", nats_config),
-           ("deploy/nats/entrypoint.sh", nats_entrypoint),
+           ("deploy/nats/entrypoint.sh", nats_entrypoint), ("deploy/k8s/base/nats-entrypoint.sh", nats_entrypoint),
            ("deploy/redis/users.sh", redis_entrypoint), ("deploy/k8s/base/redis-users.sh", redis_entrypoint)]
 
 
@@ -292,12 +292,13 @@ def test_the_shipped_server_configs_are_the_generated_ones(path: str, generate) 
 async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Path) -> None:
     """deploy/nats/entrypoint.sh and deploy/redis/users.sh, run as compose runs them but on this
     machine's server binaries: each role's password comes from ``*_PASSWORD_FILE`` where set (a
-    secret), and wins over the plain variable."""
+    secret), and wins over the plain variable. Passwords nats-server would parse as something
+    else (a leading ``-``, a size, a number) still work: the entrypoint quotes them."""
     env = {"PATH": f"{Path(binary('nats-server')).parent}:/usr/bin:/bin"}
     for server, roles in (("nats", ("client", "gateway", "stage", "scheduler", "admin")), ("redis", ("stage", "admin"))):
         for role in roles:
             secret = tmp_path / f"{server}-{role}"
-            secret.write_text(f"{role}-from-a-file\n")
+            secret.write_text({"client": "-client-from-a-file", "gateway": "12KB", "scheduler": "9"}.get(role, role) + "\n")
             env[env_password(role, server) + "_FILE"] = str(secret)
             env[env_password(role, server)] = "not-this-one"
     nats_port, redis_port = free_port(), free_port()
@@ -312,12 +313,14 @@ async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Pa
     try:
         wait_port(nats_port, servers[0], "nats-server")
         wait_port(redis_port, servers[1], "redis-server")
-        nc = await nats.connect(f"nats://client:client-from-a-file@127.0.0.1:{nats_port}", allow_reconnect=False)
+        nc = await nats.connect(f"nats://client:-client-from-a-file@127.0.0.1:{nats_port}", allow_reconnect=False)
+        await nc.close()
+        nc = await nats.connect(f"nats://gateway:12KB@127.0.0.1:{nats_port}", allow_reconnect=False)
         await nc.close()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await nats.connect(f"nats://client:not-this-one@127.0.0.1:{nats_port}", allow_reconnect=False,
                                max_reconnect_attempts=0, connect_timeout=2)
-        assert redis.Redis.from_url(f"redis://stage:stage-from-a-file@127.0.0.1:{redis_port}/0").set("df:x", b"1")
+        assert redis.Redis.from_url(f"redis://stage:stage@127.0.0.1:{redis_port}/0").set("df:x", b"1")
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(f"redis://stage:not-this-one@127.0.0.1:{redis_port}/0").ping()
     finally:
