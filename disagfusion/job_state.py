@@ -8,7 +8,7 @@ second token as is; a string that is not a token is no job id and has no key.
 
 Writers: the submitting client (``queued``, only if no stage wrote first), the stages
 (``running`` on each progress event, a step at most every ``STEP_WRITE_INTERVAL_S`` per job;
-``done``, ``error`` or ``cancelled`` once they published the result) and whoever cancels. Every
+``done``, ``error`` or ``cancelled`` once they published the result, also when answering a cancel). Every
 write is best effort: a KV hiccup never fails a job, and the job's result stays the truth.
 
 Cancel (``cancel``): mark the job, then ask a stage (a core NATS request on
