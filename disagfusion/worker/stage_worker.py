@@ -443,13 +443,15 @@ class StageWorker:
         error = str(exc) if user_error else f"{doing}: {failures.describe(exc)}"
         await self._fail(msg, task.job.job_id if task else None, error, field, dead_letter=dead,
                          replay=replay.result_run(task) if task else 0)
-        if task is None:
-            return
-        if not dead:  # a user's error (a spec, a limit, a deadline): nothing reruns it
-            try:
-                await asyncio.to_thread(self._delete_inputs, task)
-            except Exception as exc:  # the janitor (or Redis's TTL) frees them later
-                log.warning("%s: could not free the inputs of job %s: %s", self.name, task.job.job_id, exc)
+        if task is not None:
+            # A user's error (a spec, a limit, a deadline) is never rerun; a dead letter may be replayed.
+            await self._answered_here(task, free_inputs=not dead)
+
+    async def _answered_here(self, task: StageTask, free_inputs: bool) -> None:
+        """``task``'s job got its result here (an error, or cancelled) and goes no further: its
+        inputs are freed unless a dead letter's replay needs them, then ``job_ended``."""
+        if free_inputs:
+            await self._free_inputs(task)
         await self.job_ended(task)
 
     async def job_ended(self, task: StageTask) -> None:
@@ -584,11 +586,7 @@ class StageWorker:
         metrics.job_left(self.stage, task.job.model, "cancelled")
         if result.status == "cancelled":
             self._job_states.dropped(job_id, self.stage, step, total)
-        try:
-            await asyncio.to_thread(self._delete_inputs, task)
-        except Exception as exc:  # the janitor (or Redis's TTL) frees them later
-            log.warning("%s: could not free the inputs of cancelled job %s: %s", self.name, job_id, exc)
-        await self.job_ended(task)
+        await self._answered_here(task, free_inputs=True)
 
     async def _late(self, job: Job, where: str) -> bool:
         """Answer ``job`` with its error result if it is past its deadline."""
@@ -635,10 +633,7 @@ class StageWorker:
                 continue
             self.in_flight.release(job.msg)
             metrics.job_left(job.task.stage, job.spec.model, "done")
-            try:
-                await asyncio.to_thread(self._delete_inputs, job.task)
-            except Exception as exc:  # the janitor (or Redis's TTL) frees them later
-                log.warning("%s: could not free the inputs of job %s: %s", self.name, job.spec.job_id, exc)
+            await self._free_inputs(job.task)
 
     async def _send(self, job: Job) -> None:
         """Ship a job's output and ack its task, retrying where Redis or NATS is briefly away:
@@ -659,6 +654,13 @@ class StageWorker:
                 log.warning("%s: job %s: sending failed (%s); retrying in %.1f s", self.name, job.spec.job_id,
                             failures.describe(exc), delay)
                 await asyncio.sleep(delay)
+
+    async def _free_inputs(self, task: StageTask) -> None:
+        """Delete the input tensors of a task this stage is done with."""
+        try:
+            await asyncio.to_thread(self._delete_inputs, task)
+        except Exception as exc:  # the janitor (or Redis's TTL) frees them later
+            log.warning("%s: could not free the inputs of job %s: %s", self.name, task.job.job_id, exc)
 
     def _delete_inputs(self, task: StageTask) -> None:
         for ref in task.tensors.values():
