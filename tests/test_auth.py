@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import bcrypt
 import nats
 import nats.errors
 import pytest
@@ -293,7 +294,8 @@ async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Pa
     """deploy/nats/entrypoint.sh and deploy/redis/users.sh, run as compose runs them but on this
     machine's server binaries: each role's password comes from ``*_PASSWORD_FILE`` where set (a
     secret), and wins over the plain variable. Passwords nats-server would parse as something
-    else (a leading ``-``, a size, a number) still work: the entrypoint quotes them."""
+    else (a leading ``-``, a size, a number) still work: the entrypoint quotes them; and a bcrypt
+    hash given to nats-server admits the password it hashes."""
     env = {"PATH": f"{Path(binary('nats-server')).parent}:/usr/bin:/bin"}
     for server, roles in (("nats", ("client", "gateway", "stage", "scheduler", "admin")), ("redis", ("stage", "admin"))):
         for role in roles:
@@ -301,6 +303,8 @@ async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Pa
             secret.write_text({"client": "-client-from-a-file", "gateway": "12KB", "scheduler": "9"}.get(role, role) + "\n")
             env[env_password(role, server) + "_FILE"] = str(secret)
             env[env_password(role, server)] = "not-this-one"
+    # The server may hold a bcrypt hash instead, while the services keep the password itself.
+    (tmp_path / "nats-admin").write_text(bcrypt.hashpw(b"admin-plain", bcrypt.gensalt(4)).decode())
     nats_port, redis_port = free_port(), free_port()
     servers = [
         subprocess.Popen(["sh", str(ROOT / "deploy/nats/entrypoint.sh"), "-c", str(ROOT / "deploy/nats/auth.conf"), "-js",
@@ -316,6 +320,8 @@ async def test_the_shipped_servers_read_passwords_from_secret_files(tmp_path: Pa
         nc = await nats.connect(f"nats://client:-client-from-a-file@127.0.0.1:{nats_port}", allow_reconnect=False)
         await nc.close()
         nc = await nats.connect(f"nats://gateway:12KB@127.0.0.1:{nats_port}", allow_reconnect=False)
+        await nc.close()
+        nc = await nats.connect(f"nats://admin:admin-plain@127.0.0.1:{nats_port}", allow_reconnect=False)
         await nc.close()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await nats.connect(f"nats://client:not-this-one@127.0.0.1:{nats_port}", allow_reconnect=False,
