@@ -99,6 +99,14 @@ class StackState(BaseModel):
         return next((p.url for p in self.services.get("gateway", []) if p.url), None)
 
     @property
+    def given_up(self) -> dict[str, list[str]]:
+        """Why the supervisor stopped restarting a process, by service (nats and redis included),
+        for every service with such a replica: ``disagfusion status`` shows it."""
+        procs = {"nats": [self.nats], "redis": [self.redis], **self.services}
+        reasons = {name: [p.gave_up for p in found if p.gave_up] for name, found in procs.items()}
+        return {name: found for name, found in reasons.items() if found}
+
+    @property
     def metrics_urls(self) -> dict[str, list[str]]:
         """The metrics endpoint of every service process that has one, by service."""
         urls = {name: [p.metrics_url for p in procs if p.metrics_url] for name, procs in self.services.items()}

@@ -142,6 +142,8 @@ class StatusReport(BaseModel):
     scheduler: SchedulerStatus | None = None
     metrics: dict[str, list[str]] = {}
     """Each service process's metrics endpoint (the embedded stack's; compose's are in docs/metrics.md)."""
+    given_up: dict[str, list[str]] = {}
+    """The embedded stack's processes its supervisor no longer restarts, by service: why."""
 
 
 def _status_report(deployment: Deployment) -> StatusReport:
@@ -156,7 +158,8 @@ def _status_report(deployment: Deployment) -> StatusReport:
         fail(f"cannot read queue state from {redact(settings.nats_url)}: {exc}")
     state = deployment.launcher.state() if isinstance(deployment, LocalDeployment) else None
     return StatusReport(deployment=deployment.kind, nats_url=redact(settings.nats_url), running=deployment.running(),
-                        stages=rows, scheduler=scheduler, metrics=state.metrics_urls if state else {})
+                        stages=rows, scheduler=scheduler, metrics=state.metrics_urls if state else {},
+                        given_up=state.given_up if state else {})
 
 
 def _seconds(value: float | None) -> str:
@@ -211,6 +214,9 @@ def status(
         report = _status_report(deployment)
         console.print(_status_table(report))
         _print_metrics(report.metrics)
+        for name, reasons in report.given_up.items():
+            for reason in reasons:
+                console.print(f"{name}: given up: {reason}", style="red", markup=False)
         return
     with Live(_status_table(_status_report(deployment)), console=console, auto_refresh=False) as live:
         try:

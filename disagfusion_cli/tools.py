@@ -17,7 +17,7 @@ from disagfusion.memory import fleet_memory
 from disagfusion.models import PRESET_WRITERS, init_preset, model_family
 from disagfusion.models.base import SpecError
 from disagfusion.profiling import Grid, fit, load_stages, measure
-from disagfusion.protocol import TimingSample
+from disagfusion.protocol import TimingSample, is_token
 from disagfusion_cli.common import console, fail, progress, validation_message
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.planner import PlanReport, StageDeployment
@@ -123,6 +123,9 @@ def profile(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    if not is_token(model):  # it names subjects and consumers, as every job's model does
+        fail(f"model name {model!r} is not 1-64 letters, digits, '_' or '-' (a NATS subject token): "
+             "rename its directory in the models dir")
     given = dict(sizes=sizes, steps=steps, guidance=guidance, prompt_chars=prompt_chars, frames=frames, batches=batches)
     try:
         grid = Grid(**{name: value for name, value in given.items() if value is not None})

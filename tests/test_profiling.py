@@ -123,6 +123,12 @@ def test_profile_command_names_an_unknown_model(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.yaml"))
 
 
+def test_profile_command_refuses_a_model_name_that_is_no_subject_token(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["profile", "wan2.1-t2v", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "model name 'wan2.1-t2v' is not 1-64 letters" in said(result) and "Traceback" not in result.output
+
+
 def test_profile_command_refuses_a_bad_grid(tiny_models_dir: Path) -> None:
     result = runner.invoke(app, ["profile", "tiny", "--models-dir", str(tiny_models_dir), "--steps", "two"])
     assert result.exit_code == 1 and "--steps" in said(result)

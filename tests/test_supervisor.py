@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from typer.testing import CliRunner
+
 from disagfusion.launcher import Launcher, StackState, alive
+from disagfusion_cli import app
 from disagfusion.supervisor import RestartRule, restarts
 
 HEALTHY = (
@@ -70,6 +73,10 @@ def test_a_service_that_keeps_crashing_is_given_up_loudly_and_scale_replaces_it(
     assert "crashed 3 times within 60 s" in gave_up
     log = (stack.logs / "supervisor.log").read_text()
     assert "GIVING UP on crasher (replica 0)" in log
+    assert stack.state().given_up == {"crasher": [gave_up]}
+    shown = CliRunner().invoke(app, ["status", "--data-dir", str(stack.data_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "".join(f"crasher: given up: {gave_up}".split()) in "".join(shown.output.split())  # however rich wraps
     [oneshot] = stack.state().services["oneshot"]
     assert not alive(oneshot.pid) and oneshot.restarts == 0  # policy "no": left dead
     # Dead and given-up replicas elsewhere do not fail a scale of this service.

@@ -56,7 +56,8 @@ async def submit(nc: nats.NATS, subject: str, body: bytes, msg_id: str | None) -
 
 
 async def run(nc: nats.NATS, subject: str, body: bytes, msg_id: str | None, job_id: str) -> tuple[dict, list[str]]:
-    """Publish one task; return the job's result and the kinds of the events that arrived before it."""
+    """Publish one task; return the job's result (with ``answered_in``: seconds from publish to
+    result, added here) and the kinds of the events that arrived before it."""
     before_result: list[str] = []
     result: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -71,8 +72,9 @@ async def run(nc: nats.NATS, subject: str, body: bytes, msg_id: str | None, job_
     events = await nc.subscribe(f"df.events.{job_id}", cb=on_event)
     results = await nc.jetstream().subscribe(f"df.results.{job_id}", cb=on_result, ordered_consumer=True)
     try:
+        published = time.monotonic()
         await submit(nc, subject, body, msg_id)
-        answered = await asyncio.wait_for(result, timeout=15.0)
+        answered = {**await asyncio.wait_for(result, timeout=15.0), "answered_in": time.monotonic() - published}
     finally:
         await events.unsubscribe()
         await results.unsubscribe()
@@ -146,6 +148,8 @@ BAD_TASKS = [
      lambda j: f"{j}:denoise", "tensors.prompt_attention_mask", "integer or bool"),
 ]
 
+LIMIT_CASES = {"a 1 MB prompt", "a prompt over the token limit", "an over-budget size and steps"}
+
 
 @pytest.mark.parametrize(("case", "subject", "body", "msg_id", "field", "words"), BAD_TASKS, ids=[c[0] for c in BAD_TASKS])
 async def test_a_bad_task_gets_one_error_result_after_its_events(nc, case, subject, body, msg_id, field, words) -> None:
@@ -157,6 +161,8 @@ async def test_a_bad_task_gets_one_error_result_after_its_events(nc, case, subje
     assert events == ["error"], f"progress events strictly before the result: {events}"
     for python_word in ("dict", "Input should", "NoneType", "Traceback"):
         assert python_word not in result["error"], result["error"]
+    if case in LIMIT_CASES:  # issue 20: a job over a limit ends at once, not after retries
+        assert result["answered_in"] < 5.0, f"answered {result['answered_in']:.1f} s after publishing"
     await assert_terminated(nc, subject)
 
 
