@@ -60,7 +60,10 @@ class Chaos:
         """Tensors deleted from Redis by ``evict_blobs`` (redis run)."""
 
     def kill_a_stage(self) -> None:
-        service = self.rng.choice(STAGES)
+        """SIGKILL a replica of a stage killed least so far, so that every stage is hit however
+        few turns a quick run leaves."""
+        fewest = min(self.kills[s] for s in STAGES)
+        service = self.rng.choice([s for s in STAGES if self.kills[s] == fewest])
         proc = self.rng.choice(self.launcher.state().services[service])
         if alive(proc.pid):
             os.kill(proc.pid, signal.SIGKILL)
@@ -88,9 +91,23 @@ class Chaos:
         keys = store.keys(KEY_PREFIX + "*")
         self.evicted += store.delete(*keys) if keys else 0
 
+    async def evict_until_replayed(self, done: asyncio.Event, delay: float) -> None:
+        """After ``delay`` s, delete every tensor in Redis each 0.2 s until a job has been replayed:
+        the tiny model's blobs live for a fraction of a second, and one may be read before it
+        is deleted."""
+        await asyncio.sleep(delay)
+        while not done.is_set() and not log_count(self.launcher, REPLAYED):
+            try:
+                self.evict_blobs()
+            except redis.ConnectionError:  # not back yet from its restart
+                pass
+            await asyncio.sleep(0.2)
+
     async def run(self, done: asyncio.Event, transport: str) -> None:
         started = time.monotonic()
-        nats_at, redis_at, evict_at = 6.0, 12.0, 25.0
+        nats_at, redis_at = 6.0, 12.0
+        evictor = asyncio.create_task(self.evict_until_replayed(done, 12.0 + REDIS_DOWN_S + 3.0)) \
+            if transport == "redis" else None
         while not done.is_set():
             await asyncio.sleep(self.rng.uniform(1.0, 3.0))
             elapsed = time.monotonic() - started
@@ -100,13 +117,10 @@ class Chaos:
             elif transport == "redis" and redis_at is not None and elapsed > redis_at:
                 await self.redis_down(REDIS_DOWN_S)
                 redis_at = None
-            elif transport == "redis" and elapsed > evict_at and not log_count(self.launcher, REPLAYED):
-                try:  # again until a job was replayed: an evicted blob may already have been read
-                    self.evict_blobs()
-                except redis.ConnectionError:  # not back yet from its restart
-                    pass
             else:
                 self.kill_a_stage()
+        if evictor is not None:
+            await evictor
 
 
 async def submit_over(client: Client, specs: list[JobSpec], seconds: float) -> None:
