@@ -114,6 +114,7 @@ VARIABLES = {
     "DF_IMAGE": "img:1", "DF_BASE_IMAGE": "base:2", "DF_DOCKER_CLI_IMAGE": "cli:3", "DF_NATS_IMAGE": "nats:4",
     "DF_REDIS_IMAGE": "redis:5", "DF_NATS_PUBLISH": "127.0.0.1:14400", "DF_REDIS_MAXMEMORY": "3gb",
     "DF_SHM_SIZE": "5g", "DF_MODELS": "tiny", "DF_DEVICE": "cuda:1", "DF_DTYPE": "bfloat16", "DF_ACK_WAIT_S": "7",
+    "DF_TORCH_THREADS": "3",
     "DF_ENGRAM_ARENA": "nats:default", "DF_ENGRAM_REPLY": "shm", "DF_ENGRAM_ARENAS": "a,b",
     "DF_ENGRAM_SCRATCH_DIR": "/dev/shm/scratch", "DF_NATS_PORT": "14401", "DF_NATS_MONITOR_PORT": "14402",
     "DF_REDIS_PORT": "14403", "DF_GPU_IMAGE": "gpu:6", "DF_CUDA_BASE_IMAGE": "cuda:7",
