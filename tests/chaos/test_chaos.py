@@ -92,11 +92,13 @@ class Chaos:
         self.evicted += store.delete(*keys) if keys else 0
 
     async def evict_until_replayed(self, done: asyncio.Event, delay: float) -> None:
-        """After ``delay`` s, delete every tensor in Redis each 0.2 s until a job has been replayed:
-        the tiny model's blobs live for a fraction of a second, and one may be read before it
-        is deleted."""
+        """After ``delay`` s, delete every tensor in Redis each 0.2 s until a tensor has been
+        deleted and a job replayed since: the tiny model's blobs live for a fraction of a second,
+        and one may be read before it is deleted. Replays logged before (the Redis restart can
+        cause them) do not count, or no tensor might ever be evicted."""
         await asyncio.sleep(delay)
-        while not done.is_set() and not log_count(self.launcher, REPLAYED):
+        before = log_count(self.launcher, REPLAYED)
+        while not done.is_set() and not (self.evicted and log_count(self.launcher, REPLAYED) > before):
             try:
                 self.evict_blobs()
             except redis.ConnectionError:  # not back yet from its restart
