@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import nats
@@ -31,9 +32,13 @@ from disagfusion.protocol import (
     RESULTS_STREAM,
     STAGES,
     WORK_STREAM,
+    Stage,
     consumer_name,
+    tenant_inbox,
     work_subject,
 )
+
+log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
@@ -69,6 +74,7 @@ async def connect(settings: BusSettings, name: str) -> Bus:
         reconnect_time_wait=1,
         connect_timeout=5,
         tls=settings.nats_tls(),
+        inbox_prefix=tenant_inbox(settings.tenant),
     )
     js = nc.jetstream()
     deadline = asyncio.get_running_loop().time() + JETSTREAM_WAIT_S
@@ -97,17 +103,39 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, settings: B
         except BadRequestError:
             await js.stream_info(config.name)  # created by a racing process in between
         return
+    await _upgrade(js, info.config, config)
     await stream_limits.apply(js, info.config, info.state, config, settings)
 
 
+async def _upgrade(js: JetStreamContext, current: StreamConfig, wanted: StreamConfig) -> None:
+    """Give a stream made by an earlier version the subjects and direct gets this one uses
+    (tenants' entry subjects and reads). Only the stages may; others use the stream as it is."""
+    changes = {}
+    if not set(wanted.subjects or ()) <= set(current.subjects or ()):
+        changes["subjects"] = sorted(set(current.subjects or ()) | set(wanted.subjects or ()))
+    if wanted.allow_direct and not current.allow_direct:
+        changes["allow_direct"] = True
+    if not changes:
+        return
+    try:
+        await js.update_stream(dataclasses.replace(current, **changes))
+        log.info("stream %s upgraded: %s", current.name, changes)
+    except Exception as exc:
+        log.warning("stream %s not upgraded to %s (%s): tenants cannot use it until a stage upgrades it",
+                    current.name, changes, exc)
+
+
 async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
+    if settings.tenant:  # it may only look at DF_WORK, to publish and to see the queue's depth
+        await js.stream_info(WORK_STREAM)
+        return
     await _ensure_stream(
         js,
         StreamConfig(
             name=WORK_STREAM,
-            # Only the stages' subjects: a task for a stage nobody runs is refused at publish
-            # (no stream matches) instead of waiting in the stream forever.
-            subjects=[work_subject(stage, "*") for stage in STAGES],
+            # Only the stages' subjects, and tenants' entry subjects: a task for a stage nobody
+            # runs is refused at publish (no stream matches) instead of waiting forever.
+            subjects=[*(work_subject(stage, "*") for stage in STAGES), work_subject(Stage.ENCODE, "*", "*")],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
@@ -129,6 +157,9 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
                 storage=StorageType.FILE,
                 max_age=float(max_age_s),
                 duplicate_window=DUPLICATE_WINDOW_S,
+                # A tenant reads its results message by message with the subject in the request's
+                # subject (DIRECT.GET.<stream>.<subject>), which NATS permissions can check.
+                allow_direct=True,
                 num_replicas=settings.stream_replicas,
                 **limits,
             ),
@@ -136,18 +167,22 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
         )
 
 
-async def outputs_bucket(js: JetStreamContext, settings: BusSettings) -> ObjectStore:
-    """The large outputs, kept ``results_max_age_s`` (``disagfusion.stream_limits``)."""
+async def outputs_bucket(js: JetStreamContext, settings: BusSettings, name: str = OUTPUTS_BUCKET) -> ObjectStore:
+    """The large outputs, kept ``results_max_age_s`` (``disagfusion.stream_limits``): ``name`` is
+    ``DF_OUTPUTS``, or a tenant's ``DF_OUTPUTS_<tenant>`` (``protocol.outputs_bucket_name``),
+    made by the first stage that stores an output of the tenant's."""
     limits = stream_limits.outputs(settings)
     try:
-        bucket = await js.object_store(OUTPUTS_BUCKET)
+        bucket = await js.object_store(name)
     except NotFoundError:
         try:
             return await js.create_object_store(
-                OUTPUTS_BUCKET, config=ObjectStoreConfig(replicas=settings.stream_replicas, **limits))
+                name, config=ObjectStoreConfig(replicas=settings.stream_replicas, **limits))
         except BadRequestError:
-            return await js.object_store(OUTPUTS_BUCKET)
-    info = await js.stream_info(f"OBJ_{OUTPUTS_BUCKET}")  # an object store is the stream OBJ_<bucket>
+            return await js.object_store(name)
+    if settings.tenant:  # a tenant may read its bucket, not change its limits
+        return bucket
+    info = await js.stream_info(f"OBJ_{name}")  # an object store is the stream OBJ_<bucket>
     await stream_limits.apply(js, info.config, info.state, dataclasses.replace(
         info.config, max_age=limits["ttl"], max_bytes=limits["max_bytes"]), settings)
     return bucket
@@ -184,7 +219,9 @@ async def _task_bucket(js: JetStreamContext, name: str, replicas: int, ttl_s: fl
         return await js.key_value(name)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=name, history=1, ttl=ttl_s, replicas=replicas)
+            # direct: a tenant gets its keys with DIRECT.GET.<stream>.<subject>, which NATS
+            # permissions can check (a MSG.GET names the key in its body).
+            return await js.create_key_value(bucket=name, history=1, ttl=ttl_s, replicas=replicas, direct=True)
         except BadRequestError:
             return await js.key_value(name)
 
@@ -192,9 +229,12 @@ async def _task_bucket(js: JetStreamContext, name: str, replicas: int, ttl_s: fl
 async def ensure_consumer(js: JetStreamContext, stage: str, model: str, ack_wait_s: float) -> str:
     """The durable pull consumer every instance of ``stage`` serving ``model`` shares."""
     durable = consumer_name(stage, model)
+    # Jobs enter on the model's subject and on each tenant's (``work_subject``).
+    entry = [work_subject(stage, model), work_subject(stage, model, "*")] if stage == Stage.ENCODE else None
     config = ConsumerConfig(
         durable_name=durable,
-        filter_subject=work_subject(stage, model),
+        filter_subject=None if entry else work_subject(stage, model),
+        filter_subjects=entry,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         # Redelivery is bounded by the worker itself (settings.max_deliver), which answers the

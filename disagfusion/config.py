@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from disagfusion.credentials import read_secret, with_credentials
+from disagfusion.protocol import TENANT_NAME
 
 
 def comma_list(value: object) -> object:
@@ -39,6 +40,10 @@ class BusSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     """One server, or the comma-separated nodes of a cluster (a client fails over between them);
     ``tls://`` for a server with TLS. May carry credentials (``nats://user:password@host:4222``)."""
+    tenant: str = ""
+    """Connect as this tenant (docs/security.md "Tenants"): its jobs are ``<tenant>.<id>``, and
+    it reads only its own results, events, states and outputs. Its NATS user is the tenant's name
+    unless ``nats_user`` says otherwise. Empty: the shared namespace."""
     nats_user: str = ""
     nats_password: str = ""
     nats_password_file: Path | None = None
@@ -84,8 +89,11 @@ class BusSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _nats_credentials(self) -> BusSettings:
+        if self.tenant and not TENANT_NAME.match(self.tenant):
+            raise ValueError(f"DF_TENANT {self.tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', "
+                             "starting with a letter or digit")
         password = read_secret(self.nats_password, self.nats_password_file, "the NATS password")
-        self.nats_url = with_credentials(self.nats_url, self.nats_user, password, "NATS")
+        self.nats_url = with_credentials(self.nats_url, self.nats_user or self.tenant, password, "NATS")
         if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
             raise ValueError("DF_NATS_TLS_CERT and DF_NATS_TLS_KEY go together: set both for a client certificate, "
                              "or neither")

@@ -48,7 +48,7 @@ from disagfusion.protocol import (
     Result,
     cancel_key,
     cancel_subject,
-    is_token,
+    is_job_id,
     job_state_key,
     pack,
     result_msg_id,
@@ -89,7 +89,7 @@ async def read_state(kv: KeyValue, job_id: str) -> JobState | None:
 
 
 async def _state_entry(kv: KeyValue, job_id: str) -> KeyValue.Entry | None:
-    if not is_token(job_id):
+    if not is_job_id(job_id):
         return None
     try:
         return await kv.get(job_state_key(job_id))
@@ -100,7 +100,8 @@ async def _state_entry(kv: KeyValue, job_id: str) -> KeyValue.Entry | None:
 async def find_result(js: JetStreamContext, job_id: str) -> Result | None:
     """A job's result if it has one now."""
     try:
-        msg = await js.get_last_msg(RESULTS_STREAM, results_subject(job_id))
+        # Direct: the subject is in the request's subject, where a tenant's permissions see it.
+        msg = await js.get_last_msg(RESULTS_STREAM, results_subject(job_id), direct=True)
     except NotFoundError:
         return None
     return unpack(Result, msg.data)
@@ -167,7 +168,7 @@ async def cancel(jobs_bus: bus.Bus, settings: BusSettings, job_id: str, by: str,
     result now. Returns the job's one result (``cancelled``, or the result it finished with
     first), or None for a job that nobody knows (no state, no result, and not ``known`` to the
     caller). Raises ``CancelPending`` when no stage answers within ``timeout`` seconds."""
-    if not is_token(job_id):
+    if not is_job_id(job_id):
         return None
     result = await find_result(jobs_bus.js, job_id)
     if result is not None:
@@ -230,8 +231,8 @@ class JobStates:
         """Open the bucket, start watching cancel marks (waiting a little for those made before)
         and answering cancel requests in the queue group ``CANCEL_QUEUE``."""
         states = cls(stage_bus.js, await bus.jobs_bucket(stage_bus.js, settings), by)
-        states._answering = await stage_bus.nc.subscribe(cancel_subject("*"), queue=CANCEL_QUEUE, cb=states._answer)
-        watcher = await states._kv.watch(cancel_key("*"))
+        states._answering = await stage_bus.nc.subscribe(cancel_subject(">"), queue=CANCEL_QUEUE, cb=states._answer)
+        watcher = await states._kv.watch(cancel_key(">"))
         states._tasks = [asyncio.create_task(states._watch(watcher), name="cancel watch"),
                          asyncio.create_task(states._write_loop(), name="job states")]
         try:
@@ -257,7 +258,7 @@ class JobStates:
         carries no cancel mark (put the mark first), and a failure leaves the canceller to wait."""
         job_id = msg.subject.removeprefix(cancel_subject(""))
         try:
-            result = await answer_cancel(self._js, self._kv, job_id) if is_token(job_id) else None
+            result = await answer_cancel(self._js, self._kv, job_id) if is_job_id(job_id) else None
             if msg.reply:
                 await msg.respond(pack(result) if result is not None else b"")
         except Exception as exc:

@@ -142,7 +142,7 @@ def stop_when_late(tasks: Sequence[StageTask], limits: LimitSettings,
 
 async def entry_backlog(js: JetStreamContext) -> int:
     """Tasks in DF_WORK for the entry stage, over every model: queued or being encoded."""
-    info = await js.stream_info(WORK_STREAM, subjects_filter=work_subject(Stage.ENCODE, "*"))
+    info = await js.stream_info(WORK_STREAM, subjects_filter=work_subject(Stage.ENCODE, ">"))
     return sum((info.state.subjects or {}).values())
 
 

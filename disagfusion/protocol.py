@@ -80,15 +80,39 @@ JOBS_BUCKET = "DF_JOBS"
 
 # Model names and job ids become one NATS subject token, so they may not contain dots, spaces or wildcards.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A tenant's job ids are qualified with its name, ``<tenant>.<id>``: two tokens, so that NATS
+# permissions can give each tenant its own ``df.results.<tenant>.*`` (docs/protocol.md "Tenants").
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})?$")
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""A tenant's name: its NATS user, the qualifier of its job ids and a token of its subjects."""
 
 
 def is_token(value: str) -> bool:
-    """Whether ``value`` can be a model name or job id: one subject token, no wildcards."""
+    """Whether ``value`` can be a model name: one subject token, no wildcards."""
     return bool(_TOKEN.match(value))
 
 
-def work_subject(stage: str, model: str) -> str:
-    return f"df.work.{stage}.{model}"
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` can be a job id: ``<id>``, or ``<tenant>.<id>`` for a tenant's job."""
+    return bool(_JOB_ID.match(value))
+
+
+def tenant_of(job_id: str) -> str | None:
+    """The tenant whose namespace a job id is in; None for a job of the shared namespace."""
+    tenant, dot, _ = job_id.partition(".")
+    return tenant if dot else None
+
+
+def qualified(job_id: str, tenant: str) -> str:
+    """``job_id`` in ``tenant``'s namespace (as is if it already is)."""
+    return job_id if tenant_of(job_id) == tenant else f"{tenant}.{job_id}"
+
+
+def work_subject(stage: str, model: str, tenant: str | None = None) -> str:
+    """Where a stage's tasks wait. A tenant submits on ``df.work.encode.<model>.<tenant>``, the
+    only work subject its NATS user may publish to; every other task, a tenant's later stages
+    included, on ``df.work.<stage>.<model>``."""
+    return f"df.work.{stage}.{model}" + (f".{tenant}" if tenant else "")
 
 
 def results_subject(job_id: str) -> str:
@@ -219,13 +243,34 @@ def job_id_of_msg_id(msg_id: str | None) -> str | None:
     """The job id a ``Nats-Msg-Id`` names (``<job_id>:<stage>[:replay<n>]``), so a task whose body
     cannot be read is still answered; None if the header is missing or names no valid job id."""
     job_id = (msg_id or "").partition(":")[0]
-    return job_id if is_token(job_id) else None
+    return job_id if is_job_id(job_id) else None
 
 
 def parse_work_subject(subject: str) -> tuple[str, str] | None:
-    """(stage, model) of a ``df.work.<stage>.<model>`` subject; None for any other subject."""
+    """(stage, model) of a ``df.work.<stage>.<model>[.<tenant>]`` subject; None for any other subject."""
     parts = subject.split(".")
-    return (parts[2], parts[3]) if len(parts) == 4 and parts[:2] == ["df", "work"] else None
+    return (parts[2], parts[3]) if len(parts) in (4, 5) and parts[:2] == ["df", "work"] else None
+
+
+def tenant_inbox(tenant: str) -> str:
+    """Where a connection's replies come (publish acks, JetStream answers, cancel answers): a
+    tenant's own ``_INBOX.t-<tenant>``, the one inbox its NATS user may subscribe to (a NUID, the
+    second token of every other inbox, has no ``-``, so the two never meet); else ``_INBOX``."""
+    return f"_INBOX.t-{tenant}" if tenant else "_INBOX"
+
+
+def subject_tenant(subject: str) -> str | None:
+    """The tenant a work subject was published under (its fifth token); None for the shared namespace."""
+    parts = subject.split(".")
+    return parts[4] if len(parts) == 5 and parts[:2] == ["df", "work"] else None
+
+
+def outputs_bucket_name(job_id: str) -> str:
+    """The object store bucket of a job's large output: a tenant's own (``DF_OUTPUTS_<tenant>``,
+    which only it may read), else ``DF_OUTPUTS``. An object store's subjects encode the object
+    name, so one shared bucket could not be split per tenant by NATS permissions."""
+    tenant = tenant_of(job_id)
+    return f"{OUTPUTS_BUCKET}_{tenant}" if tenant else OUTPUTS_BUCKET
 
 
 # --------------------------------------------------------------------- messages
@@ -280,11 +325,19 @@ class JobSpec(Message):
     """Seconds after submission by which the job must be done, else it ends with an error
     result; None: the deployment's default (``DF_JOB_DEADLINE_S``, also the longest allowed)."""
 
-    @field_validator("job_id", "model")
+    @field_validator("model")
     @classmethod
     def _subject_token(cls, value: str) -> str:
         if not _TOKEN.match(value):
             raise ValueError("must be 1-64 characters of letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, value: str) -> str:
+        if not _JOB_ID.match(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '_' or '-', "
+                             "qualified as '<tenant>.<id>' for a tenant's job")
         return value
 
     @property
@@ -745,6 +798,6 @@ def _find_job_id(raw: Any) -> str | None:
     candidate = raw.get("job_id")
     if candidate is None and isinstance(raw.get("job"), dict):
         candidate = raw["job"].get("job_id")
-    if isinstance(candidate, str) and _TOKEN.match(candidate):
+    if isinstance(candidate, str) and _JOB_ID.match(candidate):
         return candidate
     return None

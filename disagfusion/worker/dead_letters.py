@@ -18,7 +18,17 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from disagfusion import bus
-from disagfusion.protocol import Attempt, DeadLetter, DecodeError, JobSpec, attempt_key, dlq_subject, pack, unpack
+from disagfusion.protocol import (
+    Attempt,
+    DeadLetter,
+    DecodeError,
+    JobSpec,
+    attempt_key,
+    dlq_subject,
+    pack,
+    parse_work_subject,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +71,7 @@ class DeadLetters:
     async def send(self, msg: Msg, job_id: str | None, reason: str) -> None:
         """Copy ``msg`` to the dead-letter stream. Raises if NATS cannot take it: the caller
         then leaves the task unterminated, to be redelivered and judged again."""
-        model = msg.subject.rsplit(".", 1)[-1]
+        model = (parse_work_subject(msg.subject) or ("", "unknown"))[1]
         letter = DeadLetter(job_id=job_id, stage=self.stage, model=model, subject=msg.subject, reason=reason,
                             deliveries=msg.metadata.num_delivered, worker=self.worker, task=msg.data)
         # One letter per stream message, however often a failed term makes it come back.

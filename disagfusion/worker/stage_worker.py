@@ -42,6 +42,7 @@ from disagfusion.protocol import (
     events_subject,
     metrics_subject,
     output_object_name,
+    outputs_bucket_name,
     pack,
     result_msg_id,
     results_subject,
@@ -54,7 +55,7 @@ from disagfusion.transport import open_transports
 from disagfusion.worker import failures, policy, replay
 from disagfusion.worker.checkpoints import Preempted
 from disagfusion.worker.dead_letters import DeadLetters
-from disagfusion.worker.envelope import check_envelope, msg_id_of
+from disagfusion.worker.envelope import check_envelope, foreign_job_id, msg_id_of
 from disagfusion.worker.in_flight import InFlight
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,9 @@ class StageWorker:
         self._to_send: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.prefetch)
         self._bus: bus.Bus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outputs: ObjectStore | None = None
-        """The DF_OUTPUTS object store, opened by the first result too large to travel inline."""
+        self._outputs: dict[str, ObjectStore] = {}
+        """Object stores of large outputs by name, each opened by the first result too large to
+        travel inline (``_outputs_bucket``)."""
         self._job_s: dict[tuple, float] = {}
         """Measured seconds per job, by ``cost.cost_key``: how long the jobs in hand take."""
         self._last_taken: JobSpec | None = None
@@ -693,10 +695,9 @@ class StageWorker:
         if len(encoded.data) <= self.settings.result_inline_max_bytes:
             where = {"data": encoded.data}
         else:
-            if self._outputs is None:
-                self._outputs = await bus.outputs_bucket(self.js, self.settings)
+            outputs = await self._outputs_bucket(spec.job_id)
             name = output_object_name(spec.job_id, encoded.extension)
-            await self._outputs.put(name, encoded.data)
+            await outputs.put(name, encoded.data)
             where = {"object_name": name}
         count = frames.shape[0]
         video = {"frames": count, "fps": fps, "duration_s": count / fps} if count > 1 else {}
@@ -706,7 +707,14 @@ class StageWorker:
         if (await self.publish_result(result, replay.result_run(job.task))).duplicate and "object_name" in where:
             stored = await find_result(self.js, spec.job_id)
             if stored is not None and stored.status == "cancelled":  # the cancel's result came first: unread
-                await self._outputs.delete(where["object_name"])
+                await outputs.delete(where["object_name"])
+
+    async def _outputs_bucket(self, job_id: str) -> ObjectStore:
+        """The bucket a job's large output goes to: ``DF_OUTPUTS`` or its tenant's own."""
+        name = outputs_bucket_name(job_id)
+        if name not in self._outputs:
+            self._outputs[name] = await bus.outputs_bucket(self.js, self.settings, name)
+        return self._outputs[name]
 
     def _store_outputs(self, job: Job) -> dict:
         return {
@@ -735,6 +743,9 @@ class StageWorker:
         stream if it failed for a reason other than the user's, and terminate it. If NATS
         cannot take all that, the task is let go unterminated: JetStream redelivers it after
         AckWait and it is judged again."""
+        if job_id is not None and foreign_job_id(msg.subject, job_id) is not None:
+            log.error("%s: not answering job %s, named on %s: %s", self.name, job_id, msg.subject, error)
+            job_id = None
         try:
             if dead_letter:
                 await self._dead_letters.send(msg, job_id, error)

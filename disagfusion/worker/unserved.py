@@ -26,7 +26,7 @@ from disagfusion.protocol import (
     unserved_consumer_name,
     work_subject,
 )
-from disagfusion.worker.envelope import msg_id_of
+from disagfusion.worker.envelope import foreign_job_id, msg_id_of
 from disagfusion.worker.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class EntryWorker(StageWorker):
                         job_id = unpack(StageTask, msg.data).job.job_id
                     except DecodeError as exc:
                         job_id = exc.job_id or job_id_of_msg_id(msg_id_of(msg))
-                    if job_id is not None:
+                    if job_id is not None and foreign_job_id(subject, job_id) is None:
                         error = (f"unknown model {model!r}: no worker serves it (served models: {', '.join(known) or 'none'})"
                                  if stage == Stage.ENCODE else f"model {model!r} is not served: no worker takes its "
                                  f"{stage} tasks, and jobs enter at {work_subject(Stage.ENCODE, model)}")
