@@ -6,6 +6,10 @@
 
 ``run_many`` streams results of a whole batch as they finish, through one consumer on
 ``df.results.>`` created before the first job is published, so no result can be missed.
+
+A tenant's client (``DF_TENANT``) submits in its own namespace: its job ids are qualified
+``<tenant>.<id>``, and it reads results by subject, the only way its permissions allow
+(docs/security.md "Tenants").
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
@@ -29,9 +34,12 @@ from disagfusion.protocol import (
     Stage,
     StageTask,
     events_subject,
+    outputs_bucket_name,
     pack,
+    qualified,
     results_subject,
     task_msg_id,
+    tenant_of,
     unpack,
     work_subject,
 )
@@ -39,9 +47,13 @@ from disagfusion.protocol import (
 
 log = logging.getLogger(__name__)
 
-OBJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\.[a-z0-9]{1,8}")
+OBJECT_NAME = re.compile(r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}\.[a-z0-9]{1,8}")
 """A DF_OUTPUTS object name as stages make them (``<job_id>.<extension>``): nothing a caller that
 saves outputs under their names could turn into a path."""
+
+POLL_S = 5.0
+"""A tenant's client looks up the stored results of the jobs it waits for this often, besides
+hearing them live: one published while NATS was away is found this way."""
 
 MAX_FILTERED_JOBS = 256
 """``run_many`` of up to this many jobs filters its consumer to their result subjects (the
@@ -86,23 +98,46 @@ class Client:
             self._jobs = await bus.jobs_bucket(self._js, self.settings)
         return self._jobs
 
+    @property
+    def tenant(self) -> str:
+        """The tenant this client submits as (``DF_TENANT``); empty: the shared namespace."""
+        return self.settings.tenant
+
+    def own(self, spec: JobSpec) -> JobSpec:
+        """``spec`` as this client submits it: a tenant's with its job id qualified,
+        ``<tenant>.<id>``. Raises ValueError for a job id in another tenant's namespace."""
+        if not self.tenant:
+            return spec
+        return spec.model_copy(update={"job_id": self._job_id(spec.job_id)})
+
+    def _job_id(self, job_id: str) -> str:
+        """A job id as this client means it: a tenant's own ids may be given unqualified."""
+        if not self.tenant:
+            return job_id
+        other = tenant_of(job_id)
+        if other not in (None, self.tenant):
+            raise ValueError(f"job_id {job_id!r} is tenant {other!r}'s; this client is tenant {self.tenant!r}")
+        return qualified(job_id, self.tenant)
+
     async def submit(self, spec: JobSpec) -> str:
-        """Queue a job; returns its id. Submitting the same job id twice queues it once.
-        Raises ``LimitError`` for a job over a limit and ``QueueFull`` while the queue is full."""
+        """Queue a job; returns its id (a tenant's: qualified). Submitting the same job id twice
+        queues it once. Raises ``LimitError`` for a job over a limit and ``QueueFull`` while the
+        queue is full."""
+        spec = self.own(spec)
         await self._admit([spec])
         await self._publish(spec)
         return spec.job_id
 
     async def state(self, job_id: str) -> JobState | None:
         """A job's latest state in ``DF_JOBS`` (None if it has none)."""
-        return await job_state.read_state(await self.jobs_bucket(), job_id)
+        return await job_state.read_state(await self.jobs_bucket(), self._job_id(job_id))
 
     async def cancel(self, job_id: str, known: bool = False) -> Result | None:
         """Cancel a job (``job_state.cancel``): its one result after the cancel (``cancelled``,
         or the result it finished with first), None for a job nobody knows (``known``: the
         caller submitted it, so it exists even without a state). Raises ``CancelPending`` when
         no stage answers: the job is marked, and the stage that takes it answers it."""
-        return await job_state.cancel(self.bus, self.settings, job_id, self.name, known)
+        return await job_state.cancel(self.bus, self.settings, self._job_id(job_id), self.name, known)
 
     async def _admit(self, specs: list[JobSpec]) -> None:
         for spec in specs:
@@ -120,7 +155,7 @@ class Client:
             log.debug("job %s: id not claimed: %s", spec.job_id, exc)
         task = StageTask(job=spec, stage=Stage.ENCODE)
         try:
-            await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model), pack(task),
+            await bus.publish(self._js, work_subject(Stage.ENCODE, spec.model, self.tenant or None), pack(task),
                               task_msg_id(spec.job_id, Stage.ENCODE))
         except Exception as exc:
             if limits.stream_full(exc):
@@ -136,6 +171,11 @@ class Client:
         """Wait for a job's result (also one that was published before this call). JetStream
         that does not answer for a while (a cluster electing a new leader, about 10 s) is waited
         out within ``timeout``."""
+        job_id = self._job_id(job_id)
+        if self.tenant:
+            async with aclosing(self._tenant_results({job_id}, timeout)) as results:
+                async for result in results:
+                    return result
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
@@ -155,12 +195,13 @@ class Client:
 
     async def lookup(self, job_id: str) -> Result | None:
         """A job's result if it has one now; None while the job runs (or for a job nobody submitted)."""
-        return await job_state.find_result(self._js, job_id)
+        return await job_state.find_result(self._js, self._job_id(job_id))
 
     async def generate(
         self, spec: JobSpec, on_event: Callable[[ProgressEvent], None] | None = None, timeout: float = 600.0
     ) -> Result:
         """Submit one job and wait for its result, reporting progress events as they come."""
+        spec = self.own(spec)
         events = None
         if on_event is not None:
 
@@ -179,8 +220,13 @@ class Client:
         """Submit every job, then yield results in completion order until each job has one.
 
         Raises JobTimeout if ``timeout`` seconds pass without any new result."""
-        specs = list(specs)
+        specs = [self.own(spec) for spec in specs]
         pending = {spec.job_id for spec in specs}
+        if self.tenant:
+            async with aclosing(self._tenant_results(pending, timeout, lambda: self._submit_all(specs))) as results:
+                async for result in results:
+                    yield result
+            return
         # A small batch's consumer is sent only its own results, so many callers at once (the
         # gateway's requests) do not each receive every result; a large one reads them all.
         own = ConsumerConfig(filter_subjects=[results_subject(job_id) for job_id in pending])
@@ -189,8 +235,7 @@ class Client:
             config=own if len(pending) <= MAX_FILTERED_JOBS else None,
         )
         try:
-            await self._admit(specs)
-            await asyncio.gather(*(self._publish(spec) for spec in specs))
+            await self._submit_all(specs)
             while pending:
                 try:
                     msg = await sub.next_msg(timeout=timeout)
@@ -203,6 +248,56 @@ class Client:
         finally:
             await sub.unsubscribe()
 
+    async def _submit_all(self, specs: list[JobSpec]) -> None:
+        await self._admit(specs)
+        await asyncio.gather(*(self._publish(spec) for spec in specs))
+
+    async def _tenant_results(self, pending: set[str], timeout: float,
+                              submit: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Result]:
+        """Results of a tenant's ``pending`` jobs as they come: heard on ``df.results.<tenant>.*``
+        (subscribed before ``submit`` runs) and looked up by subject every ``POLL_S`` (a result
+        stored before the subscription, or while NATS was away). A tenant may not create the
+        consumers ``run_many`` uses otherwise: their subject filter is in the request's body.
+        Raises JobTimeout if ``timeout`` seconds pass without any new result."""
+        arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def hear(msg) -> None:
+            arrived.put_nowait(msg.data)
+
+        sub = await self.bus.nc.subscribe(results_subject(qualified("*", self.tenant)), cb=hear)
+        loop = asyncio.get_running_loop()
+        try:
+            if submit is not None:
+                await submit()
+            last_new = next_poll = loop.time()
+            while pending:
+                found: list[Result] = []
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + POLL_S
+                    for job_id in sorted(pending):
+                        try:
+                            result = await job_state.find_result(self._js, job_id)
+                        except bus.JETSTREAM_UNAVAILABLE:
+                            break  # looked up again at the next poll
+                        if result is not None:
+                            found.append(result)
+                if not found:
+                    try:
+                        found.append(unpack(Result, await asyncio.wait_for(arrived.get(), 1.0)))
+                    except TimeoutError:
+                        pass
+                while not arrived.empty():
+                    found.append(unpack(Result, arrived.get_nowait()))
+                for result in found:
+                    if result.job_id in pending:
+                        pending.discard(result.job_id)
+                        last_new = loop.time()
+                        yield result
+                if pending and loop.time() - last_new > timeout:
+                    raise JobTimeout(f"{len(pending)} jobs got no result within {timeout:.0f} s")
+        finally:
+            await sub.unsubscribe()
+
     async def output(self, result: Result) -> bytes:
         """The output bytes of a successful result, wherever they were put."""
         if result.status != "ok":
@@ -211,5 +306,5 @@ class Client:
             return result.data
         if not OBJECT_NAME.fullmatch(result.object_name or ""):
             raise ValueError(f"job {result.job_id}: output object name {result.object_name!r} is malformed")
-        bucket = await bus.outputs_bucket(self._js, self.settings)
+        bucket = await bus.outputs_bucket(self._js, self.settings, outputs_bucket_name(result.job_id))
         return (await bucket.get(result.object_name)).data
