@@ -20,12 +20,19 @@ Roles:
   scheduler's bucket.
 - ``scheduler``: reads the bus and the queues, writes its own bucket.
 - ``admin``: everything (the operator's CLI: dead-letter replay and purge, pins).
+
+Tenants: a user per tenant (``tenant_grant``), a client confined to its own namespace. It
+submits on ``df.work.encode.<model>.<tenant>`` jobs ``<tenant>.<id>``, and reads only those
+jobs' results, events, states and outputs: every read names its subject in the request's subject
+(``DIRECT.GET.<stream>.<subject>``, core subscriptions), where the server checks it, and its
+outputs have a bucket of their own. The shared ``client`` and ``gateway`` roles read every job.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +46,17 @@ from disagfusion.protocol import (
     OUTPUTS_BUCKET,
     RESULTS_STREAM,
     SCHEDULER_BUCKET,
+    TENANT_NAME,
     WORK_STREAM,
+    Stage,
+    cancel_subject,
+    events_subject,
+    job_state_key,
+    outputs_bucket_name,
+    qualified,
+    results_subject,
+    tenant_inbox,
+    work_subject,
 )
 
 
@@ -100,14 +117,16 @@ services publish to ``_INBOX.>`` (a client could otherwise answer another's requ
 SEE_STREAMS = Grant(publish=tuple(f"{API}.STREAM.INFO.{s}" for s in (WORK_STREAM, RESULTS_STREAM, DLQ_STREAM)))
 """``bus.connect`` checks that the streams exist (it creates them only where it may)."""
 
-SUBMIT = Grant(publish=("df.work.encode.*", "df.cancel.*",
-                       *(f"$KV.{JOBS_BUCKET}.{key}.*" for key in ("spec", "state", "cancel"))))
+JOB_KEYS = ("spec", "state", "cancel")
+"""The keys a client writes in ``DF_JOBS`` per job: ``<key>.<job_id>`` (``disagfusion.job_state``)."""
+
+SUBMIT = Grant(publish=("df.work.encode.*", "df.cancel.>", *(f"$KV.{JOBS_BUCKET}.{key}.>" for key in JOB_KEYS)))
 """A client enters jobs at the first stage only, marks them queued, and may cancel them (a cancel
 mark in ``DF_JOBS``, then a request on ``df.cancel.<job_id>``: a stage answers it with the job's
 ``cancelled`` result)."""
 
 FOLLOW = (
-    Grant(subscribe=("df.results.*", "df.events.*"))
+    Grant(subscribe=("df.results.>", "df.events.>"))
     | read_stream(RESULTS_STREAM)
     | read_stream(obj(OUTPUTS_BUCKET))
     | read_stream(kv(JOBS_BUCKET))
@@ -138,6 +157,9 @@ SERVE = Grant(
         # stage user is a trusted service, the point is that clients cannot.
         f"{API}.CONSUMER.DELETE.{WORK_STREAM}.*",
         f"$O.{OUTPUTS_BUCKET}.>",
+        # Tenants' output buckets, made on a tenant's first large output (NATS wildcards match
+        # whole tokens, so OBJ_DF_OUTPUTS_<tenant> cannot be named narrower).
+        f"{API}.STREAM.CREATE.*", "$O.*.>", f"{API}.STREAM.MSG.GET.*", f"{API}.DIRECT.GET.*", f"{API}.DIRECT.GET.*.>",
     ),
     subscribe=("df.>",),
 ) | MONITOR | FOLLOW | read_stream(WORK_STREAM) | read_stream(DLQ_STREAM) | write_kv(HANDBACKS_BUCKET) | write_kv(ATTEMPTS_BUCKET) | write_kv(ENGRAM_ARENAS_BUCKET) \
@@ -146,7 +168,7 @@ SERVE = Grant(
 buckets they use, consuming their queues, reading the queues and dead letters message by
 message. Never deleting or purging a stream, never the scheduler's bucket."""
 
-OBSERVE = Grant(subscribe=("df.work.encode.*", "df.presence.*"))
+OBSERVE = Grant(subscribe=("df.work.encode.>", "df.presence.*"))
 """The gateway's dashboard: arrivals and live workers. Like every client, it publishes no result."""
 
 SCHEDULE = MONITOR | write_kv(SCHEDULER_BUCKET) | Grant(
@@ -186,6 +208,36 @@ ROLES: dict[str, Role] = {
     )
 }
 
+def tenant_grant(tenant: str) -> Grant:
+    """What tenant ``tenant`` may do: submit and cancel its own jobs, write their keys in
+    ``DF_JOBS``, and read their results, events, states and outputs; see the entry queue's depth.
+    Its replies come to its own inbox. Nothing of another tenant's or of the shared namespace."""
+    own = qualified("*", tenant)  # its job ids, <tenant>.*
+    return Grant(
+        publish=(
+            f"{API}.INFO",
+            f"{API}.STREAM.NAMES",  # which stream holds a subject (reading an object does ask)
+            f"{API}.STREAM.INFO.{WORK_STREAM}",  # the queue's depth (DF_MAX_QUEUE_DEPTH)
+            f"{API}.STREAM.INFO.{kv(JOBS_BUCKET)}",  # opening the bucket
+            work_subject(Stage.ENCODE, "*", tenant),
+            cancel_subject(own),
+            *(f"$KV.{JOBS_BUCKET}.{key}.{own}" for key in JOB_KEYS),
+            f"{API}.DIRECT.GET.{RESULTS_STREAM}.{results_subject(own)}",
+            *(f"{API}.DIRECT.GET.{kv(JOBS_BUCKET)}.$KV.{JOBS_BUCKET}.{key}.{own}" for key in JOB_KEYS),
+        ),
+        subscribe=(f"{tenant_inbox(tenant)}.>", results_subject(own), events_subject(own)),
+    ) | read_stream(obj(outputs_bucket_name(qualified("x", tenant))))
+
+
+def check_tenant_name(tenant: str) -> str:
+    """``tenant`` if it can be a tenant: a name (``protocol.TENANT_NAME``) that no role has."""
+    if not TENANT_NAME.match(tenant):
+        raise ValueError(f"{tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', starting with a letter or digit")
+    if tenant in ROLES:
+        raise ValueError(f"{tenant!r} is a role's user and cannot be a tenant's")
+    return tenant
+
+
 SERVICE_ROLES = {"gateway": "gateway", "scheduler": "scheduler"}
 """Compose services that do not run as ``stage``."""
 
@@ -195,9 +247,11 @@ def service_role(service: str) -> str:
 
 
 def env_password(role: str, server: str) -> str:
-    """The environment variable holding ``role``'s password for ``server`` (nats or redis):
-    ``DF_NATS_STAGE_PASSWORD``. nats-server reads ``$NAME`` from its own environment."""
-    return f"DF_{server.upper()}_{role.upper()}_PASSWORD"
+    """The environment variable holding ``role``'s (or a tenant's) password for ``server`` (nats
+    or redis): ``DF_NATS_STAGE_PASSWORD``, ``DF_NATS_TENANT_ACME_CO_PASSWORD`` for tenant
+    ``acme-co``. nats-server reads ``$NAME`` from its own environment."""
+    name = role.upper() if role in ROLES else "TENANT_" + role.upper().replace("-", "_")
+    return f"DF_{server.upper()}_{name}_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -211,21 +265,24 @@ class Tls:
     """Also ask clients for a certificate signed by ``ca_file``."""
 
 
-def nats_config(passwords: Mapping[str, str] | None = None, tls: Tls | None = None) -> str:
-    """The nats-server ``authorization`` block (and ``tls`` block) for every role.
+def nats_config(passwords: Mapping[str, str] | None = None, tls: Tls | None = None,
+                tenants: Iterable[str] = ()) -> str:
+    """The nats-server ``authorization`` block (and ``tls`` block) for every role and tenant.
 
-    ``passwords``: role -> password, written into the file (the embedded stack keeps it mode
-    0600). None: each password is the environment variable ``env_password(role, "nats")`` of the
-    server's process (compose and Kubernetes pass them from secrets)."""
-    users = []
-    for role in ROLES.values():
-        password = json.dumps(passwords[role.name]) if passwords is not None else "$" + env_password(role.name, "nats")
-        permissions = {"publish": {"allow": list(role.grant.publish)}, "subscribe": {"allow": list(role.grant.subscribe)}}
-        users.append(f"    # {role.name}: {role.description}\n"
-                     f"    {{user: {json.dumps(role.name)}, password: {password},\n"
-                     f"     permissions: {json.dumps(permissions)}}}")
+    ``passwords``: role or tenant -> password, written into the file (the embedded stack keeps
+    it mode 0600). None: each password is the environment variable ``env_password(name, "nats")``
+    of the server's process (compose and Kubernetes pass them from secrets)."""
+    users = [(role.name, role.grant, role.description) for role in ROLES.values()]
+    users += [(check_tenant_name(t), tenant_grant(t), f"tenant {t}") for t in tenants]
+    blocks = []
+    for name, grant, description in users:
+        password = json.dumps(passwords[name]) if passwords is not None else "$" + env_password(name, "nats")
+        permissions = {"publish": {"allow": list(grant.publish)}, "subscribe": {"allow": list(grant.subscribe)}}
+        blocks.append(f"    # {name}: {description}\n"
+                      f"    {{user: {json.dumps(name)}, password: {password},\n"
+                      f"     permissions: {json.dumps(permissions)}}}")
     lines = ["# Generated by disagfusion.auth (python -m disagfusion.auth nats); do not edit.",
-             "authorization {", "  users: [", ",\n".join(users), "  ]", "}"]
+             "authorization {", "  users: [", ",\n".join(blocks), "  ]", "}"]
     if tls is not None:
         lines += ["tls {", f"  cert_file: {json.dumps(str(tls.cert_file))}", f"  key_file: {json.dumps(str(tls.key_file))}"]
         if tls.ca_file is not None:
@@ -275,7 +332,7 @@ def redis_entrypoint() -> str:
     ]) + "\n"
 
 
-def nats_entrypoint() -> str:
+def nats_entrypoint(tenants: Iterable[str] = ()) -> str:
     """A shell entrypoint for a nats-server container (compose, Kubernetes): runs ``nats-server``
     with its flags, each role's password in ``$DF_NATS_<ROLE>_PASSWORD`` (which
     deploy/nats/auth.conf reads) or in the file ``$DF_NATS_<ROLE>_PASSWORD_FILE`` names.
@@ -283,16 +340,17 @@ def nats_entrypoint() -> str:
     nats-server parses a variable's value as a config value, so a password such as ``-x...`` (one
     ``secrets.token_urlsafe`` password in 64), ``9`` or ``true`` would stop it from starting or
     not be a string: each is handed over in quotes. An unset password stops it with its name.
-    deploy/nats/entrypoint.sh holds it."""
+    deploy/nats/entrypoint.sh holds it (for no tenants)."""
+    users = [*ROLES, *(check_tenant_name(t) for t in tenants)]
     quoted = []
-    for role in ROLES:
-        var = env_password(role, "nats")
+    for user in users:
+        var = env_password(user, "nats")
         quoted.append(f': "${{{var}:?is not set (nor {var}_FILE)}}"; {var}="\\"${var}\\""; export {var}')
     return "\n".join([
         "#!/bin/sh",
         "# Generated by disagfusion.auth (python -m disagfusion.auth nats-entrypoint); do not edit.",
         "set -e",
-        *_password_files("nats", list(ROLES)),
+        *_password_files("nats", users),
         *quoted,
         'exec nats-server "$@"',
     ]) + "\n"
@@ -304,15 +362,22 @@ deploy/redis/users.sh."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m disagfusion.auth nats|nats-entrypoint|redis``: print deploy/nats/auth.conf
-    (passwords as ``$DF_NATS_<ROLE>_PASSWORD`` references), deploy/nats/entrypoint.sh or
-    deploy/redis/users.sh."""
-    import sys
+    """``python -m disagfusion.auth nats|nats-entrypoint|redis [--tenant NAME]...``: print
+    deploy/nats/auth.conf (passwords as ``$DF_NATS_<ROLE>_PASSWORD`` references),
+    deploy/nats/entrypoint.sh or deploy/redis/users.sh, with a user per tenant named."""
+    import argparse
 
-    what = (argv if argv is not None else sys.argv[1:]) or ["nats"]
-    if what[0] not in GENERATED:
-        raise SystemExit(f"usage: python -m disagfusion.auth {'|'.join(GENERATED)}")
-    sys.stdout.write(GENERATED[what[0]]())
+    parser = argparse.ArgumentParser(prog="python -m disagfusion.auth")
+    parser.add_argument("what", nargs="?", default="nats", choices=list(GENERATED))
+    parser.add_argument("--tenant", action="append", default=[], help="a tenant's user (repeat for more)")
+    args = parser.parse_args(argv)
+    if args.tenant and args.what == "redis":
+        parser.error("tenants have no Redis user (clients never touch Redis)")
+    try:
+        text = GENERATED[args.what](**({"tenants": args.tenant} if args.tenant else {}))
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

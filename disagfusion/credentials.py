@@ -48,15 +48,15 @@ def generate_password() -> str:
 
 
 def stack_credentials(data_dir: Path, roles: Iterable[str]) -> dict[str, str]:
-    """Role -> password of the embedded stack in ``data_dir``, generated on first use and kept
-    in ``credentials.json`` (mode 0600; delete it and restart the stack to rotate them all)."""
+    """Role (or tenant) -> password of the embedded stack in ``data_dir``, each generated on
+    first use and kept in ``credentials.json`` (mode 0600; delete it and restart the stack to
+    rotate them all)."""
     path = data_dir / CREDENTIALS_FILE
-    roles = list(roles)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if set(saved) >= set(roles):
-            return saved
-    passwords = {role: generate_password() for role in roles}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    missing = [role for role in roles if role not in saved]
+    if not missing:
+        return saved
+    passwords = saved | {role: generate_password() for role in missing}
     write_private(path, json.dumps(passwords, indent=2))
     return passwords
 

@@ -25,14 +25,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
-from disagfusion.auth import ROLES, nats_config, redis_acl, service_role
+from disagfusion.auth import ROLES, check_tenant_name, nats_config, redis_acl, service_role
 from disagfusion.config import Settings, comma_list
 from disagfusion.credentials import stack_credentials, write_private
 from disagfusion.errors import DisagFusionError
@@ -90,6 +90,9 @@ class StackState(BaseModel):
     nats: Proc
     redis: Proc
     monolithic: bool = False
+    tenants: list[str] = []
+    """The tenants' NATS users this stack runs with (``disagfusion up --tenant``); their
+    passwords are in ``credentials.json`` under their names."""
     services: dict[str, list[Proc]] = {}
     supervisor: Proc | None = None
 
@@ -257,12 +260,18 @@ class Launcher:
         tmp.write_text(state.model_dump_json(indent=2))
         tmp.replace(self.state_file)
 
-    def client_settings(self) -> Settings:
-        """Settings for a client of the running stack (its NATS and Redis addresses)."""
+    def client_settings(self, tenant: str = "") -> Settings:
+        """Settings for a client of the running stack (its NATS and Redis addresses): the
+        admin's, or ``tenant``'s (no Redis: clients never touch it)."""
         state = self.state()
         if state is None:
             raise LauncherError(f"no stack is running from {self.data_dir} (disagfusion up starts one)")
         passwords = stack_credentials(self.data_dir, ROLES)
+        if tenant:
+            if tenant not in state.tenants:
+                raise LauncherError(f"the stack has no tenant {tenant!r} (tenants: {', '.join(state.tenants) or 'none'}; "
+                                    "disagfusion up --tenant NAME adds one)")
+            return Settings(nats_url=state.nats_url, tenant=tenant, nats_password=passwords[tenant])
         return Settings(nats_url=state.nats_url, redis_url=state.redis_url, nats_user="admin",
                         nats_password=passwords["admin"], redis_user="admin", redis_password=passwords["admin"])
 
@@ -274,13 +283,16 @@ class Launcher:
 
     # ----------------------------------------------------------------- up / down
 
-    def up(self, scales: dict[str, int] | None = None, wait: bool = True, timeout: float = 120.0) -> StackState:
+    def up(self, scales: dict[str, int] | None = None, wait: bool = True, timeout: float = 120.0,
+           tenants: Iterable[str] = ()) -> StackState:
+        """Start the stack; ``tenants``: a NATS user per tenant besides the roles' (docs/security.md)."""
+        tenants = [check_tenant_name(t) for t in dict.fromkeys(tenants)]
         state = self.state()
         if state is not None and alive(state.nats.pid):
             raise LauncherError(f"a stack is already running from {self.data_dir} (disagfusion down stops it)")
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # credentials, logs and the servers' data: this user's only
-        auth = write_server_auth(self.data_dir, stack_credentials(self.data_dir, ROLES))
+        auth = write_server_auth(self.data_dir, stack_credentials(self.data_dir, [*ROLES, *tenants]), tenants)
         nats_port, redis_port = free_port(), free_port()
         nats = self._spawn(
             "nats",
@@ -297,6 +309,7 @@ class Launcher:
             nats=nats[0],
             redis=redis[0],
             monolithic=self.monolithic,
+            tenants=tenants,
         )
         self.save(state)
         scales = scales or {}
@@ -459,11 +472,11 @@ class ServerAuth(BaseModel):
     """The Redis ACL file."""
 
 
-def write_server_auth(directory: Path, passwords: dict[str, str]) -> ServerAuth:
-    """The users of every role (disagfusion.auth) as nats-server and redis-server read them,
-    written into ``directory``, readable by this user only."""
+def write_server_auth(directory: Path, passwords: dict[str, str], tenants: Iterable[str] = ()) -> ServerAuth:
+    """The users of every role and tenant (disagfusion.auth) as nats-server and redis-server
+    read them, written into ``directory``, readable by this user only."""
     auth = ServerAuth(nats=directory / "nats-auth.conf", redis=directory / "redis-users.acl")
-    write_private(auth.nats, nats_config(passwords))
+    write_private(auth.nats, nats_config(passwords, tenants=tenants))
     write_private(auth.redis, "\n".join(redis_acl(passwords)) + "\n")
     return auth
 

@@ -31,19 +31,23 @@ def up(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     gateway_port: Annotated[int, typer.Option(envvar="DF_GATEWAY_PORT",
                                               help="The gateway's port, when free (else any free one).")] = 8000,
+    tenant: Annotated[list[str], typer.Option(help="A tenant's NATS user (repeat for more): it reads only its own "
+                                              "jobs; its password is in <data dir>/credentials.json")] = [],
 ) -> None:
     """Start nats-server, redis-server and the services of compose.yaml as local processes."""
     launcher = Launcher(data_dir, gateway_port=gateway_port, monolithic=monolithic)
     try:
         with console.status("starting the stack (models are created on first use)"):
-            state = launcher.up(parse_scales(scale))
-    except LauncherError as exc:
+            state = launcher.up(parse_scales(scale), tenants=tenant)
+    except (LauncherError, ValueError) as exc:
         fail(str(exc))
     console.print(f"stack up: NATS {state.nats_url}, Redis {state.redis_url}, logs in {data_dir / 'logs'}")
     for name, procs in state.services.items():
         console.print(f"  {name}: {len(procs)} process(es)")
     if state.gateway_url:
         console.print(f"gateway (OpenAI API): {state.gateway_url}/v1")
+    if state.tenants:
+        console.print(f"tenants: {', '.join(state.tenants)} (NATS users; passwords in {data_dir / 'credentials.json'})")
     _print_metrics(state.metrics_urls)
 
 

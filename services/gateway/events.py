@@ -27,7 +27,7 @@ from disagfusion.protocol import (
     ProgressEvent,
     Result,
     events_subject,
-    is_token,
+    is_job_id,
     results_subject,
     unpack,
 )
@@ -56,7 +56,7 @@ def first_state(job_id: str, record: JobRecord | None, result: Result | None, st
 
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(request: Request, job_id: str) -> StreamingResponse:
-    if not is_token(job_id):
+    if not is_job_id(job_id):
         raise ApiError(404, f"no job {job_id!r}: not a job id", param="id", code="not_found")
     client = request.app.state.backend.client()
     arrived: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from disagfusion.client import Client
 from disagfusion.job_state import CancelPending
-from disagfusion.protocol import JobSpec, JobState, ProgressEvent, Result, events_subject, is_token, unpack
+from disagfusion.protocol import JobSpec, JobState, ProgressEvent, Result, events_subject, is_job_id, unpack
 from services.gateway.errors import ApiError
 
 MAX_REMEMBERED = 10_000
@@ -114,7 +114,7 @@ async def find(request: Request, job_id: str) -> tuple[JobRecord | None, Result 
     state in DF_JOBS; 404 when nothing is."""
     record = request.app.state.jobs.get(job_id)
     client = request.app.state.backend.client()
-    result = await client.lookup(job_id) if is_token(job_id) else None
+    result = await client.lookup(job_id) if is_job_id(job_id) else None
     state = await client.state(job_id) if result is None else None
     if record is None and result is None and state is None:
         raise ApiError(404, f"no job {job_id!r}: none was submitted here and none has a state or result",
@@ -130,7 +130,7 @@ async def cancel(request: Request, job_id: str) -> tuple[JobRecord | None, Resul
     record = jobs.get(job_id)
     try:
         result = await request.app.state.backend.client().cancel(job_id, known=record is not None) \
-            if is_token(job_id) else None
+            if is_job_id(job_id) else None
     except CancelPending as exc:
         raise ApiError(503, str(exc), code="cancel_pending") from None
     if result is None:
