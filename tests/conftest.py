@@ -48,7 +48,10 @@ def _server(command: list[str], port: int, what: str, log: Path) -> Iterator[sub
 # Every server runs with the users of disagfusion.auth, as deployments do, and the fixtures hand
 # out URLs carrying the stage role's credentials (what the stage services use); ``as_role`` gives
 # another role's URL.
-TEST_PASSWORDS = {role: f"{role}-test-password" for role in ("client", "gateway", "stage", "scheduler", "admin")}
+TEST_TENANTS = ("acme", "other")
+"""Tenants every test server has users for (docs/security.md "Tenants")."""
+TEST_PASSWORDS = {name: f"{name}-test-password"
+                  for name in ("client", "gateway", "stage", "scheduler", "admin", *TEST_TENANTS)}
 
 
 def as_role(url: str, role: str | None) -> str:
@@ -67,7 +70,7 @@ def role_url() -> Callable[[str, str | None], str]:
 
 
 def _auth(directory: Path) -> ServerAuth:
-    return write_server_auth(directory, TEST_PASSWORDS)
+    return write_server_auth(directory, TEST_PASSWORDS, TEST_TENANTS)
 
 
 # Module scope: a server per test module keeps the suite fast; tests use fresh job ids and
@@ -93,7 +96,7 @@ def _new_key(key: Path) -> list[str]:
 
 def _tls_server(directory: Path, tls: Tls, port: int) -> AbstractContextManager[subprocess.Popen]:
     config = directory / "tls.conf"
-    config.write_text(nats_config(TEST_PASSWORDS, tls=tls))
+    config.write_text(nats_config(TEST_PASSWORDS, tls=tls, tenants=TEST_TENANTS))
     command = [binary("nats-server"), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory / "js")]
     return _server(command, port, "nats-server (TLS)", directory / "nats.log")
 

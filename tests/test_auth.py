@@ -31,10 +31,12 @@ from disagfusion.protocol import (
     Stage,
     StageTask,
     consumer_name,
+    outputs_bucket_name,
     pack,
     result_msg_id,
     results_subject,
     task_msg_id,
+    tenant_inbox,
     work_subject,
 )
 from disagfusion.scheduler_state import update_pins
@@ -51,11 +53,12 @@ class Connection:
         self.errors: list[str] = []
         self.nc: nats.NATS | None = None
 
-    async def open(self, url: str) -> Connection:
+    async def open(self, url: str, tenant: str = "") -> Connection:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc).lower())
 
-        self.nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=2)
+        self.nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=2,
+                                     inbox_prefix=tenant_inbox(tenant))
         return self
 
     @property
@@ -128,6 +131,104 @@ ATTEMPTS = [
     ("stage", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
     ("scheduler", "publish a result", _publish_result, "df.results."),
 ]
+
+
+def _js_request(subject: str, body: bytes = b"") -> Callable[[Connection], Awaitable[object]]:
+    async def attempt(c: Connection) -> None:
+        await c.nc.request(subject, body, timeout=REFUSED_WITHIN_S)
+    return attempt
+
+
+def _listen(subject: str) -> Callable[[Connection], Awaitable[object]]:
+    async def attempt(c: Connection) -> None:
+        await c.nc.subscribe(subject)
+        await c.nc.flush()
+        raise TimeoutError  # a refused subscription answers nothing; the server names it
+    return attempt
+
+
+def _js_publish(subject: str) -> Callable[[Connection], Awaitable[object]]:
+    async def attempt(c: Connection) -> None:
+        await c.js.publish(subject, b"x", headers={"Nats-Msg-Id": f"{uuid.uuid4().hex}:encode"})
+    return attempt
+
+
+async def _follow_results(c: Connection) -> None:
+    # its own results, but the filter is in the request body, where permissions cannot see it
+    await c.js.subscribe("df.results.acme.x", stream=RESULTS_STREAM, ordered_consumer=True)
+
+
+OTHER_JOB = "other.0123456789abcdef"
+TENANT_ATTEMPTS = [
+    # (what tenant acme tries, attempt, the subject the server refuses)
+    ("read another tenant's result", _js_request(f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.df.results.{OTHER_JOB}"),
+     f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.df.results.{OTHER_JOB}"),
+    ("read a result of the shared namespace", _js_request(f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.df.results.x"),
+     f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.df.results.x"),
+    ("read results by sequence", _js_request(f"$JS.API.DIRECT.GET.{RESULTS_STREAM}", b'{"seq": 1}'),
+     f"$JS.API.DIRECT.GET.{RESULTS_STREAM}"),
+    ("read results with a consumer", _follow_results, f"$JS.API.CONSUMER.CREATE.{RESULTS_STREAM}"),
+    ("list job ids in DF_RESULTS", _js_request(f"$JS.API.STREAM.INFO.{RESULTS_STREAM}"),
+     f"$JS.API.STREAM.INFO.{RESULTS_STREAM}"),
+    ("hear another tenant's results", _listen("df.results.other.*"), "df.results.other.*"),
+    ("hear every result", _listen("df.results.>"), "df.results.>"),
+    ("hear another tenant's events", _listen(f"df.events.{OTHER_JOB}"), f"df.events.{OTHER_JOB}"),
+    ("read other clients' replies", _listen("_INBOX.>"), "_INBOX.>"),
+    ("read another tenant's job state",
+     _js_request(f"$JS.API.DIRECT.GET.KV_DF_JOBS.$KV.DF_JOBS.state.{OTHER_JOB}"), "$KV.DF_JOBS.state.other"),
+    ("mark another tenant's job cancelled", _js_publish(f"$KV.DF_JOBS.cancel.{OTHER_JOB}"), "$KV.DF_JOBS.cancel.other"),
+    ("claim another tenant's job id", _js_publish(f"$KV.DF_JOBS.spec.{OTHER_JOB}"), "$KV.DF_JOBS.spec.other"),
+    ("cancel another tenant's job", _js_request(f"df.cancel.{OTHER_JOB}"), f"df.cancel.{OTHER_JOB}"),
+    ("submit in the shared namespace", _js_publish("df.work.encode.tiny"), "df.work.encode.tiny"),
+    ("submit in another tenant's namespace", _js_publish("df.work.encode.tiny.other"), "df.work.encode.tiny.other"),
+    ("publish its own job's result", _js_publish("df.results.acme.x"), "df.results.acme.x"),
+    ("read the shared outputs", _js_request("$JS.API.STREAM.INFO.OBJ_DF_OUTPUTS"), "$JS.API.STREAM.INFO.OBJ_DF_OUTPUTS"),
+    ("read another tenant's outputs", _js_request("$JS.API.STREAM.INFO.OBJ_DF_OUTPUTS_other"),
+     "$JS.API.STREAM.INFO.OBJ_DF_OUTPUTS_other"),
+]
+
+
+@pytest.mark.parametrize(("what", "attempt", "subject"), TENANT_ATTEMPTS, ids=[w for w, *_ in TENANT_ATTEMPTS])
+async def test_a_tenant_is_refused(streams, nats_server: str, role_url, what: str, attempt, subject: str) -> None:
+    c = await Connection().open(role_url(nats_server, "acme"), tenant="acme")
+    try:
+        assert await c.refused(attempt, subject), f"tenant acme could {what} (errors seen: {c.errors})"
+    finally:
+        await c.nc.close()
+
+
+async def test_a_tenant_reads_its_own_jobs_and_nothing_else(streams, nats_server: str, role_url) -> None:
+    """The other side of the tenant table, with the Client a tenant uses: its job id is
+    qualified, it reads its result, state and large output, and cancels; the shared client
+    still reads every job (its role is trusted with all), another tenant reads nothing of it."""
+    settings = Settings(nats_url=role_url(nats_server, "acme"), tenant="acme")
+    stage = await bus.connect(Settings(nats_url=nats_server), "test-auth-stage")
+    await bus.jobs_bucket(stage.js, Settings())
+    async with Client(settings) as acme:
+        spec = JobSpec(prompt="a lighthouse", model="tiny", steps=2, width=64, height=64)
+        job = await acme.submit(spec)
+        assert job == f"acme.{spec.job_id}"
+        assert (await acme.state(spec.job_id)).state == "queued"  # its own ids may be given unqualified
+        with pytest.raises(ValueError, match="tenant 'other'"):
+            await acme.lookup(OTHER_JOB)
+        task = await stage.js.pull_subscribe_bind(await bus.ensure_consumer(stage.js, Stage.ENCODE, "tiny", 30.0), WORK_STREAM)
+        [msg] = await task.fetch(1, timeout=5)
+        assert msg.subject == "df.work.encode.tiny.acme"
+        await msg.ack()
+        # a decoder's large output, in the tenant's own bucket, and its result
+        await (await bus.outputs_bucket(stage.js, Settings(), outputs_bucket_name(job))).put(f"{job}.png", b"big image")
+        result = Result(job_id=job, status="ok", object_name=f"{job}.png", content_type="image/png")
+        waiting = asyncio.create_task(acme.result(job, timeout=10))
+        await asyncio.sleep(0.2)
+        await bus.publish(stage.js, results_subject(job), pack(result), result_msg_id(job))
+        assert await waiting == result
+        assert await acme.output(result) == b"big image"
+        assert [r.job_id async for r in acme.run_many([])] == []
+    async with Client(Settings(nats_url=role_url(nats_server, "client"))) as shared:
+        assert await shared.lookup(job) == result
+    async with Client(Settings(nats_url=role_url(nats_server, "other"), tenant="other")) as other:
+        assert await other.lookup(spec.job_id) is None  # "other.<id>": its own namespace, empty
+    await stage.close()
 
 
 @pytest.mark.parametrize(("role", "what", "attempt", "subject"), ATTEMPTS, ids=[f"{r}: {w}" for r, w, *_ in ATTEMPTS])

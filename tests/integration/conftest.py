@@ -17,10 +17,10 @@ StackStarter = Callable[..., Launcher]
 
 @contextmanager
 def running_stack(data_dir: Path, models_dir: Path, scales: dict[str, int] | None = None,
-                  monolithic: bool = False) -> Iterator[Launcher]:
+                  monolithic: bool = False, tenants: tuple[str, ...] = ()) -> Iterator[Launcher]:
     launcher = Launcher(data_dir, models_dir=models_dir, monolithic=monolithic)
     try:
-        launcher.up(scales)
+        launcher.up(scales, tenants=tenants)
         yield launcher
     finally:
         launcher.down(timeout=20)
@@ -32,11 +32,11 @@ def start_stack(tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.Monke
     numbers = itertools.count()
     with ExitStack() as stacks:
 
-        def start(scales: dict[str, int] | None = None, **env: str) -> Launcher:
+        def start(scales: dict[str, int] | None = None, tenants: tuple[str, ...] = (), **env: str) -> Launcher:
             for key, value in {"DF_MODELS": "tiny", **env}.items():
                 monkeypatch.setenv(key, value)
             data_dir = tmp_path / f"stack{next(numbers)}"
-            return stacks.enter_context(running_stack(data_dir, tiny_models_dir, scales))
+            return stacks.enter_context(running_stack(data_dir, tiny_models_dir, scales, tenants=tenants))
 
         yield start
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from disagfusion.client import Client, JobTimeout
-from disagfusion.protocol import STAGES, JobSpec, ProgressEvent
+import asyncio
+import time
 
 import pytest
+
+from disagfusion import bus
+from disagfusion.client import Client, JobTimeout
+from disagfusion.protocol import STAGES, WORK_STREAM, JobSpec, ProgressEvent, Stage, StageTask, pack, task_msg_id, work_subject
 
 
 async def test_progress_events_follow_the_job_through_every_stage(stack) -> None:
@@ -38,3 +42,37 @@ async def test_waiting_for_an_unknown_job_times_out_clearly(stack) -> None:
     async with Client(stack.client_settings()) as client:
         with pytest.raises(JobTimeout, match="no result for job nosuchjob within 1 s"):
             await client.result("nosuchjob", timeout=1)
+
+
+async def test_a_tenant_runs_its_jobs_in_its_own_namespace(start_stack) -> None:
+    """docs/security.md "Tenants" on a real stack: tenant acme's jobs run as ``acme.<id>``, with
+    events, states and large outputs (in its own bucket) of their own, and the shared namespace's
+    pixels; a task on acme's subject naming another tenant's job is not answered in that
+    namespace (its result would be a forgery)."""
+    launcher = start_stack(tenants=("acme",), DF_RESULT_INLINE_MAX_BYTES="0")  # every PNG is a large output
+    spec = JobSpec(prompt="a tenant's lighthouse", seed=7, steps=2, width=64, height=64)
+    async with Client(launcher.client_settings()) as admin:
+        shared = await admin.generate(spec, timeout=120)
+        async with Client(launcher.client_settings("acme")) as acme:
+            events: list[ProgressEvent] = []
+            mine = await acme.generate(spec, events.append, timeout=120)
+            assert (mine.status, mine.job_id, mine.object_name) == ("ok", f"acme.{spec.job_id}", f"acme.{spec.job_id}.png")
+            assert await acme.output(mine) == await admin.output(shared)
+            assert events[-1].kind == "done" and {e.job_id for e in events} == {mine.job_id}
+            assert (await acme.state(spec.job_id)).state == "done"
+            batch = [JobSpec(prompt=f"tenant batch {i}", steps=2, width=64, height=64) for i in range(3)]
+            results = [r async for r in acme.run_many(batch, timeout=120)]
+            assert sorted(r.job_id for r in results) == sorted(f"acme.{s.job_id}" for s in batch)
+            assert all(r.status == "ok" for r in results)
+
+            stolen = JobSpec(job_id="other.stolen", prompt="not acme's", steps=2, width=64, height=64)
+            await bus.publish(acme._js, work_subject(Stage.ENCODE, "tiny", "acme"),
+                              pack(StageTask(job=stolen, stage=Stage.ENCODE)), task_msg_id(stolen.job_id, Stage.ENCODE))
+        deadline = time.monotonic() + 60
+        while (await admin._js.stream_info(WORK_STREAM, subjects_filter="df.work.>")).state.messages:
+            assert time.monotonic() < deadline, "the foreign task was never taken"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        assert await admin.lookup(stolen.job_id) is None
+    logs = "".join(path.read_text() for path in launcher.logs.glob("encoder*.log"))
+    assert "not answering job other.stolen" in logs
