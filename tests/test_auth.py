@@ -109,30 +109,6 @@ async def _write_pins(c: Connection) -> None:
     await update_pins(c.js, {"dit": 9}, None)
 
 
-async def _read_denoise_queue(c: Connection) -> None:
-    await c.nc.subscribe("df.work.denoise.>")
-    await c.nc.flush()
-    raise TimeoutError  # a refused subscription answers nothing; the server names it below
-
-
-ATTEMPTS = [
-    # (who, what, attempt, the subject the server refuses)
-    ("client", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
-    ("client", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
-    ("client", "delete a stage's consumer", _delete_consumer, f"$JS.API.CONSUMER.DELETE.{WORK_STREAM}"),
-    ("client", "publish a result", _publish_result, "df.results."),
-    ("client", "publish to a later stage's queue", _skip_to_denoise, "df.work.denoise.tiny"),
-    ("client", "read another stage's subject", _read_denoise_queue, "df.work.denoise.>"),
-    ("client", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
-    ("gateway", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
-    ("gateway", "publish a result", _publish_result, "df.results."),
-    ("stage", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
-    ("stage", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
-    ("stage", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
-    ("scheduler", "publish a result", _publish_result, "df.results."),
-]
-
-
 def _js_request(subject: str, body: bytes = b"") -> Callable[[Connection], Awaitable[object]]:
     async def attempt(c: Connection) -> None:
         await c.nc.request(subject, body, timeout=REFUSED_WITHIN_S)
@@ -151,6 +127,24 @@ def _js_publish(subject: str) -> Callable[[Connection], Awaitable[object]]:
     async def attempt(c: Connection) -> None:
         await c.js.publish(subject, b"x", headers={"Nats-Msg-Id": f"{uuid.uuid4().hex}:encode"})
     return attempt
+
+
+ATTEMPTS = [
+    # (who, what, attempt, the subject the server refuses)
+    ("client", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("client", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
+    ("client", "delete a stage's consumer", _delete_consumer, f"$JS.API.CONSUMER.DELETE.{WORK_STREAM}"),
+    ("client", "publish a result", _publish_result, "df.results."),
+    ("client", "publish to a later stage's queue", _skip_to_denoise, "df.work.denoise.tiny"),
+    ("client", "read another stage's subject", _listen("df.work.denoise.>"), "df.work.denoise.>"),
+    ("client", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
+    ("gateway", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("gateway", "publish a result", _publish_result, "df.results."),
+    ("stage", "purge DF_RESULTS", _purge_results, f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("stage", "delete DF_WORK", _delete_work, f"$JS.API.STREAM.DELETE.{WORK_STREAM}"),
+    ("stage", "write scheduler pins", _write_pins, "DF_SCHEDULER"),
+    ("scheduler", "publish a result", _publish_result, "df.results."),
+]
 
 
 async def _follow_results(c: Connection) -> None:

@@ -59,11 +59,16 @@ async def test_a_tenant_runs_its_jobs_in_its_own_namespace(start_stack) -> None:
             assert (mine.status, mine.job_id, mine.object_name) == ("ok", f"acme.{spec.job_id}", f"acme.{spec.job_id}.png")
             assert await acme.output(mine) == await admin.output(shared)
             assert events[-1].kind == "done" and {e.job_id for e in events} == {mine.job_id}
-            assert (await acme.state(spec.job_id)).state == "done"
+            deadline = time.monotonic() + 10  # states are written behind the results, best effort
+            while (state := await acme.state(spec.job_id)).state != "done" and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert state.state == "done"
             batch = [JobSpec(prompt=f"tenant batch {i}", steps=2, width=64, height=64) for i in range(3)]
             results = [r async for r in acme.run_many(batch, timeout=120)]
             assert sorted(r.job_id for r in results) == sorted(f"acme.{s.job_id}" for s in batch)
             assert all(r.status == "ok" for r in results)
+            unserved = await acme.generate(JobSpec(model="nosuch", prompt="p", steps=2, width=64, height=64), timeout=60)
+            assert (unserved.status, unserved.field) == ("error", "model") and unserved.job_id.startswith("acme.")
 
             stolen = JobSpec(job_id="other.stolen", prompt="not acme's", steps=2, width=64, height=64)
             await bus.publish(acme._js, work_subject(Stage.ENCODE, "tiny", "acme"),
