@@ -177,7 +177,7 @@ async def assert_terminated(nc: nats.NATS, subject: str) -> None:
             break
         await asyncio.sleep(0.1)
     assert not info.state.subjects, f"left in the work queue: {info.state.subjects}"
-    stage, model = subject.split(".")[2:]
+    stage, model = subject.split(".")[2:4]
     if model == "tiny":
         consumer = await js.consumer_info("DF_WORK", f"{stage}-{model}")
         assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0
@@ -273,3 +273,29 @@ async def test_a_cancel_is_a_mark_then_a_request_a_stage_answers(nc) -> None:
     assert (answer["job_id"], answer["status"], answer["error"]) == (job_id, "cancelled", "cancelled by a wire client")
     stored = await nc.jetstream().get_last_msg("DF_RESULTS", f"df.results.{job_id}")
     assert msgpack.unpackb(stored.data) == answer
+
+
+async def test_a_tenant_follows_its_own_rules_on_the_wire(nc, acme_of_stack: str) -> None:
+    """docs/protocol.md "Tenants", step by step as another language would: its own inbox, a
+    qualified job id on its own entry subject, the result heard and looked up by subject; a task
+    there naming another namespace's job gets no result in that namespace."""
+    acme = await nats.connect(acme_of_stack, inbox_prefix="_INBOX.t-acme")
+    try:
+        job_id = f"acme.{new_id()}"
+        heard = await acme.subscribe(f"df.results.{job_id}")
+        await submit(acme, "df.work.encode.tiny.acme", msgpack.packb(task(job_id)), f"{job_id}:encode")
+        result = msgpack.unpackb((await heard.next_msg(timeout=15.0)).data)
+        await heard.unsubscribe()
+        assert result["status"] == "ok" and result["job_id"] == job_id, result
+        stored = await acme.request(f"$JS.API.DIRECT.GET.DF_RESULTS.df.results.{job_id}", b"", timeout=5)
+        assert msgpack.unpackb(stored.data) == result
+        missing = await acme.request(f"$JS.API.DIRECT.GET.DF_RESULTS.df.results.acme.{new_id()}", b"", timeout=5)
+        assert missing.headers and missing.headers.get("Status") == "404", missing.headers
+
+        forged = f"other.{new_id()}"
+        await submit(acme, "df.work.encode.tiny.acme", msgpack.packb(task(forged)), f"{forged}:encode")
+    finally:
+        await acme.close()
+    await assert_terminated(nc, "df.work.encode.tiny.acme")
+    nobody = await nc.request(f"$JS.API.DIRECT.GET.DF_RESULTS.df.results.{forged}", b"", timeout=5)
+    assert nobody.headers and nobody.headers.get("Status") == "404", "a forged job got a result"
