@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from disagfusion.launcher import alive, load_services
+from disagfusion.auth import ROLES
+from disagfusion.credentials import stack_credentials
+from disagfusion.launcher import Launcher, alive, load_services
 
 # A parent that starts one child, prints its pid and never reaps it.
 PARENT = """
@@ -57,8 +59,6 @@ def test_the_embedded_redis_keeps_its_data_through_a_crash(tmp_path) -> None:
     there after the restart (tensor blobs survive a Redis restart)."""
     import redis
 
-    from disagfusion.auth import ROLES
-    from disagfusion.credentials import stack_credentials
     from disagfusion.launcher import free_port, redis_command, wait_port, write_server_auth
 
     port, passwords = free_port(), stack_credentials(tmp_path, ROLES)
@@ -95,3 +95,13 @@ def test_the_default_stack_runs_the_stages_and_the_monolithic_one_the_pipeline_i
     # The compose profile alone swaps them too: the pipeline never shares the encoder's queue.
     monkeypatch.setenv("COMPOSE_PROFILES", "monolithic,scheduler")
     assert set(load_services()) == {"pipeline", "scheduler", "gateway"}
+
+
+def test_a_tenant_added_later_keeps_every_password_and_a_role_name_is_no_tenant(tmp_path) -> None:
+    before = stack_credentials(tmp_path, ROLES)
+    after = stack_credentials(tmp_path, [*ROLES, "acme"])
+    assert {role: after[role] for role in ROLES} == before and len(after["acme"]) == 32
+    with pytest.raises(ValueError, match="is a role's user"):
+        Launcher(tmp_path / "stack").up(tenants=["client"])
+    with pytest.raises(ValueError, match="not a tenant name"):
+        Launcher(tmp_path / "stack").up(tenants=["Acme Corp"])
