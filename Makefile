@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-stacks test-bench test-chaos test-browser clean
+.PHONY: install demo test test-stacks test-bench test-chaos test-browser test-tls clean
 
 install: $(STAMP)
 
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos --ignore=tests/browser -m "not stacks"
+	$(BIN)/python -m pytest -q tests --ignore=tests/compose --ignore=tests/bench --ignore=tests/chaos --ignore=tests/browser \
+		--ignore=tests/tls -m "not stacks"
 
 # The stack tests that serve every family, the emulated video models or the Engram store (about
 # 3 minutes), kept out of `test` so it stays under 10 minutes on 2 cores: CI runs it after `test`.
@@ -41,6 +42,22 @@ test-browser: $(STAMP)
 	test -x /usr/bin/chromedriver || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(BIN)/python -m pytest -q tests/browser
+
+# Redis over TLS, against Debian's redis-server (the redis-server wheel is built without TLS): its
+# packages are downloaded and unpacked into .venv/redis-tls, nothing is installed or started; a
+# wrapper runs it with its libraries. A few seconds; CI runs it after `test-browser`.
+REDIS_TLS := $(VENV)/redis-tls
+$(REDIS_TLS)/redis-server:
+	rm -rf $(REDIS_TLS) && mkdir -p $(REDIS_TLS)/debs
+	apt-get update -qq
+	cd $(REDIS_TLS)/debs && apt-get download -qq redis-server redis-tools liblzf1 libjemalloc2
+	for deb in $(REDIS_TLS)/debs/*.deb; do dpkg-deb -x $$deb $(REDIS_TLS)/root; done
+	libs=$$(dirname $$(find $(abspath $(REDIS_TLS))/root -name 'libjemalloc.so.2')); \
+		printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$$@"\n' "$$libs" "$(abspath $(REDIS_TLS))/root/usr/bin/redis-server" > $@
+	chmod +x $@
+
+test-tls: $(STAMP) $(REDIS_TLS)/redis-server
+	DF_TEST_TLS_REDIS_SERVER=$(abspath $(REDIS_TLS))/redis-server $(BIN)/python -m pytest -q tests/tls
 
 demo: $(STAMP)
 	bash examples/demo.sh

@@ -32,6 +32,17 @@ SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prof
 _ENV = SettingsConfigDict(env_prefix="DF_", extra="ignore")
 
 
+def check_tls_files(server: str, cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """A client certificate comes with its key, and every TLS file named exists."""
+    if (cert is None) != (key is None):
+        name = server.upper()
+        raise ValueError(f"DF_{name}_TLS_CERT and DF_{name}_TLS_KEY go together: set both for a client "
+                         "certificate, or neither")
+    for path in (cert, key, ca):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{server} TLS file {path} does not exist")
+
+
 class BusSettings(BaseSettings):
     """How to reach NATS, and what every service that connects to it shares."""
 
@@ -94,12 +105,7 @@ class BusSettings(BaseSettings):
                              "starting with a letter or digit")
         password = read_secret(self.nats_password, self.nats_password_file, "the NATS password")
         self.nats_url = with_credentials(self.nats_url, self.nats_user or self.tenant, password, "NATS")
-        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
-            raise ValueError("DF_NATS_TLS_CERT and DF_NATS_TLS_KEY go together: set both for a client certificate, "
-                             "or neither")
-        for path in (self.nats_tls_cert, self.nats_tls_key, self.nats_tls_ca):
-            if path is not None and not path.is_file():
-                raise ValueError(f"NATS TLS file {path} does not exist")
+        check_tls_files("NATS", self.nats_tls_cert, self.nats_tls_key, self.nats_tls_ca)
         return self
 
     def nats_tls(self) -> ssl.SSLContext | None:
@@ -123,6 +129,13 @@ class TransportSettings(BaseSettings):
     redis_password: str = ""
     redis_password_file: Path | None = None
     """The Redis ACL user of the stage role, folded into ``redis_url`` like the NATS user."""
+    redis_tls_ca: Path | None = None
+    """The CA (PEM) that signed a TLS Redis's certificate (``rediss://`` URLs); unset: the
+    system's CA store."""
+    redis_tls_cert: Path | None = None
+    redis_tls_key: Path | None = None
+    """A client certificate and its key (PEM), for a Redis that asks for one
+    (``tls-auth-clients yes``); both or neither."""
     transport: Literal["shm", "redis", "cuda_ipc"] = "shm"
     """How stage outputs reach the next stage: shm on one host, redis across hosts, cuda_ipc
     between processes on one GPU (CPU tensors then go through shm)."""
@@ -145,7 +158,14 @@ class TransportSettings(BaseSettings):
         password = read_secret(self.redis_password, self.redis_password_file, "the Redis password")
         if self.transport == "redis" or password:
             self.redis_url = with_credentials(self.redis_url, self.redis_user, password, "Redis")
+        check_tls_files("Redis", self.redis_tls_cert, self.redis_tls_key, self.redis_tls_ca)
         return self
+
+    def redis_tls(self) -> dict[str, str]:
+        """redis-py's TLS options for a ``rediss://`` URL (the server is always verified)."""
+        files = {"ssl_ca_certs": self.redis_tls_ca, "ssl_certfile": self.redis_tls_cert,
+                 "ssl_keyfile": self.redis_tls_key}
+        return {option: str(path) for option, path in files.items() if path is not None}
 
 
 class ModelSettings(BaseSettings):

@@ -5,6 +5,7 @@ family as the reference for its images."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -114,6 +115,30 @@ def nats_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 
 
 @dataclass
+class PrivateCa:
+    """A private CA with a server certificate for 127.0.0.1 and a client certificate, all PEM."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _private_ca(directory: Path) -> PrivateCa:
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    _openssl("req", "-x509", *_new_key(ca_key), "-out", str(ca), "-days", "1", "-subj", "/CN=disagfusion test CA")
+    for name, subject, extension in (("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
+                                      ("client", "/CN=stage", "extendedKeyUsage=clientAuth")):
+        key, request = directory / f"{name}.key", directory / f"{name}.csr"
+        _openssl("req", *_new_key(key), "-out", str(request), "-subj", subject, "-addext", extension)
+        _openssl("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-copy_extensions", "copy", "-out", str(directory / f"{name}.pem"), "-days", "1")
+    return PrivateCa(ca, directory / "server.pem", directory / "server.key", directory / "client.pem",
+                  directory / "client.key")
+
+
+@dataclass
 class MutualTls:
     """A nats-server that asks every client for a certificate signed by its CA."""
 
@@ -127,17 +152,39 @@ class MutualTls:
 @pytest.fixture(scope="module")
 def nats_mtls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MutualTls]:
     port, directory = free_port(), tmp_path_factory.mktemp("nats-mtls")
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
-    _openssl("req", "-x509", *_new_key(ca_key), "-out", str(ca), "-days", "1", "-subj", "/CN=disagfusion test CA")
-    for name, subject, extension in (("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
-                                      ("client", "/CN=stage", "extendedKeyUsage=clientAuth")):
-        key, request = directory / f"{name}.key", directory / f"{name}.csr"
-        _openssl("req", *_new_key(key), "-out", str(request), "-subj", subject, "-addext", extension)
-        _openssl("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-                 "-copy_extensions", "copy", "-out", str(directory / f"{name}.pem"), "-days", "1")
-    tls = Tls(cert_file=directory / "server.pem", key_file=directory / "server.key", ca_file=ca, verify=True)
+    certs = _private_ca(directory)
+    tls = Tls(cert_file=certs.server_cert, key_file=certs.server_key, ca_file=certs.ca, verify=True)
     with _tls_server(directory, tls, port):
-        yield MutualTls(as_role(f"tls://127.0.0.1:{port}", "stage"), ca, directory / "client.pem", directory / "client.key")
+        yield MutualTls(as_role(f"tls://127.0.0.1:{port}", "stage"), certs.ca, certs.client_cert, certs.client_key)
+
+
+TLS_REDIS_SERVER = "DF_TEST_TLS_REDIS_SERVER"
+"""A redis-server built with TLS (the wheel's is not): ``make test-tls`` sets it to Debian's."""
+
+
+@dataclass
+class TlsRedis:
+    """A redis-server that speaks TLS only and asks every client for a certificate."""
+
+    url: str
+    """The stage role's ``rediss://`` URL."""
+    port: int
+    certs: PrivateCa
+
+
+@pytest.fixture(scope="module")
+def redis_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    server = os.environ.get(TLS_REDIS_SERVER)
+    if not server:
+        pytest.skip(f"no TLS-capable redis-server: make test-tls sets {TLS_REDIS_SERVER}")
+    port, directory = free_port(), tmp_path_factory.mktemp("redis-tls")
+    certs = _private_ca(directory)
+    command = [server, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--save", "",
+               "--dir", str(directory), "--aclfile", str(_auth(directory).redis),
+               "--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
+               "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "yes"]
+    with _server(command, port, "redis-server (TLS)", directory / "redis.log"):
+        yield TlsRedis(as_role(f"rediss://127.0.0.1:{port}/0", "stage"), port, certs)
 
 
 @dataclass

@@ -17,10 +17,13 @@ IO_TIMEOUT_S = 60.0
 class RedisTransport:
     name: TransportName = "redis"
 
-    def __init__(self, url: str, ttl_s: int):
+    def __init__(self, url: str, ttl_s: int, tls: dict[str, str] | None = None):
+        """``url``: ``redis://`` or, for TLS, ``rediss://``; ``tls``: redis-py's TLS options
+        (``TransportSettings.redis_tls``)."""
         # Bounded waits: an unreachable Redis must raise (the worker retries the task later),
         # not hang a handoff thread forever.
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=IO_TIMEOUT_S)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=IO_TIMEOUT_S,
+                                           **(tls if url.startswith("rediss://") and tls else {}))
         self.ttl_s = ttl_s
 
     def put(self, key: str, tensor: torch.Tensor) -> TensorRef:

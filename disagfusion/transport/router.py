@@ -38,7 +38,7 @@ class Transports:
     @property
     def redis(self) -> RedisTransport:
         if self._redis is None:  # connect lazily: a same-host deployment never needs Redis
-            self._redis = RedisTransport(self.settings.redis_url, self.settings.blob_ttl_s)
+            self._redis = RedisTransport(self.settings.redis_url, self.settings.blob_ttl_s, self.settings.redis_tls())
         return self._redis
 
     @property
