@@ -103,7 +103,7 @@ class Client:
         """The tenant this client submits as (``DF_TENANT``); empty: the shared namespace."""
         return self.settings.tenant
 
-    def own(self, spec: JobSpec) -> JobSpec:
+    def _own(self, spec: JobSpec) -> JobSpec:
         """``spec`` as this client submits it: a tenant's with its job id qualified,
         ``<tenant>.<id>``. Raises ValueError for a job id in another tenant's namespace."""
         if not self.tenant:
@@ -123,7 +123,7 @@ class Client:
         """Queue a job; returns its id (a tenant's: qualified). Submitting the same job id twice
         queues it once. Raises ``LimitError`` for a job over a limit and ``QueueFull`` while the
         queue is full."""
-        spec = self.own(spec)
+        spec = self._own(spec)
         await self._admit([spec])
         await self._publish(spec)
         return spec.job_id
@@ -201,7 +201,7 @@ class Client:
         self, spec: JobSpec, on_event: Callable[[ProgressEvent], None] | None = None, timeout: float = 600.0
     ) -> Result:
         """Submit one job and wait for its result, reporting progress events as they come."""
-        spec = self.own(spec)
+        spec = self._own(spec)
         events = None
         if on_event is not None:
 
@@ -220,7 +220,7 @@ class Client:
         """Submit every job, then yield results in completion order until each job has one.
 
         Raises JobTimeout if ``timeout`` seconds pass without any new result."""
-        specs = [self.own(spec) for spec in specs]
+        specs = [self._own(spec) for spec in specs]
         pending = {spec.job_id for spec in specs}
         if self.tenant:
             async with aclosing(self._tenant_results(pending, timeout, lambda: self._submit_all(specs))) as results:
