@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from disagfusion.credentials import TENANT_NAME
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
     CHECKPOINTS_BUCKET,
@@ -46,7 +47,6 @@ from disagfusion.protocol import (
     OUTPUTS_BUCKET,
     RESULTS_STREAM,
     SCHEDULER_BUCKET,
-    TENANT_NAME,
     WORK_STREAM,
     Stage,
     cancel_subject,
@@ -230,7 +230,7 @@ def tenant_grant(tenant: str) -> Grant:
 
 
 def check_tenant_name(tenant: str) -> str:
-    """``tenant`` if it can be a tenant: a name (``protocol.TENANT_NAME``) that no role has."""
+    """``tenant`` if it can be a tenant: a name (``credentials.TENANT_NAME``) that no role has."""
     if not TENANT_NAME.match(tenant):
         raise ValueError(f"{tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', starting with a letter or digit")
     if tenant in ROLES:

@@ -16,8 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from disagfusion.credentials import read_secret, with_credentials
-from disagfusion.protocol import TENANT_NAME
+from disagfusion.credentials import TENANT_NAME, read_secret, with_credentials
 
 
 def comma_list(value: object) -> object:

@@ -35,6 +35,11 @@ class CredentialsError(DisagFusionError, ValueError):
     """Missing, malformed or (in production) default credentials."""
 
 
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""A tenant's name: its NATS user, the qualifier of its job ids and a token of its subjects
+(docs/security.md "Tenants")."""
+
+
 def production() -> bool:
     return os.environ.get("DF_ENV", "").strip().lower() == PRODUCTION
 

@@ -83,8 +83,6 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A tenant's job ids are qualified with its name, ``<tenant>.<id>``: two tokens, so that NATS
 # permissions can give each tenant its own ``df.results.<tenant>.*`` (docs/protocol.md "Tenants").
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})?$")
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-"""A tenant's name: its NATS user, the qualifier of its job ids and a token of its subjects."""
 
 
 def is_token(value: str) -> bool:
