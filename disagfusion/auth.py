@@ -33,10 +33,10 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from disagfusion.credentials import TENANT_NAME
+from disagfusion.credentials import check_tenant_format
 from disagfusion.protocol import (
     ATTEMPTS_BUCKET,
     CHECKPOINTS_BUCKET,
@@ -51,7 +51,6 @@ from disagfusion.protocol import (
     Stage,
     cancel_subject,
     events_subject,
-    job_state_key,
     outputs_bucket_name,
     qualified,
     results_subject,
@@ -230,9 +229,8 @@ def tenant_grant(tenant: str) -> Grant:
 
 
 def check_tenant_name(tenant: str) -> str:
-    """``tenant`` if it can be a tenant: a name (``credentials.TENANT_NAME``) that no role has."""
-    if not TENANT_NAME.match(tenant):
-        raise ValueError(f"{tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', starting with a letter or digit")
+    """``tenant`` if it can be a tenant: spelled as one (``credentials.TENANT_NAME``), and no role's name."""
+    check_tenant_format(tenant)
     if tenant in ROLES:
         raise ValueError(f"{tenant!r} is a role's user and cannot be a tenant's")
     return tenant

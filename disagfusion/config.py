@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from disagfusion.credentials import TENANT_NAME, read_secret, with_credentials
+from disagfusion.credentials import check_tenant_format, read_secret, with_credentials
 
 
 def comma_list(value: object) -> object:
@@ -99,9 +99,8 @@ class BusSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _nats_credentials(self) -> BusSettings:
-        if self.tenant and not TENANT_NAME.match(self.tenant):
-            raise ValueError(f"DF_TENANT {self.tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', "
-                             "starting with a letter or digit")
+        if self.tenant:
+            check_tenant_format(self.tenant)
         password = read_secret(self.nats_password, self.nats_password_file, "the NATS password")
         self.nats_url = with_credentials(self.nats_url, self.nats_user or self.tenant, password, "NATS")
         check_tls_files("NATS", self.nats_tls_cert, self.nats_tls_key, self.nats_tls_ca)

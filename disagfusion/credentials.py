@@ -40,6 +40,13 @@ TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 (docs/security.md "Tenants")."""
 
 
+def check_tenant_format(tenant: str) -> str:
+    """``tenant`` if it is spelled as a tenant's name (``TENANT_NAME``), else ValueError."""
+    if not TENANT_NAME.match(tenant):
+        raise ValueError(f"{tenant!r} is not a tenant name: 1-32 of a-z, 0-9, '_', '-', starting with a letter or digit")
+    return tenant
+
+
 def production() -> bool:
     return os.environ.get("DF_ENV", "").strip().lower() == PRODUCTION
 

@@ -244,10 +244,16 @@ def job_id_of_msg_id(msg_id: str | None) -> str | None:
     return job_id if is_job_id(job_id) else None
 
 
+def _work_subject_tokens(subject: str) -> list[str]:
+    """``[stage, model]`` or ``[stage, model, tenant]`` of a work subject; [] for any other subject."""
+    parts = subject.split(".")
+    return parts[2:] if len(parts) in (4, 5) and parts[:2] == ["df", "work"] else []
+
+
 def parse_work_subject(subject: str) -> tuple[str, str] | None:
     """(stage, model) of a ``df.work.<stage>.<model>[.<tenant>]`` subject; None for any other subject."""
-    parts = subject.split(".")
-    return (parts[2], parts[3]) if len(parts) in (4, 5) and parts[:2] == ["df", "work"] else None
+    tokens = _work_subject_tokens(subject)
+    return (tokens[0], tokens[1]) if tokens else None
 
 
 def tenant_inbox(tenant: str) -> str:
@@ -259,8 +265,8 @@ def tenant_inbox(tenant: str) -> str:
 
 def subject_tenant(subject: str) -> str | None:
     """The tenant a work subject was published under (its fifth token); None for the shared namespace."""
-    parts = subject.split(".")
-    return parts[4] if len(parts) == 5 and parts[:2] == ["df", "work"] else None
+    tokens = _work_subject_tokens(subject)
+    return tokens[2] if len(tokens) == 3 else None
 
 
 def outputs_bucket_name(job_id: str) -> str:
