@@ -7,13 +7,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import nats.errors
-from nats.js.errors import ServiceUnavailableError
+from disagfusion.bus import JETSTREAM_UNAVAILABLE, JETSTREAM_WAIT_S
 
 T = TypeVar("T")
 
 
-async def through_elections(request: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+async def through_elections(request: Callable[[], Awaitable[T]], timeout: float = JETSTREAM_WAIT_S) -> T:
     """`request()` (a JetStream API call), retried while a stream has no leader: right after a
     NATS node is killed the survivors take several seconds to elect one, and until then the API
     answers nothing (a timeout) or "no responders"."""
@@ -21,7 +20,7 @@ async def through_elections(request: Callable[[], Awaitable[T]], timeout: float 
     while True:
         try:
             return await request()
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+        except JETSTREAM_UNAVAILABLE:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(1)
