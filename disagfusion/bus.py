@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import nats.errors
@@ -40,6 +42,8 @@ from disagfusion.protocol import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DUPLICATE_WINDOW_S = 300.0
 """Publishes with the same Nats-Msg-Id inside this window are stored once, so a stage that is
 replayed after a crash does not create a second task or a second result."""
@@ -50,7 +54,21 @@ JETSTREAM_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError
 or meta leader after a node died (about 10 s here), or a server still starting."""
 
 JETSTREAM_WAIT_S = 60.0
-"""How long ``connect`` waits out an unavailable JetStream before giving up."""
+"""How long ``connect`` (and ``wait_out_unavailable`` unless told otherwise) waits out an
+unavailable JetStream before giving up."""
+
+
+async def wait_out_unavailable(request: Callable[[], Awaitable[T]], timeout: float = JETSTREAM_WAIT_S) -> T:
+    """``request()`` (a JetStream API call), retried each second while JetStream is
+    unavailable (``JETSTREAM_UNAVAILABLE``); after ``timeout`` seconds the last error is raised."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await request()
+        except JETSTREAM_UNAVAILABLE:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(1.0)
 
 
 @dataclass
@@ -77,16 +95,12 @@ async def connect(settings: BusSettings, name: str) -> Bus:
         inbox_prefix=tenant_inbox(settings.tenant),
     )
     js = nc.jetstream()
-    deadline = asyncio.get_running_loop().time() + JETSTREAM_WAIT_S
-    while True:
-        try:
-            await ensure_streams(js, settings)
-            return Bus(nc, js)
-        except JETSTREAM_UNAVAILABLE:
-            if asyncio.get_running_loop().time() > deadline:
-                await nc.close()
-                raise
-            await asyncio.sleep(1.0)
+    try:
+        await wait_out_unavailable(lambda: ensure_streams(js, settings))
+    except JETSTREAM_UNAVAILABLE:
+        await nc.close()
+        raise
+    return Bus(nc, js)
 
 
 def servers(nats_url: str) -> list[str]:

@@ -177,14 +177,11 @@ class Client:
                 async for result in results:
                     return result
         deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                sub = await self._js.subscribe(results_subject(job_id), ordered_consumer=True)
-                break
-            except bus.JETSTREAM_UNAVAILABLE:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise JobTimeout(f"JetStream did not answer within {timeout:.0f} s asking for job {job_id}'s result") from None
-                await asyncio.sleep(1.0)
+        try:
+            sub = await bus.wait_out_unavailable(
+                lambda: self._js.subscribe(results_subject(job_id), ordered_consumer=True), timeout)
+        except bus.JETSTREAM_UNAVAILABLE:
+            raise JobTimeout(f"JetStream did not answer within {timeout:.0f} s asking for job {job_id}'s result") from None
         try:
             msg = await sub.next_msg(timeout=max(deadline - asyncio.get_running_loop().time(), 0.1))
         except TimeoutError:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from elections import through_elections
-
+from disagfusion.bus import wait_out_unavailable
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import stop_process
@@ -62,8 +61,8 @@ async def test_killing_the_work_streams_leader_loses_no_job(nats_cluster, stages
         results = [await client.result(spec.job_id, timeout=120) for spec in specs]
         print(f"{JOBS} results {time.monotonic() - killed_at:.1f} s after killing the work stream's leader {leader}")
         assert all(result.status == "ok" for result in results), [r.error for r in results if r.status != "ok"]
-        stored = await through_elections(
+        stored = await wait_out_unavailable(
             lambda: client._js.stream_info(RESULTS_STREAM, subjects_filter="df.results.>"))
         counts = stored.state.subjects or {}
         assert [counts.get(results_subject(spec.job_id), 0) for spec in specs] == [1] * JOBS  # exactly once
-        assert (await through_elections(lambda: client._js.stream_info(WORK_STREAM))).cluster.leader != leader
+        assert (await wait_out_unavailable(lambda: client._js.stream_info(WORK_STREAM))).cluster.leader != leader

@@ -20,8 +20,8 @@ from python_on_whales.exceptions import DockerException, NoSuchContainer
 from typer.testing import CliRunner
 
 from disagfusion_cli import app
-from elections import through_elections
 from disagfusion.auth import ROLES, env_password
+from disagfusion.bus import wait_out_unavailable
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.credentials import generate_password
@@ -162,7 +162,7 @@ class Batch:
             if action is not None:
                 await action
             await client._bus.nc.flush()
-            info = await through_elections(
+            info = await wait_out_unavailable(
                 lambda: client._js.stream_info(RESULTS_STREAM, subjects_filter="df.results.>"))
         self.result_counts = {spec.job_id: info.state.subjects.get(results_subject(spec.job_id), 0) for spec in self.specs}
 

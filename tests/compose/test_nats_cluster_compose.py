@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from compose_support import ROOT, Batch, ComposeStack, specs_for
-from elections import through_elections
+from disagfusion.bus import wait_out_unavailable
 from disagfusion.client import Client
 from disagfusion.config import Settings
 from disagfusion.launcher import free_port
@@ -62,6 +62,6 @@ def test_killing_the_work_streams_leader_node_loses_no_job(
 
     async def leader_now() -> str:
         async with Client(Settings(nats_url=",".join(survivors), stream_replicas=3)) as client:
-            return (await through_elections(lambda: client._js.stream_info(WORK_STREAM))).cluster.leader
+            return (await wait_out_unavailable(lambda: client._js.stream_info(WORK_STREAM))).cluster.leader
 
     assert NODES[asyncio.run(leader_now())] != service  # the survivors elected another leader
